@@ -1,0 +1,138 @@
+"""EngineConfig: one frozen dataclass for model, cache, scheduler and device, built once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
+from kvloom.models import get_model_class
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+GiB = 1 << 30
+
+
+def _default_kv_cache_memory() -> int:
+    """A tenth of physical memory, at most 2 GiB: plenty for small models, never crowding the host."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * GiB
+    return min(2 * GiB, total // 10)
+
+
+def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, checkpoint_format: str, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # GGUF weights are dequantized, so pick the fastest float the device has: bf16.
+        cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if checkpoint_format == "gguf" or cfg is None:
+            return torch.bfloat16
+        cfg = cfg if isinstance(cfg, torch.dtype) else _DTYPES.get(str(cfg).removeprefix("torch."), torch.float32)
+        # float16 is slow on CPUs; bfloat16 has the same memory cost.
+        return torch.bfloat16 if (cfg == torch.float16 and device == "cpu") else cfg
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True, eq=False)
+class EngineConfig:
+    """Everything the engine needs, resolved up front. Build with :meth:`create`."""
+
+    checkpoint: Checkpoint
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: torch.dtype
+    device: str
+    max_model_len: int
+    block_size: int
+    kv_cache_memory: int  # bytes for the whole KV pool
+    num_kv_blocks: int | None  # overrides kv_cache_memory when set (tests, tight budgets)
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    seed: int
+    num_threads: int | None
+
+    @classmethod
+    def create(
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str = "cpu",
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        kv_cache_memory: int | None = None,
+        num_kv_blocks: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ) -> EngineConfig:
+        checkpoint = resolve_checkpoint(model)
+        hf_config = checkpoint.hf_config
+        get_model_class(hf_config.model_type)  # unsupported architectures fail here, before any loading
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+        context = int(getattr(hf_config, "max_position_embeddings", 2048))
+        if max_model_len is None:
+            max_model_len = context
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if max_model_len > context:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(2048, max_num_seqs)
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if num_kv_blocks is not None and num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        return cls(
+            checkpoint=checkpoint,
+            hf_config=hf_config,
+            dtype=resolve_dtype(dtype, hf_config, checkpoint.format, device),
+            device=device,
+            max_model_len=max_model_len,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else _default_kv_cache_memory(),
+            num_kv_blocks=num_kv_blocks,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            seed=seed,
+            num_threads=num_threads,
+        )
+
+    @property
+    def model_type(self) -> str:
+        return self.hf_config.model_type
+
+    @property
+    def head_dim(self) -> int:
+        c = self.hf_config
+        return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        c = self.hf_config
+        elem = torch.finfo(self.dtype).bits // 8
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * self.head_dim * elem
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.checkpoint.eos_token_ids

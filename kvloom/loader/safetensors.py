@@ -1,0 +1,29 @@
+"""Hugging Face folders: model.safetensors or a sharded index."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model: {folder} has no *.safetensors weights")
+    return files
+
+
+def iter_safetensors(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in safetensors_files(folder):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                yield name, t.to(dtype) if t.is_floating_point() else t

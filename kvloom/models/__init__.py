@@ -1,0 +1,23 @@
+"""Model registry: transformers ``model_type`` -> model class. One family per file."""
+
+from __future__ import annotations
+
+from kvloom.models.llama import LlamaForCausalLM
+from kvloom.models.mistral import MistralForCausalLM
+from kvloom.models.qwen2 import Qwen2ForCausalLM
+from kvloom.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": MistralForCausalLM,
+    "qwen2": Qwen2ForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(model_type: str) -> type[LlamaForCausalLM]:
+    if model_type not in MODEL_REGISTRY:
+        raise ValueError(
+            f"model: unsupported architecture {model_type!r} (supported: {', '.join(sorted(MODEL_REGISTRY))})"
+        )
+    return MODEL_REGISTRY[model_type]

@@ -1,0 +1,200 @@
+"""Llama family (Llama 2/3, SmolLM2, TinyLlama) and the shared decoder the other families configure.
+
+Module names follow transformers so checkpoints load by name; q/k/v and gate/up are fused into one
+matmul each at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvloom.layers.attention import AttentionMetadata, paged_attention
+from kvloom.layers.norm import RMSNorm
+from kvloom.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What distinguishes the families' attention blocks."""
+
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    window: int | None  # sliding window in tokens (the query included), None = full attention
+
+
+def layer_window(config: Any, layer: int) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer] == "sliding_attention" else None
+    return window
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.window = opts.window
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=opts.o_bias)
+        if opts.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qk_norm = opts.qk_norm
+        # NOTE: a plain attribute, not a submodule: the tables are shared by all layers.
+        self.rotary = rotary
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        return self.o_proj(o.view(n, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"model: activation {config.hidden_act!r} is not supported")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, opts, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: Any, options: list[AttentionOptions], rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, o, rotary) for o in options)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# HF parameter name piece -> (fused parameter name piece, shard index)
+_STACKED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """A decoder-only transformer; subclasses only say how their attention differs."""
+
+    @classmethod
+    def attention_options(cls, config: Any, layer: int) -> AttentionOptions:
+        bias = getattr(config, "attention_bias", False)
+        return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=False, window=None)
+
+    def __init__(self, config: Any, max_positions: int, dtype: torch.dtype, device: str | torch.device) -> None:
+        super().__init__()
+        self.config = config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        with torch.device(device):
+            self.rotary = RotaryEmbedding(config, head_dim, max_positions, dtype)
+        options = [self.attention_options(config, i) for i in range(config.num_hidden_layers)]
+        self.model = DecoderModel(config, options, self.rotary)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens]
+        positions: torch.Tensor,  # [num_tokens]
+        kv_caches: list[torch.Tensor],  # per layer [2, num_blocks, block_size, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            h = layer(positions, h, kv_cache, meta)
+        return self.model.norm(h)  # [num_tokens, hidden_size]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()  # [num_seqs, vocab_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy checkpoint tensors (transformers names) into the parameters, fusing q/k/v and gate/up."""
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[tuple[str, int]] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name or (tied and name == "lm_head.weight"):
+                continue
+            parts = name.split(".")
+            shard = None
+            if len(parts) >= 2 and parts[-2] in _STACKED:
+                parts[-2], shard = _STACKED[parts[-2]]
+            target = ".".join(parts)
+            if target not in params:
+                raise ValueError(f"model: checkpoint tensor {name!r} has no place in {type(self).__name__}")
+            param = params[target].data
+            if shard is None:
+                dst = param
+            else:
+                sizes = self._shard_sizes(parts[-2])
+                offset = sum(sizes[:shard])
+                dst = param.narrow(0, offset, sizes[shard])
+            if dst.shape != tensor.shape:
+                raise ValueError(f"model: {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add((target, 0 if shard is None else shard))
+        if tied:
+            self.lm_head.weight = self.model.embed_tokens.weight
+            loaded.add(("lm_head.weight", 0))
+        missing = [
+            n
+            for n in params
+            if not all((n, s) in loaded for s in range(len(self._shard_sizes(n.split(".")[-2]))))
+        ]
+        if missing:
+            raise ValueError(f"model: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _shard_sizes(self, fused: str) -> list[int]:
+        c = self.config
+        if fused == "qkv_proj":
+            head_dim = self.model.layers[0].self_attn.head_dim
+            kv = c.num_key_value_heads * head_dim
+            return [c.num_attention_heads * head_dim, kv, kv]
+        if fused == "gate_up_proj":
+            return [c.intermediate_size, c.intermediate_size]
+        return [0]

@@ -1,0 +1,145 @@
+"""SchedulerOutput -> flat input tensors -> forward -> sample -> {request_id: token}."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kvloom.config import EngineConfig
+from kvloom.core.kv_cache_manager import cdiv
+from kvloom.core.scheduler import SchedulerOutput
+from kvloom.layers.attention import AttentionMetadata, PrefillSeq
+from kvloom.layers.sampler import SamplingTensors, sample
+from kvloom.logger import init_logger
+from kvloom.models import get_model_class
+
+logger = init_logger(__name__)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def num_kv_blocks(config: EngineConfig) -> int:
+    """How many KV blocks the pool gets: from the memory budget, never more than max_num_seqs can use."""
+    bs = config.block_size
+    blocks_per_seq = cdiv(config.max_model_len, bs)
+    if config.num_kv_blocks is not None:
+        n = config.num_kv_blocks
+    else:
+        n = min(config.kv_cache_memory // (config.kv_bytes_per_token * bs), config.max_num_seqs * blocks_per_seq)
+    if n < blocks_per_seq:
+        raise ValueError(
+            f"kv_cache_memory: the KV pool holds {n * bs} tokens ({n} blocks), fewer than one sequence of "
+            f"max_model_len={config.max_model_len}; give it more memory or lower max_model_len"
+        )
+    return n
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        hf = config.hf_config
+        model_cls = get_model_class(config.model_type)
+        with torch.device("meta"), _default_dtype(config.dtype):
+            model = model_cls(hf, config.max_model_len, config.dtype, self.device)
+        model.to_empty(device=self.device)
+        ckpt = config.checkpoint
+        weights = tqdm(
+            ckpt.iter_tensors(config.dtype),
+            total=ckpt.num_tensors(),
+            desc=f"Loading {ckpt.path.name}",
+            unit="tensor",
+            disable=not show_progress,
+            leave=False,
+        )
+        model.load_weights(weights)
+        self.model = model.eval()
+        self.vocab_size = hf.vocab_size
+
+        self.num_blocks = num_kv_blocks(config)
+        # NOTE: zero-filled, not empty: padded block-table entries and unwritten slots are read (then
+        # masked out), and garbage there could be NaN, which masking does not remove.
+        self.kv_cache = torch.zeros(
+            hf.num_hidden_layers,
+            2,
+            self.num_blocks,
+            config.block_size,
+            hf.num_key_value_heads,
+            config.head_dim,
+            dtype=config.dtype,
+            device=self.device,
+        )
+        self.kv_caches = list(self.kv_cache.unbind(0))
+        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run one step; returns the sampled token of every request that reached its last token."""
+        bs = self.config.block_size
+        # Single-token queries first: the attention batches them in one call.
+        entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        num_decodes = sum(1 for s in entries if s.num_new_tokens == 1)
+
+        input_ids: list[int] = []
+        positions, slots = [], []
+        prefills: list[PrefillSeq] = []
+        decode_tables = np.zeros((num_decodes, max((len(s.block_ids) for s in entries[:num_decodes]), default=0)),
+                                 dtype=np.int64)
+        decode_lens = np.zeros(num_decodes, dtype=np.int64)
+        sample_rows, sample_entries = [], []
+        row = 0
+        for i, s in enumerate(entries):
+            end = s.start + s.num_new_tokens
+            input_ids += s.request.token_ids_slice(s.start, end)
+            pos = np.arange(s.start, end, dtype=np.int64)
+            table = np.asarray(s.block_ids, dtype=np.int64)
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            if i < num_decodes:
+                decode_tables[i, : len(table)] = table
+                decode_lens[i] = end
+            else:
+                prefills.append(
+                    PrefillSeq(row, s.num_new_tokens, s.start, torch.from_numpy(table[: cdiv(end, bs)]).to(self.device))
+                )
+            row += s.num_new_tokens
+            if s.samples:
+                sample_rows.append(row - 1)
+                sample_entries.append(s)
+
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
+            num_decodes=num_decodes,
+            decode_block_tables=torch.from_numpy(decode_tables).to(dev) if num_decodes else None,
+            decode_context_lens=torch.from_numpy(decode_lens).to(dev) if num_decodes else None,
+            prefills=prefills,
+            block_size=bs,
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.from_numpy(np.concatenate(positions)).to(dev),
+            self.kv_caches,
+            meta,
+        )
+        if not sample_rows:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        params = [s.request.sampling_params for s in sample_entries]
+        tokens = sample(logits, SamplingTensors.build(params, self.vocab_size, dev), self.generator)
+        token_list = tokens.tolist()  # the one host copy per step
+        return {s.request.request_id: t for s, t in zip(sample_entries, token_list, strict=True)}
