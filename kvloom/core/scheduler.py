@@ -21,11 +21,8 @@ class ScheduledRequest:
     start: int  # == request.num_computed_tokens when scheduled
     num_new_tokens: int
     block_ids: list[int]
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step reaches the end of the request's tokens, so its last logits are sampled."""
-        return self.start + self.num_new_tokens == self.request.num_tokens
+    # Whether this step reaches the end of the request's tokens, so its last logits are sampled.
+    samples: bool
 
 
 @dataclass
@@ -154,8 +151,9 @@ class Scheduler:
 
     # ---- helpers ----------------------------------------------------------------------------------
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
         return ScheduledRequest(
-            request, request.num_computed_tokens, num_new, self.kv.get_block_ids(request.request_id)
+            request, start, num_new, self.kv.get_block_ids(request.request_id), start + num_new == request.num_tokens
         )
 
     def _preempt(self, request: Request) -> None:

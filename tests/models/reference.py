@@ -1,0 +1,42 @@
+"""transformers as the reference implementation: greedy continuations on the same weights."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """One prompt at a time (no padding), stopping at EOS like kvloom does."""
+    outs = []
+    for ids in prompts:
+        with torch.no_grad():
+            seq = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens, do_sample=False,
+            )
+        outs.append(seq[0, len(ids):].tolist())
+    return outs
+
+
+def random_prompts(n: int, lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(lengths[i % len(lengths)])] for i in range(n)]
+
+
+def save_random_model(config, folder: Path, tokenizer_from: Path, seed: int = 0):
+    """A random-weight transformers model saved as a Hugging Face folder, with a real tokenizer beside it."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, folder / name)
+    return model

@@ -1,0 +1,67 @@
+"""Real weights: stories260K (sentencepiece) and the default SmolLM2-135M GGUF, against transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvloom import LLM, SamplingParams
+
+from .reference import hf_greedy
+
+STORY_PROMPTS = [
+    "Once upon a time",
+    "Lily",
+    "The little dog ran to the park and saw a big red ball. He",
+    "Tom and his mom went to the store to buy",
+    "One day, a girl named Sue found a shiny stone in the garden. She picked it up and",
+    "The sun",
+    "Ben had a toy car. It was red and fast. One day, the car broke and Ben was sad. His dad said",
+    "Where",
+]
+
+CHAT_PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):",
+    "1, 2, 3, 4,",
+    "Explain in one paragraph why the sky is blue, for a ten year old who likes football and dinosaurs.",
+    "Hi",
+    "Translate to French: The cat sits on the mat and looks at the birds in the garden.",
+    "List three colors:",
+]
+
+
+def test_stories260k_greedy_equals_transformers(stories, stories_llm):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32).eval()
+    tok = stories_llm.get_tokenizer()
+    prompts = [tok(p).input_ids for p in STORY_PROMPTS]
+    assert all(p[0] == 1 for p in prompts)  # sentencepiece BOS
+    expected = hf_greedy(hf, prompts, 64)
+    outs = stories_llm.generate(STORY_PROMPTS, SamplingParams(temperature=0, max_tokens=64))
+    for text, ids, o, e in zip(STORY_PROMPTS, prompts, outs, expected, strict=True):
+        assert o.outputs[0].token_ids == e
+        # The continuation keeps the leading space that decoding it alone would strip.
+        assert text + o.outputs[0].text == tok.decode(ids + e, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_greedy_equals_transformers():
+    from transformers import AutoModelForCausalLM
+
+    from kvloom.loader.checkpoint import default_model_path
+
+    path = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    llm = LLM(dtype="float32", show_progress=False)  # no model given: the default SmolLM2 GGUF
+    tok = llm.get_tokenizer()
+    prompts = [tok(p).input_ids for p in CHAT_PROMPTS]
+    prompts.append(llm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}]))
+    assert len({len(p) for p in prompts}) >= 6  # mixed lengths
+    expected = hf_greedy(hf, prompts, 64)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64))
+    for i, (o, e) in enumerate(zip(outs, expected, strict=True)):
+        assert o.outputs[0].token_ids == e, f"prompt {i} differs"
+    assert sum(len(e) for e in expected) > 9 * 20
