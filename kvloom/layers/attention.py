@@ -70,6 +70,27 @@ class AttentionMetadata:
         return self._masks[key]
 
 
+def _decode_attention(
+    q: torch.Tensor,  # [num_decodes, num_heads, head_dim]
+    k: torch.Tensor,  # [num_decodes, num_kv_heads, length, head_dim]
+    v: torch.Tensor,
+    mask: torch.Tensor,  # [num_decodes, 1, 1, length] bool
+    scale: float,
+) -> torch.Tensor:
+    """Single-token queries as two batched matmuls, query heads grouped under their KV head.
+
+    NOTE: measured on 2 CPU cores (bf16, 32 decodes x 208 positions, 9/3 heads): 0.46 ms here against
+    4.8 ms for SDPA's CPU flash kernel, which tiles for long queries.
+    """
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    qg = q.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [n, num_kv_heads, group, length]
+    scores.masked_fill_(~mask, float("-inf"))
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(n, num_heads, head_dim)
+
+
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -90,10 +111,7 @@ def paged_attention(
         # [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
         kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
         vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), kd, vd, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
-        )  # [num_decodes, num_heads, 1, head_dim]
-        out[:nd] = o.squeeze(2)
+        out[:nd] = _decode_attention(q[:nd], kd, vd, meta.decode_mask(window), scale)
 
     for i, p in enumerate(meta.prefills):
         rows = slice(p.q_start, p.q_start + p.q_len)
