@@ -25,8 +25,13 @@ def workload(n: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
 def bench_kvloom(args, prompts) -> dict:
     from kvloom import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=args.max_model_len,
-              show_progress=True)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        max_model_len=args.max_model_len,
+        show_progress=True,
+    )
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
     t0 = time.perf_counter()
@@ -59,7 +64,9 @@ def bench_transformers(args, prompts) -> dict:
     bs = args.hf_batch_size or len(prompts)
     kw = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        model.generate(torch.tensor(prompts[:1]), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        model.generate(
+            torch.tensor(prompts[:1]), **{**kw, "max_new_tokens": 4, "min_new_tokens": 4}
+        )  # warm-up
         t0 = time.perf_counter()
         for i in range(0, len(prompts), bs):
             batch = torch.tensor(prompts[i : i + bs])
@@ -78,7 +85,9 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)")
+    p.add_argument(
+        "--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)"
+    )
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
@@ -95,8 +104,10 @@ def main() -> int:
 
     n_out = args.num_prompts * args.output_len
     n_all = args.num_prompts * (args.input_len + args.output_len)
-    print(f"\n{args.num_prompts} requests x ({args.input_len} in, {args.output_len} out), {args.dtype}, "
-          f"{args.threads} threads")
+    print(
+        f"\n{args.num_prompts} requests x ({args.input_len} in, {args.output_len} out), {args.dtype}, "
+        f"{args.threads} threads"
+    )
     print(f"{'engine':<14}{'time s':>9}{'output tok/s':>15}{'total tok/s':>14}")
     for name, r in results.items():
         r["output_tok_s"] = n_out / r["elapsed_s"]

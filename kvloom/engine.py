@@ -34,16 +34,23 @@ class LLMEngine:
         num_tokens = self.runner.num_blocks * config.block_size
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs",
-            config.checkpoint.path.name, config.model_type, str(config.dtype).removeprefix("torch."),
-            config.device, time.perf_counter() - t0,
+            config.checkpoint.path.name,
+            config.model_type,
+            str(config.dtype).removeprefix("torch."),
+            config.device,
+            time.perf_counter() - t0,
         )
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d; "
             "largest batch: %d sequences (%d at full max_model_len); token budget %d per step",
-            self.runner.num_blocks, config.block_size, num_tokens,
+            self.runner.num_blocks,
+            config.block_size,
+            num_tokens,
             self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**20,
-            config.max_model_len, min(config.max_num_seqs, self.runner.num_blocks),
-            min(config.max_num_seqs, num_tokens // config.max_model_len), config.max_num_batched_tokens,
+            config.max_model_len,
+            min(config.max_num_seqs, self.runner.num_blocks),
+            min(config.max_num_seqs, num_tokens // config.max_model_len),
+            config.max_num_batched_tokens,
         )
 
     @classmethod
@@ -61,7 +68,9 @@ class LLMEngine:
             text, ids = None, list(prompt)
             bad = [t for t in ids if not 0 <= t < self.runner.vocab_size]
             if bad:
-                raise ValueError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})")
+                raise ValueError(
+                    f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})"
+                )
         else:
             raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
@@ -83,7 +92,9 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = Request(request_id, ids, params, eos_token_ids=self.config.eos_token_ids, prompt=text)
         self.scheduler.add_request(request)
-        self._detokenizers[request_id] = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+        self._detokenizers[request_id] = IncrementalDetokenizer(
+            self.tokenizer, ids, params.skip_special_tokens
+        )
 
     def abort(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
@@ -126,6 +137,10 @@ class LLMEngine:
     def _output(self, request: Request, text: str) -> RequestOutput:
         completion = CompletionOutput(0, text, list(request.output_token_ids), request.status.finish_reason)
         return RequestOutput(
-            request.request_id, request.prompt, request.prompt_token_ids, [completion], request.is_finished,
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            [completion],
+            request.is_finished,
             request.metrics,
         )

@@ -36,7 +36,9 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Run prompts (text, token ids, or lists of either) to completion; outputs in input order."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         if not isinstance(prompts, list) or not prompts:
             raise ValueError("prompts: expected a prompt or a non-empty list of prompts")
@@ -66,11 +68,15 @@ class LLM:
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def apply_chat_template(
+        self, conversation: list[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         tok = self.engine.tokenizer
         if not getattr(tok, "chat_template", None):
             raise ValueError("messages: this model has no chat template")
-        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tok.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         # NOTE: the template writes any BOS itself; tokenizing with special tokens would add a second one.
         return tok(text, add_special_tokens=False).input_ids
 

@@ -15,7 +15,9 @@ def init_logger(name: str) -> logging.Logger:
         root = logging.getLogger("kvloom")
         if not root.handlers:
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+            handler.setFormatter(
+                logging.Formatter("%(levelname)s %(asctime)s %(name)s] %(message)s", "%H:%M:%S")
+            )
             root.addHandler(handler)
         root.setLevel(os.environ.get("KVLOOM_LOG_LEVEL", "INFO").upper())
         root.propagate = False

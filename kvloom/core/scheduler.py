@@ -43,7 +43,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(
-        self, kv_cache_manager: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int
+        self,
+        kv_cache_manager: KVCacheManager,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
     ) -> None:
         self.kv = kv_cache_manager
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -153,7 +157,11 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         return ScheduledRequest(
-            request, start, num_new, self.kv.get_block_ids(request.request_id), start + num_new == request.num_tokens
+            request,
+            start,
+            num_new,
+            self.kv.get_block_ids(request.request_id),
+            start + num_new == request.num_tokens,
         )
 
     def _preempt(self, request: Request) -> None:

@@ -123,7 +123,13 @@ def paged_attention(
             vp = v_cache[p.block_ids].flatten(0, 1)[: p.context_len].transpose(0, 1)
         mask = meta.prefill_mask(i, window)
         o = F.scaled_dot_product_attention(
-            q[rows].transpose(0, 1), kp, vp, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            q[rows].transpose(0, 1),
+            kp,
+            vp,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
         )  # [num_heads, q_len, head_dim]
         out[rows] = o.transpose(0, 1)
     return out

@@ -26,7 +26,9 @@ def inv_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]
         base = params["rope_theta"]
         return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
     if rope_type == "dynamic":
-        raise ValueError("model: dynamic NTK rope scaling is not supported (it depends on the batch's length)")
+        raise ValueError(
+            "model: dynamic NTK rope scaling is not supported (it depends on the batch's length)"
+        )
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     if rope_type not in ROPE_INIT_FUNCTIONS:

@@ -1,4 +1,4 @@
-"""Checkpoint readers: Hugging Face folders (safetensors) and GGUF files -> config, tokenizer, named tensors."""
+"""Checkpoint readers: Hugging Face folders (safetensors) and GGUF files."""
 
 from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
 

@@ -127,7 +127,9 @@ class LlamaForCausalLM(nn.Module):
         bias = getattr(config, "attention_bias", False)
         return AttentionOptions(qkv_bias=bias, o_bias=bias, qk_norm=False, window=None)
 
-    def __init__(self, config: Any, max_positions: int, dtype: torch.dtype, device: str | torch.device) -> None:
+    def __init__(
+        self, config: Any, max_positions: int, dtype: torch.dtype, device: str | torch.device
+    ) -> None:
         super().__init__()
         self.config = config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -175,7 +177,9 @@ class LlamaForCausalLM(nn.Module):
                 offset = sum(sizes[:shard])
                 dst = param.narrow(0, offset, sizes[shard])
             if dst.shape != tensor.shape:
-                raise ValueError(f"model: {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+                raise ValueError(
+                    f"model: {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}"
+                )
             dst.copy_(tensor)
             loaded.add((target, 0 if shard is None else shard))
         if tied:

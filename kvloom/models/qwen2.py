@@ -10,4 +10,6 @@ from kvloom.models.llama import AttentionOptions, LlamaForCausalLM, layer_window
 class Qwen2ForCausalLM(LlamaForCausalLM):
     @classmethod
     def attention_options(cls, config: Any, layer: int) -> AttentionOptions:
-        return AttentionOptions(qkv_bias=True, o_bias=False, qk_norm=False, window=layer_window(config, layer))
+        return AttentionOptions(
+            qkv_bias=True, o_bias=False, qk_norm=False, window=layer_window(config, layer)
+        )

@@ -37,7 +37,9 @@ def num_kv_blocks(config: EngineConfig) -> int:
     if config.num_kv_blocks is not None:
         n = config.num_kv_blocks
     else:
-        n = min(config.kv_cache_memory // (config.kv_bytes_per_token * bs), config.max_num_seqs * blocks_per_seq)
+        n = min(
+            config.kv_cache_memory // (config.kv_bytes_per_token * bs), config.max_num_seqs * blocks_per_seq
+        )
     if n < blocks_per_seq:
         raise ValueError(
             f"kv_cache_memory: the KV pool holds {n * bs} tokens ({n} blocks), fewer than one sequence of "
@@ -97,8 +99,9 @@ class ModelRunner:
         input_ids: list[int] = []
         positions, slots = [], []
         prefills: list[PrefillSeq] = []
-        decode_tables = np.zeros((num_decodes, max((len(s.block_ids) for s in entries[:num_decodes]), default=0)),
-                                 dtype=np.int64)
+        decode_tables = np.zeros(
+            (num_decodes, max((len(s.block_ids) for s in entries[:num_decodes]), default=0)), dtype=np.int64
+        )
         decode_lens = np.zeros(num_decodes, dtype=np.int64)
         sample_rows, sample_entries = [], []
         row = 0
@@ -114,7 +117,12 @@ class ModelRunner:
                 decode_lens[i] = end
             else:
                 prefills.append(
-                    PrefillSeq(row, s.num_new_tokens, s.start, torch.from_numpy(table[: cdiv(end, bs)]).to(self.device))
+                    PrefillSeq(
+                        row,
+                        s.num_new_tokens,
+                        s.start,
+                        torch.from_numpy(table[: cdiv(end, bs)]).to(self.device),
+                    )
                 )
             row += s.num_new_tokens
             if s.samples:

@@ -37,8 +37,10 @@ def record_schedules(engine: LLMEngine, monkeypatch) -> list:
 
     def schedule(self):
         out = original(self)
-        seen.append([(s.request.request_id, s.start, s.num_new_tokens, s.samples) for s in out.scheduled]
-                    + [("preempted", p) for p in out.preempted_request_ids])
+        seen.append(
+            [(s.request.request_id, s.start, s.num_new_tokens, s.samples) for s in out.scheduled]
+            + [("preempted", p) for p in out.preempted_request_ids]
+        )
         return out
 
     monkeypatch.setattr(engine.scheduler, "schedule", schedule.__get__(engine.scheduler))
@@ -59,8 +61,14 @@ def test_chunking_and_preemption_give_the_same_outputs(stories, stories_llm, mon
     expected = tokens(stories_llm.generate(prompts, GREEDY))
     # A 32-token budget chunks every prompt over 32 tokens; 14 blocks of 16 tokens cannot hold 12 requests
     # of up to 160 tokens, so requests are preempted and recomputed.
-    small = LLM(str(stories), dtype="float32", max_num_batched_tokens=32, num_kv_blocks=14, max_model_len=224,
-                show_progress=False)
+    small = LLM(
+        str(stories),
+        dtype="float32",
+        max_num_batched_tokens=32,
+        num_kv_blocks=14,
+        max_model_len=224,
+        show_progress=False,
+    )
     seen = record_schedules(small.engine, monkeypatch)
     got = tokens(small.generate(prompts, GREEDY))
     assert got == expected
@@ -110,12 +118,16 @@ def test_streamed_deltas_add_up_to_the_final_text(stories_llm):
 def test_sampling_is_reproducible_with_the_engine_seed_and_top_k_1_is_greedy(stories):
     prompts = ["Once upon a time", "The cat"]
     sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=30, ignore_eos=True)
-    runs = [tokens(LLM(str(stories), dtype="float32", seed=7, show_progress=False).generate(prompts, sampled))
-            for _ in range(2)]
+    runs = [
+        tokens(LLM(str(stories), dtype="float32", seed=7, show_progress=False).generate(prompts, sampled))
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1]
     llm = LLM(str(stories), dtype="float32", seed=7, show_progress=False)
     greedy = tokens(llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)))
-    top1 = tokens(llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=30, ignore_eos=True)))
+    top1 = tokens(
+        llm.generate(prompts, SamplingParams(temperature=1.5, top_k=1, max_tokens=30, ignore_eos=True))
+    )
     assert top1 == greedy
     assert runs[0] != greedy
 
@@ -134,7 +146,9 @@ def test_eos_from_generation_config_finishes_requests(stories, stories_llm, tmp_
     got = llm.generate(["Once upon a time"], long)[0].outputs[0]
     cut = out.outputs[0].token_ids.index(1) + 1
     assert got.finish_reason == "stop" and got.token_ids == out.outputs[0].token_ids[:cut]
-    ignored = llm.generate(["Once upon a time"], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True))
+    ignored = llm.generate(
+        ["Once upon a time"], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    )
     assert ignored[0].outputs[0].token_ids == out.outputs[0].token_ids
 
 
@@ -159,7 +173,9 @@ def test_chat_template_without_double_bos(stories, tmp_path):
     llm = LLM(str(folder), dtype="float32", show_progress=False)
     ids = llm.apply_chat_template([{"role": "user", "content": "Tell me a story"}])
     assert ids[0] == 1 and ids.count(1) == 1
-    out = llm.chat([{"role": "user", "content": "Tell me a story"}], SamplingParams(temperature=0, max_tokens=8))
+    out = llm.chat(
+        [{"role": "user", "content": "Tell me a story"}], SamplingParams(temperature=0, max_tokens=8)
+    )
     assert out[0].prompt_token_ids == ids and len(out[0].outputs[0].token_ids) == 8
 
 
@@ -172,7 +188,9 @@ def test_missing_model_path():
 
 
 def test_unsupported_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]})
+    )
     with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
         LLM(str(tmp_path), show_progress=False)
 
@@ -210,8 +228,14 @@ def test_bad_prompts_raise_and_the_engine_goes_on(stories_llm, prompt, match):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_p": 1.01}, "top_p"),
-     ({"top_k": 0}, "top_k"), ({"top_k": -5}, "top_k"), ({"max_tokens": 0}, "max_tokens")],
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": -5}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
 )
 def test_invalid_sampling_params_raise_and_the_engine_goes_on(stories_llm, kwargs, field):
     engine = stories_llm.engine

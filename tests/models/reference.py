@@ -17,10 +17,12 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     for ids in prompts:
         with torch.no_grad():
             seq = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=max_new_tokens, do_sample=False,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
             )
-        outs.append(seq[0, len(ids):].tolist())
+        outs.append(seq[0, len(ids) :].tolist())
     return outs
 
 

@@ -10,8 +10,16 @@ from kvloom import LLM, SamplingParams
 from .reference import hf_greedy, random_prompts, save_random_model
 
 COMMON = dict(
-    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 CONFIGS = {
@@ -20,7 +28,11 @@ CONFIGS = {
     "llama3-rope-scaling": lambda: LlamaConfig(
         **COMMON,
         rope_parameters=dict(
-            rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
             original_max_position_embeddings=32,
         ),
     ),
@@ -44,7 +56,9 @@ def tiny(request, tmp_path_factory, stories):
 @pytest.mark.parametrize("budget", [None, 16], ids=["whole-prompts", "chunked-16"])
 def test_greedy_equals_transformers(tiny, budget):
     name, folder, _, prompts, expected = tiny
-    llm = LLM(str(folder), dtype="float32", max_num_batched_tokens=budget, max_num_seqs=16, show_progress=False)
+    llm = LLM(
+        str(folder), dtype="float32", max_num_batched_tokens=budget, max_num_seqs=16, show_progress=False
+    )
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64))
     got = [o.outputs[0].token_ids for o in outs]
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):

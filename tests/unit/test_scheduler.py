@@ -59,11 +59,19 @@ def test_waiting_requests_join_once_a_running_prefill_completes():
     out = fake_step(sched)  # FCFS: long's chunk takes the whole budget
     assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {"long": 8}
     out = fake_step(sched)  # long's last 4 prompt tokens, and the shorts fill the rest of the budget
-    assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {"long": 4, "s0": 1, "s1": 1, "s2": 1}
+    assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {
+        "long": 4,
+        "s0": 1,
+        "s1": 1,
+        "s2": 1,
+    }
     for _ in range(5):
         out = fake_step(sched)
         assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {
-            "long": 1, "s0": 1, "s1": 1, "s2": 1
+            "long": 1,
+            "s0": 1,
+            "s1": 1,
+            "s2": 1,
         }
 
 
@@ -71,7 +79,7 @@ def test_budget_and_max_num_seqs_never_exceeded_random():
     rng = random.Random(0)
     sched = make_scheduler(num_blocks=40, block_size=4, budget=24, max_seqs=5, max_model_len=64)
     n = 0
-    for step in range(400):
+    for _ in range(400):
         if rng.random() < 0.3 and n < 60:
             sched.add_request(make_request(f"r{n}", rng.randint(1, 40), max_tokens=rng.randint(1, 20)))
             n += 1
