@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kvloom.config import EngineConfig
@@ -10,14 +11,29 @@ from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import Scheduler
 from kvloom.detokenizer import IncrementalDetokenizer
 from kvloom.logger import init_logger
-from kvloom.outputs import CompletionOutput, RequestOutput
-from kvloom.request import Request, RequestStatus
+from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 from kvloom.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
 
 Prompt = str | list[int]
+
+
+@dataclass
+class _Group:
+    """One user request: its samples (one, or n / best_of), their detokenizers and output logprobs."""
+
+    request_id: str
+    params: SamplingParams
+    samples: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    logprobs: list[list[PositionLogprobs]]
+
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.samples)
 
 
 class LLMEngine:
@@ -30,7 +46,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len
         )
-        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._groups: dict[str, _Group] = {}
+        self._sample_group: dict[str, tuple[_Group, int]] = {}  # sample request id -> (group, index)
+        self._token_text: dict[int, str] = {}
         num_tokens = self.runner.num_blocks * config.block_size
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs",
@@ -66,11 +84,7 @@ class LLMEngine:
             text, ids = prompt, self.tokenizer(prompt).input_ids
         elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             text, ids = None, list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.runner.vocab_size]
-            if bad:
-                raise ValueError(
-                    f"prompt: token id {bad[0]} is outside the vocabulary [0, {self.runner.vocab_size})"
-                )
+            self._check_token_ids("prompt", ids)
         else:
             raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
@@ -82,25 +96,63 @@ class LLMEngine:
             )
         return text, ids
 
+    def _check_token_ids(self, field: str, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.runner.vocab_size]
+        if bad:
+            vocab = self.runner.vocab_size
+            raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         """Queue a request. Raises ValueError on bad input, leaving the engine untouched."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize_prompt(prompt)
-        if request_id in self.scheduler.requests:
+        self._check_token_ids("logit_bias", list(params.logit_bias or {}))
+        if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = Request(request_id, ids, params, eos_token_ids=self.config.eos_token_ids, prompt=text)
-        self.scheduler.add_request(request)
-        self._detokenizers[request_id] = IncrementalDetokenizer(
-            self.tokenizer, ids, params.skip_special_tokens
+        k = params.num_samples
+        # NOTE: samples of one request get internal ids; the user's id names the group.
+        sample_ids = [request_id] if k == 1 else [f"{request_id}\x00{i}" for i in range(k)]
+        samples = [
+            Request(sid, ids, params, eos_token_ids=self.config.eos_token_ids, prompt=text, index=i)
+            for i, sid in enumerate(sample_ids)
+        ]
+        self.scheduler.add_request(samples[0], forks=samples[1:])
+        group = _Group(
+            request_id,
+            params,
+            samples,
+            [
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    ids,
+                    params.skip_special_tokens,
+                    params.stop,
+                    params.include_stop_str_in_output,
+                )
+                for _ in samples
+            ],
+            [[] for _ in samples],
         )
+        self._groups[request_id] = group
+        for i, r in enumerate(samples):
+            self._sample_group[r.request_id] = (group, i)
 
     def abort(self, request_ids: str | list[str]) -> None:
+        """Abort requests (unknown or finished ids are ignored); their KV blocks are freed at once."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        for request in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED):
-            request.metrics.finished_time = time.monotonic()
-            self._detokenizers.pop(request.request_id, None)
+        for request_id in ids:
+            group = self._groups.get(request_id)
+            if group is None:
+                continue
+            self.scheduler.finish_requests(
+                [r.request_id for r in group.samples], RequestStatus.FINISHED_ABORTED
+            )
+            now = time.monotonic()
+            for r in group.samples:
+                r.metrics.finished_time = r.metrics.finished_time or now
+            self._drop(group)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -115,32 +167,96 @@ class LLMEngine:
         for s in out.scheduled:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
-        sampled = self.runner.execute(out)
-        self.scheduler.update_from_output(out, sampled)
+        result = self.runner.execute(out)
+
+        stop_strings: dict[str, str] = {}
+        touched: dict[str, _Group] = {}
+        for request_id, token in result.sampled.items():
+            group, i = self._sample_group[request_id]
+            request = group.samples[i]
+            detok = group.detokenizers[i]
+            detok.add_token(token)
+            # NOTE: stop strings count only once min_tokens are out (this token included).
+            stop = detok.find_stop(active=request.num_output_tokens + 1 > group.params.min_tokens)
+            if stop is not None:
+                stop_strings[request_id] = stop
+            lp = result.logprobs.get(request_id)
+            if lp is not None:
+                request.cumulative_logprob += lp.logprob
+                if group.params.logprobs is not None:
+                    group.logprobs[i].append(self._position_logprobs(lp))
+            touched[group.request_id] = group
+        for request_id, entries in result.prompt_logprobs.items():
+            self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
+
+        self.scheduler.update_from_output(out, result.sampled, stop_strings)
+
         now = time.monotonic()
         outputs = []
-        for s in out.scheduled:
-            request = s.request
-            token = sampled.get(request.request_id)
-            if token is None:
-                continue
-            if request.metrics.first_token_time is None:
-                request.metrics.first_token_time = now
-            detok = self._detokenizers[request.request_id]
-            detok.add_token(token)
-            if request.is_finished:
-                request.metrics.finished_time = now
-                del self._detokenizers[request.request_id]
-            outputs.append(self._output(request, detok.text))
+        for group in touched.values():
+            for r in group.samples:
+                if r.metrics.first_token_time is None and r.output_token_ids:
+                    r.metrics.first_token_time = now
+                if r.is_finished and r.metrics.finished_time is None:
+                    r.metrics.finished_time = now
+            output = self._output(group)
+            if output is not None:
+                outputs.append(output)
+            if group.finished:
+                self._drop(group)
         return outputs
 
-    def _output(self, request: Request, text: str) -> RequestOutput:
-        completion = CompletionOutput(0, text, list(request.output_token_ids), request.status.finish_reason)
+    # ---- outputs ------------------------------------------------------------------------------------
+    def _drop(self, group: _Group) -> None:
+        del self._groups[group.request_id]
+        for r in group.samples:
+            del self._sample_group[r.request_id]
+
+    def _decoded(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def _position_logprobs(self, lp: TokenLogprobs) -> PositionLogprobs:
+        entry = {t: Logprob(v, rank + 1, self._decoded(t)) for rank, (t, v) in enumerate(lp.top)}
+        if lp.token_id not in entry:
+            entry[lp.token_id] = Logprob(lp.logprob, lp.rank, self._decoded(lp.token_id))
+        return entry
+
+    def _output(self, group: _Group) -> RequestOutput | None:
+        params = group.params
+        finished = group.finished
+        ranked = params.num_samples > params.n
+        if ranked and not finished:
+            return None  # best_of: the n best are known only at the end
+        completions = []
+        for r, detok, logprobs in zip(group.samples, group.detokenizers, group.logprobs, strict=True):
+            completions.append(
+                CompletionOutput(
+                    index=r.index,
+                    text=detok.output_text(r.is_finished),
+                    token_ids=list(r.output_token_ids),
+                    cumulative_logprob=r.cumulative_logprob if params.needs_sampled_logprob else None,
+                    logprobs=list(logprobs) if params.logprobs is not None else None,
+                    finish_reason=r.status.finish_reason,
+                    stop_reason=r.stop_reason,
+                )
+            )
+        if ranked:
+            completions = sorted(completions, key=lambda c: -c.cumulative_logprob)[: params.n]
+            for i, c in enumerate(completions):
+                c.index = i
+        first = group.samples[0]
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [self._position_logprobs(lp) for lp in first.prompt_logprobs]
         return RequestOutput(
-            request.request_id,
-            request.prompt,
-            request.prompt_token_ids,
-            [completion],
-            request.is_finished,
-            request.metrics,
+            group.request_id,
+            first.prompt,
+            first.prompt_token_ids,
+            completions,
+            finished,
+            prompt_logprobs,
+            first.metrics,
         )

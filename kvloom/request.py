@@ -35,6 +35,16 @@ _FINISH_REASONS = {
 
 
 @dataclass
+class TokenLogprobs:
+    """Logprobs at one position: the chosen token's, its rank (1 = likeliest), and the top-N."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
@@ -56,9 +66,17 @@ class Request:
     sampling_params: SamplingParams
     eos_token_ids: frozenset[int] = frozenset()
     prompt: str | None = None
+    # Sample index within its group (n / best_of > 1 fan out into one Request per sample).
+    index: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    # The stop string or stop token id that finished the request, if any.
+    stop_reason: str | int | None = None
+    # Sum of the sampled tokens' logprobs (kept when logprobs or best_of ask for it).
+    cumulative_logprob: float = 0.0
+    # Logprobs of prompt tokens 1.. (when prompt_logprobs asks), filled chunk by chunk.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
 
     @property

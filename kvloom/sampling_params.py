@@ -4,42 +4,138 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# NOTE: the most top-N logprobs a request may ask for (as vLLM's default max_logprobs and OpenAI's
+# top_logprobs limit); each one costs a decode of a token string per step.
+MAX_LOGPROBS = 20
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
 
 @dataclass
 class SamplingParams:
-    """Decoding parameters of one request.
+    """Decoding parameters of one request, as OpenAI and vLLM define them.
 
-    temperature: 0 means greedy; top_k: -1 (or 0 is rejected) disables it; top_p in (0, 1].
+    - temperature: 0 means greedy. top_k: -1 disables it. top_p in (0, 1]. min_p in [0, 1]: drop tokens
+      whose probability is below min_p times the most likely token's.
+    - repetition_penalty (> 0, 1 = off): divides positive / multiplies negative logits of every token seen
+      in the prompt or output. presence_penalty and frequency_penalty (in [-2, 2]) subtract
+      ``presence * (count > 0) + frequency * count`` over the generated tokens.
+    - logit_bias: token id -> bias in [-100, 100], added to the logits.
+    - seed: per-request randomness, independent of the rest of the batch.
+    - min_tokens: EOS, stop_token_ids and stop strings are suppressed until this many tokens exist.
+    - stop: strings that end the output (never included unless include_stop_str_in_output).
+    - logprobs: top-N logprobs of each generated token (plus the sampled token's own);
+      prompt_logprobs: the same for each prompt token.
+    - n: completions returned; best_of: completions generated (the n with the highest cumulative
+      logprob are returned). They share the prompt's KV blocks.
+
     Invalid values raise ``ValueError`` naming the field, before any engine state is touched.
     """
 
+    n: int = 1
+    best_of: int | None = None
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
     max_tokens: int = 16
+    min_tokens: int = 0
+    stop: str | list[str] | None = None
     stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        self._check_int("n", 1)
+        if self.best_of is not None:
+            self._check_int("best_of", 1)
+            if self.best_of < self.n:
+                raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
+        if not _is_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if (
-            not isinstance(self.top_k, int)
-            or isinstance(self.top_k, bool)
-            or (self.top_k < 1 and self.top_k != -1)
-        ):
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                kind = type(self.logit_bias).__name__
+                raise ValueError(f"logit_bias must map token ids to biases, got {kind}")
+            bias = {}
+            for token, value in self.logit_bias.items():
+                try:
+                    token_id = int(token)  # OpenAI clients send JSON keys as strings
+                except (TypeError, ValueError):
+                    raise ValueError(f"logit_bias keys must be token ids, got {token!r}") from None
+                if token_id < 0 or not _is_number(value) or not -100.0 <= value <= 100.0:
+                    raise ValueError(f"logit_bias[{token!r}]: need a token id >= 0 and a bias in [-100, 100]")
+                bias[token_id] = float(value)
+            self.logit_bias = bias
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        self._check_int("max_tokens", 1)
+        self._check_int("min_tokens", 0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.stop is None:
+            self.stop = []
+        elif isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, list) or any(
+            not _is_int(t) or t < 0 for t in self.stop_token_ids
+        ):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.stop_token_ids = list(self.stop_token_ids)
 
+    def _check_int(self, name: str, minimum: int) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated for this request (best_of, else n)."""
+        return self.best_of or self.n
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def needs_sampled_logprob(self) -> bool:
+        """Whether the sampled token's logprob is needed (logprobs output, or ranking best_of samples)."""
+        return self.logprobs is not None or self.num_samples > self.n

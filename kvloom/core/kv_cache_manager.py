@@ -47,6 +47,16 @@ class KVCacheManager:
         blocks.extend(self.block_pool.allocate(num_needed))
         return True
 
+    def share_prefix(self, src: Request, dst: Request, num_tokens: int) -> int:
+        """Give ``dst`` the blocks holding ``src``'s first ``num_tokens`` tokens (full blocks only), by
+        reference count. Returns the number of tokens shared."""
+        if self._blocks.get(dst.request_id):
+            raise RuntimeError(f"request {dst.request_id!r} already has blocks")
+        shared = self._blocks[src.request_id][: num_tokens // self.block_size]
+        self.block_pool.incref(shared)
+        self._blocks[dst.request_id] = list(shared)
+        return len(shared) * self.block_size
+
     def free(self, request: Request) -> None:
         """Release all blocks of a request (tail first, so the tail is reused before the prefix)."""
         blocks = self._blocks.pop(request.request_id, [])

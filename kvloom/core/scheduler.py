@@ -56,14 +56,23 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # parent request id -> samples that fork from it once its prompt is computed (n / best_of > 1)
+        self._forks: dict[str, list[Request]] = {}
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------------------
-    def add_request(self, request: Request) -> None:
-        if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
+    def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
+        """Queue a request. ``forks`` are further samples of the same prompt: they wait until the prompt is
+        computed once, then share its full KV blocks by reference count and continue on their own."""
+        for r in [request, *(forks or [])]:
+            if r.request_id in self.requests:
+                raise ValueError(f"request_id {r.request_id!r} is already in use")
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        if forks:
+            self._forks[request.request_id] = list(forks)
+            for f in forks:
+                self.requests[f.request_id] = f
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         """Finish (e.g. abort) requests wherever they are; unknown or finished ids are ignored."""
@@ -74,8 +83,12 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            else:
+            elif request in self.waiting:
                 self.waiting.remove(request)
+            else:  # a sample still waiting to fork from its parent
+                for forks in self._forks.values():
+                    if request in forks:
+                        forks.remove(request)
             self._finish(request, status)
             finished.append(request)
         return finished
@@ -134,8 +147,14 @@ class Scheduler:
             budget -= num_new
         return out
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance computed tokens, append sampled tokens, finish requests. Returns the finished ones."""
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[str, int], stop_strings: dict[str, str] | None = None
+    ) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, fork samples, finish requests.
+
+        ``stop_strings``: requests whose text now contains a stop string (found by the detokenizer).
+        Returns the requests that finished.
+        """
         finished = []
         for s in out.scheduled:
             request = s.request
@@ -146,7 +165,11 @@ class Scheduler:
             if token is None:
                 continue
             request.output_token_ids.append(token)
+            if request.request_id in self._forks:
+                self._fork(request)
             status = self._check_stop(request, token)
+            if stop_strings and request.request_id in stop_strings:
+                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_strings[request.request_id]
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -172,16 +195,28 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
+    def _fork(self, parent: Request) -> None:
+        children = self._forks.pop(parent.request_id)
+        # NOTE: the prompt's last token is recomputed by each sample (its logits are sampled), so only the
+        # full blocks before it are shared.
+        shared_tokens = (parent.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
+        for child in children:
+            child.num_computed_tokens = self.kv.share_prefix(parent, child, shared_tokens)
+        self.waiting.extendleft(reversed(children))
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
         self.kv.free(request)
         del self.requests[request.request_id]
+        for child in self._forks.pop(request.request_id, []):  # only on abort before the prompt finished
+            self._finish(child, status)
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
         if not params.ignore_eos and token in request.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
         if token in params.stop_token_ids:
+            request.stop_reason = token
             return RequestStatus.FINISHED_STOPPED
         if request.num_output_tokens >= params.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH

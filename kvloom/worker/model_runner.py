@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,9 +14,10 @@ from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import cdiv
 from kvloom.core.scheduler import SchedulerOutput
 from kvloom.layers.attention import AttentionMetadata, PrefillSeq
-from kvloom.layers.sampler import SamplingTensors, sample
+from kvloom.layers.sampler import SamplerOutput, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
+from kvloom.request import Request, TokenLogprobs
 
 logger = init_logger(__name__)
 
@@ -28,6 +30,14 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # New prompt logprobs per request, for consecutive positions after those it already has.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 def num_kv_blocks(config: EngineConfig) -> int:
@@ -89,21 +99,22 @@ class ModelRunner:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run one step; returns the sampled token of every request that reached its last token."""
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step; sample every request that reached its last token."""
         bs = self.config.block_size
         # Single-token queries first: the attention batches them in one call.
         entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         num_decodes = sum(1 for s in entries if s.num_new_tokens == 1)
+        max_blocks = max((len(s.block_ids) for s in entries[:num_decodes]), default=0)
 
         input_ids: list[int] = []
         positions, slots = [], []
         prefills: list[PrefillSeq] = []
-        decode_tables = np.zeros(
-            (num_decodes, max((len(s.block_ids) for s in entries[:num_decodes]), default=0)), dtype=np.int64
-        )
+        decode_tables = np.zeros((num_decodes, max_blocks), dtype=np.int64)
         decode_lens = np.zeros(num_decodes, dtype=np.int64)
-        sample_rows, sample_entries = [], []
+        sample_rows: list[int] = []
+        samplers: list[Request] = []
+        prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
         row = 0
         for i, s in enumerate(entries):
             end = s.start + s.num_new_tokens
@@ -116,18 +127,19 @@ class ModelRunner:
                 decode_tables[i, : len(table)] = table
                 decode_lens[i] = end
             else:
-                prefills.append(
-                    PrefillSeq(
-                        row,
-                        s.num_new_tokens,
-                        s.start,
-                        torch.from_numpy(table[: cdiv(end, bs)]).to(self.device),
-                    )
-                )
+                block_ids = torch.from_numpy(table[: cdiv(end, bs)]).to(self.device)
+                prefills.append(PrefillSeq(row, s.num_new_tokens, s.start, block_ids))
+            # Row r predicts the token at position start + r + 1; keep those that are prompt tokens
+            # this request has no logprobs for yet (a recompute after preemption does not repeat them).
+            if s.request.sampling_params.prompt_logprobs is not None:
+                first = max(s.start + 1, len(s.request.prompt_logprobs) + 1)
+                count = min(end, s.request.num_prompt_tokens - 1) - first + 1
+                if count > 0:
+                    prompt_lp.append((s.request, row + first - 1 - s.start, first, count))
             row += s.num_new_tokens
             if s.samples:
                 sample_rows.append(row - 1)
-                sample_entries.append(s)
+                samplers.append(s.request)
 
         dev = self.device
         meta = AttentionMetadata(
@@ -144,10 +156,57 @@ class ModelRunner:
             self.kv_caches,
             meta,
         )
+        result = ModelRunnerOutput()
+        for request, first_row, first_pos, count in prompt_lp:
+            rows = hidden[first_row : first_row + count]
+            result.prompt_logprobs[request.request_id] = self._prompt_logprobs(rows, request, first_pos)
         if not sample_rows:
-            return {}
+            return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        params = [s.request.sampling_params for s in sample_entries]
-        tokens = sample(logits, SamplingTensors.build(params, self.vocab_size, dev), self.generator)
-        token_list = tokens.tolist()  # the one host copy per step
-        return {s.request.request_id: t for s, t in zip(sample_entries, token_list, strict=True)}
+        batch = SamplingBatch.build(samplers, self.vocab_size, dev)
+        sampled = sample(logits, batch, self.generator)
+        tokens = sampled.tokens.tolist()  # the one host copy per step (more only when logprobs are asked)
+        result.sampled = {r.request_id: t for r, t in zip(samplers, tokens, strict=True)}
+        if sampled.logprob is not None:
+            result.logprobs = _token_logprobs(samplers, tokens, sampled)
+        return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, pos: int) -> list[TokenLogprobs]:
+        """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per hidden row."""
+        logprobs = self.model.compute_logits(hidden).log_softmax(dim=-1)  # [rows, vocab]
+        targets = torch.tensor(request.prompt_token_ids[pos : pos + len(logprobs)], device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
+        ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+        k = request.sampling_params.prompt_logprobs
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        return [
+            TokenLogprobs(t, lp, rk, list(zip(ids, lps, strict=True)))
+            for t, lp, rk, ids, lps in zip(
+                targets.tolist(),
+                chosen.tolist(),
+                ranks.tolist(),
+                top_ids.tolist(),
+                top_lp.tolist(),
+                strict=True,
+            )
+        ]
+
+
+def _token_logprobs(
+    requests: list[Request], tokens: list[int], out: SamplerOutput
+) -> dict[str, TokenLogprobs]:
+    result = {}
+    for r, t, lp, rank, ids, lps in zip(
+        requests,
+        tokens,
+        out.logprob.tolist(),
+        out.rank.tolist(),
+        out.top_ids.tolist(),
+        out.top_logprobs.tolist(),
+        strict=True,
+    ):
+        params = r.sampling_params
+        if params.needs_sampled_logprob:
+            k = params.logprobs or 0
+            result[r.request_id] = TokenLogprobs(t, lp, rank, list(zip(ids[:k], lps[:k], strict=True)))
+    return result

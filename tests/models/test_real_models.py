@@ -61,7 +61,17 @@ def test_smollm2_gguf_greedy_equals_transformers():
     prompts.append(llm.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}]))
     assert len({len(p) for p in prompts}) >= 6  # mixed lengths
     expected = hf_greedy(hf, prompts, 64)
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=64, logprobs=5))
     for i, (o, e) in enumerate(zip(outs, expected, strict=True)):
         assert o.outputs[0].token_ids == e, f"prompt {i} differs"
     assert sum(len(e) for e in expected) > 9 * 20
+    # Top logprobs close to transformers' log_softmax on the same sequence.
+    out = outs[4].outputs[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompts[4] + out.token_ids])).logits[0].float().log_softmax(-1)
+    for k, entry in enumerate(out.logprobs):
+        top = ref[len(prompts[4]) - 1 + k].topk(5)
+        assert list(entry)[:5] == top.indices.tolist()
+        assert [entry[t].logprob for t in top.indices.tolist()] == pytest.approx(
+            top.values.tolist(), abs=1e-3
+        )
