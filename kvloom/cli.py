@@ -53,7 +53,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
         max_tokens=args.max_tokens,
+        stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
     llm = LLM(args.model, show_progress=True, **engine_kwargs(args))
@@ -96,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"
     )
+    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    gen.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)"
+    )
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeat the flag for more)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
