@@ -1,0 +1,29 @@
+"""`kvloom generate` end to end, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kvloom.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_generate_streams_text_and_stops(stories):
+    r = run("generate", "Once upon a time", "--model", str(stories), "--max-tokens", "40", "--stop", "Lily")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ", there was a little girl named \n"
+    assert "KV cache:" in r.stderr and "finish_reason=stop" in r.stderr
+
+
+def test_generate_reports_bad_input_without_a_traceback(stories):
+    r = run("generate", "hi", "--model", "/nonexistent")
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+    r = run("generate", "hi", "--model", str(stories), "--temperature", "-1")
+    assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help():
+    r = run("generate", "--help")
+    assert r.returncode == 0 and "--max-tokens" in r.stdout and "--chat" in r.stdout
