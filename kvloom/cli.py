@@ -1,8 +1,10 @@
-"""Command line: ``kvloom generate``. (``serve`` and ``bench`` arrive with their issues.)"""
+"""Command line: ``kvloom generate`` and ``kvloom serve``. (``bench`` arrives with its issue.)"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 
@@ -83,6 +85,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvloom.async_engine import AsyncEngine
+    from kvloom.engine import LLMEngine
+    from kvloom.logger import init_logger
+    from kvloom.server.api import build_app
+    from kvloom.server.metrics import ServerMetrics
+
+    logger = init_logger("kvloom.serve")
+    engine = LLMEngine.from_args(args.model, show_progress=True, **engine_kwargs(args))
+    name = args.served_model_name or engine.config.checkpoint.path.stem
+    metrics = ServerMetrics(name)
+    app = build_app(
+        AsyncEngine(engine, observer=metrics.observe),
+        name,
+        api_key=args.api_key or os.environ.get("KVLOOM_API_KEY"),
+        max_body_bytes=args.max_body_mb << 20,
+        metrics=metrics,
+    )
+    logger.info("Serving %r on http://%s:%d (OpenAI API under /v1)", name, args.host, args.port)
+    # NOTE: uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
+    # was installed before it. A no-op one there makes a graceful shutdown exit with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: a small, exact LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -107,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API",
+        description="Serve /v1/completions, /v1/chat/completions and friends over HTTP.",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or KVLOOM_API_KEY)"
+    )
+    srv.add_argument(
+        "--served-model-name", default=None, help="model name clients send (default: file/folder name)"
+    )
+    srv.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default: 8)")
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds SIGTERM waits for requests in flight before aborting them (default: 30)",
+    )
+    srv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    add_engine_args(srv)
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -49,6 +49,9 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, tuple[_Group, int]] = {}  # sample request id -> (group, index)
         self._token_text: dict[int, str] = {}
+        # Monotonic counters for metrics: prompt tokens computed (recomputes included), tokens generated.
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
         num_tokens = self.runner.num_blocks * config.block_size
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs",
@@ -168,6 +171,11 @@ class LLMEngine:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
         result = self.runner.execute(out)
+        self.num_generation_tokens += len(result.sampled)
+        self.num_prompt_tokens += sum(
+            max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start)
+            for s in out.scheduled
+        )
 
         stop_strings: dict[str, str] = {}
         touched: dict[str, _Group] = {}

@@ -7,7 +7,9 @@ import sys
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kvloom.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kvloom.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_generate_streams_text_and_stops(stories):

@@ -1,0 +1,158 @@
+"""AsyncEngine: the engine loop on its own thread, beside the server's event loop.
+
+Every HTTP request joins the same continuous batch: handlers hand requests to the engine thread through a
+queue and read their outputs from a per-request asyncio queue. A handler that stops reading (client
+disconnect, cancellation) aborts its request, which frees its KV blocks at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kvloom.engine import LLMEngine, Prompt
+from kvloom.logger import init_logger
+from kvloom.outputs import RequestOutput
+from kvloom.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+# Called on the engine thread after every step with the step's outputs (metrics hook).
+StepObserver = Callable[[LLMEngine, list[RequestOutput]], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, observer: StepObserver | None = None) -> None:
+        self.engine = engine
+        self.observer = observer
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        # NOTE: touched only by the engine thread.
+        self._streams: dict[str, _Stream] = {}
+        self._thread = threading.Thread(target=self._run, name="kvloom-engine", daemon=True)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Abort whatever is still running and stop the engine thread."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    # ---- called from the event loop ---------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its outputs until it finishes. Raises ValueError on bad input."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        added: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("add", request_id, prompt, params, stream, added))
+        await asyncio.wrap_future(added)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._submit(("abort", request_id))
+
+    def _submit(self, op: tuple) -> None:
+        self._ops.put(op)
+        self._wake.set()
+
+    # ---- the engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while not self._stop.is_set():
+            if self._drain_ops() and self.observer is not None:
+                self.observer(engine, [])  # aborts free blocks even when no step follows
+            if not engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                logger.exception("engine step failed; aborting the requests in flight")
+                self._fail_all(EngineDeadError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(out)
+                    if out.finished:
+                        del self._streams[out.request_id]
+            if self.observer is not None:
+                self.observer(engine, outputs)
+        self._drain_ops()
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def _drain_ops(self) -> bool:
+        """Apply queued adds and aborts; returns whether there were any."""
+        any_ops = False
+        while True:
+            try:
+                op = self._ops.get_nowait()
+            except queue.Empty:
+                return any_ops
+            any_ops = True
+            if op[0] == "add":
+                _, request_id, prompt, params, stream, added = op
+                if self._stop.is_set():
+                    added.set_exception(EngineDeadError("the server is shutting down"))
+                    continue
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as e:
+                    added.set_exception(e)
+                    continue
+                self._streams[request_id] = stream
+                added.set_result(None)
+            else:
+                _, request_id = op
+                self.engine.abort(request_id)
+                self._streams.pop(request_id, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        ids = list(self._streams)
+        self.engine.abort(ids)
+        for request_id in ids:
+            self._streams.pop(request_id).put(error)

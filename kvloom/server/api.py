@@ -1,0 +1,565 @@
+"""FastAPI routes of the OpenAI-compatible server: completions, chat, models, tokenize, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import kvloom
+from kvloom.async_engine import AsyncEngine, EngineDeadError
+from kvloom.logger import init_logger
+from kvloom.outputs import CompletionOutput, PositionLogprobs, RequestOutput
+from kvloom.sampling_params import SamplingParams
+from kvloom.server.metrics import ServerMetrics
+from kvloom.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    OpenAIError,
+    TokenizeRequest,
+)
+
+logger = init_logger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 (OpenAI error body) once a request body passes ``max_bytes``."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Callable) -> None:
+        err = OpenAIError(f"request body exceeds {self.max_bytes} bytes", status=413)
+        response = JSONResponse(err.body(), status_code=413)
+        await response({"type": "http"}, None, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _error(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _value_error(e: ValueError) -> OpenAIError:
+    """Engine and SamplingParams errors name the field first ("temperature must be ...", "prompt: ...")."""
+    m = re.match(r"^(\w+)", str(e))
+    return OpenAIError(str(e), param=m.group(1) if m else None)
+
+
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    metrics: ServerMetrics | None = None,
+) -> FastAPI:
+    config = engine.engine.config
+    max_model_len = config.max_model_len
+    # NOTE: the engine thread owns its tokenizer; handlers use their own copy (fast tokenizers must not be
+    # used from two threads at once).
+    tokenizer = copy.deepcopy(engine.tokenizer)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not engine.is_running:
+            engine.start()
+        yield
+        logger.info("Shutting down: aborting requests still in flight")
+        engine.shutdown()
+
+    app = FastAPI(title="kvloom", version=kvloom.__version__, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return _error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(OpenAIError(f"request body is not valid JSON: {first.get('msg')}"))
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        field = ".".join(loc) or None
+        return _error(OpenAIError(f"{field or 'body'}: {first.get('msg', 'invalid request')}", param=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(OpenAIError(str(e.detail), status=e.status_code, type="invalid_request_error"))
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        return _error(OpenAIError(str(e), status=503, type="service_unavailable"))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error")
+        return _error(OpenAIError(f"internal error: {e}", status=500, type="internal_server_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return _error(
+                    OpenAIError("invalid or missing API key", status=401, type="authentication_error")
+                )
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise OpenAIError(
+                f"the model {name!r} does not exist; this server serves {model_name!r}",
+                status=404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def max_tokens_for(prompt_len: int, requested: int | None, field: str) -> int:
+        if requested is not None and requested < 1:
+            raise OpenAIError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
+        room = max_model_len - prompt_len
+        if requested is None:
+            requested = room
+        if room < 1 or prompt_len + requested > max_model_len:
+            raise OpenAIError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the {field}, {requested} for the "
+                "completion).",
+                param="max_tokens",
+            )
+        return requested
+
+    def encode(prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise OpenAIError("prompt must not be empty", param="prompt")
+            return tokenizer(prompt).input_ids
+        return list(prompt)
+
+    def chat_ids(messages: list, add_generation_prompt: bool = True) -> list[int]:
+        if not getattr(tokenizer, "chat_template", None):
+            raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    async def submit(request_id: str, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Start a request now (so bad input fails before any response is sent)."""
+        gen = engine.generate(request_id, ids, params)
+        try:
+            first = await gen.__anext__()
+        except ValueError as e:
+            raise _value_error(e) from None
+
+        async def rest() -> AsyncIterator[RequestOutput]:
+            try:
+                yield first
+                async for out in gen:
+                    yield out
+            finally:
+                await gen.aclose()
+
+        return rest()
+
+    async def until_disconnect(raw: Request, work: Awaitable[Any]) -> Any:
+        """Run ``work``; cancel it (aborting its requests) if the client goes away."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.5)
+                if done:
+                    return task.result()
+                if await raw.is_disconnected():
+                    task.cancel()
+                    raise OpenAIError("client disconnected", status=499)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    # ---- plain routes -----------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.is_running:
+            raise EngineDeadError("the engine is not running")
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": kvloom.__version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_name,
+                    "object": "model",
+                    "created": int(time.time()),
+                    "owned_by": "kvloom",
+                    "max_model_len": max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        if metrics is None:
+            raise OpenAIError("metrics are disabled", status=404)
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError("give exactly one of prompt and messages", param="prompt")
+        if req.messages is not None:
+            ids = chat_ids(req.messages, req.add_generation_prompt)
+        else:
+            ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        check_model(req.model)
+        vocab = engine.engine.runner.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(
+                f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens"
+            )
+        return {"prompt": tokenizer.decode(req.tokens)}
+
+    # ---- completions ------------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        check_model(req.model)
+        if req.suffix:
+            raise OpenAIError("suffix is not supported", param="suffix")
+        prompts = req.prompts()
+        encoded = [encode(p) for p in prompts]
+        try:
+            params = [
+                req.sampling_params(max_tokens_for(len(ids), req.max_tokens, "prompt")) for ids in encoded
+            ]
+        except ValueError as e:
+            raise _value_error(e) from None
+        base = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = []
+        try:
+            for i, (ids, sp) in enumerate(zip(encoded, params, strict=True)):
+                streams.append(await submit(f"{base}-{i}", ids, sp))
+        except BaseException:
+            for s in streams:
+                await s.aclose()
+            raise
+        prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+        n = req.n
+
+        def choice_logprobs(out: RequestOutput, c: CompletionOutput, start: int, offset: int) -> dict | None:
+            if req.logprobs is None:
+                return None
+            entries: list[tuple[int, PositionLogprobs | None]] = []
+            if req.echo and start == 0 and out.prompt_logprobs is not None:
+                entries += list(zip(out.prompt_token_ids, out.prompt_logprobs, strict=True))
+            entries += list(zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=True))
+            return _completion_logprobs(entries, tokenizer, offset, req.logprobs)
+
+        if req.stream:
+
+            async def sse() -> AsyncIterator[str]:
+                sent_text = {}
+                sent_tokens = {}
+                usage = {"prompt_tokens": sum(len(e) for e in encoded), "completion_tokens": 0}
+                async for i, out in _merge(streams):
+                    for c in out.outputs:
+                        key = (i, c.index)
+                        start = sent_tokens.get(key, 0)
+                        first = key not in sent_text
+                        text = c.text[sent_text.get(key, 0) :]
+                        if first and req.echo:
+                            text = prompt_texts[i] + text
+                        if not text and not c.finished and start == len(c.token_ids):
+                            continue
+                        if key in sent_text and sent_text[key] < 0:
+                            continue  # already finished
+                        choice = {
+                            "index": i * n + c.index,
+                            "text": text,
+                            "logprobs": choice_logprobs(out, c, start, sent_text.get(key, 0)),
+                            "finish_reason": c.finish_reason if c.finished else None,
+                        }
+                        sent_text[key] = -1 if c.finished else len(c.text)
+                        sent_tokens[key] = len(c.token_ids)
+                        if c.finished:
+                            usage["completion_tokens"] += len(c.token_ids)
+                        yield _sse(
+                            {
+                                "id": base,
+                                "object": "text_completion",
+                                "created": created,
+                                "model": model_name,
+                                "choices": [choice],
+                                **({"usage": None} if req.include_usage else {}),
+                            }
+                        )
+                if req.include_usage:
+                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    yield _sse(
+                        {
+                            "id": base,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model_name,
+                            "choices": [],
+                            "usage": usage,
+                        }
+                    )
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        finals = await until_disconnect(raw, asyncio.gather(*(_last(s) for s in streams)))
+        choices = []
+        completion_tokens = 0
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                text = (prompt_texts[i] if req.echo else "") + c.text
+                choices.append(
+                    {
+                        "index": i * n + c.index,
+                        "text": text,
+                        "logprobs": choice_logprobs(out, c, 0, 0),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
+        prompt_tokens = sum(len(e) for e in encoded)
+        return JSONResponse(
+            {
+                "id": base,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    # ---- chat completions -------------------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        check_model(req.model)
+        ids = chat_ids(req.messages, req.add_generation_prompt)
+        try:
+            params = req.sampling_params(max_tokens_for(len(ids), req.requested_max_tokens(), "messages"))
+        except ValueError as e:
+            raise _value_error(e) from None
+        top_n = req.top_logprobs or 0
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        stream = await submit(request_id, ids, params)
+
+        def head(obj: str) -> dict:
+            return {"id": request_id, "object": obj, "created": created, "model": model_name}
+
+        if req.stream:
+
+            async def sse() -> AsyncIterator[str]:
+                sent_text: dict[int, int] = {}
+                sent_tokens: dict[int, int] = {}
+                done: set[int] = set()
+                completion_tokens = 0
+                extra = {"usage": None} if req.include_usage else {}
+                async for out in stream:
+                    for c in out.outputs:
+                        if c.index in done:
+                            continue
+                        if c.index not in sent_text:
+                            sent_text[c.index] = sent_tokens[c.index] = 0
+                            role = {
+                                "index": c.index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                            yield _sse({**head("chat.completion.chunk"), "choices": [role], **extra})
+                        text = c.text[sent_text[c.index] :]
+                        start = sent_tokens[c.index]
+                        if text or start < len(c.token_ids):
+                            lp = _chat_logprobs(
+                                c.logprobs[start:] if c.logprobs else None, c.token_ids[start:], top_n
+                            )
+                            delta = {
+                                "index": c.index,
+                                "delta": {"content": text},
+                                "logprobs": lp,
+                                "finish_reason": None,
+                            }
+                            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                            if text or lp:
+                                yield _sse({**head("chat.completion.chunk"), "choices": [delta], **extra})
+                        if c.finished:
+                            done.add(c.index)
+                            completion_tokens += len(c.token_ids)
+                            last = {
+                                "index": c.index,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": c.finish_reason,
+                            }
+                            yield _sse({**head("chat.completion.chunk"), "choices": [last], **extra})
+                if req.include_usage:
+                    usage = {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": len(ids) + completion_tokens,
+                    }
+                    yield _sse({**head("chat.completion.chunk"), "choices": [], "usage": usage})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(sse(), media_type="text/event-stream")
+
+        out = await until_disconnect(raw, _last(stream))
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": _chat_logprobs(c.logprobs, c.token_ids, top_n),
+                "finish_reason": c.finish_reason,
+            }
+            for c in out.outputs
+        ]
+        completion_tokens = sum(len(c.token_ids) for c in out.outputs)
+        return JSONResponse(
+            {
+                **head("chat.completion"),
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": len(ids) + completion_tokens,
+                },
+            }
+        )
+
+    return app
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    return last
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several output streams as items arrive; closing the merge closes (aborts) them all."""
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in s:
+                await q.put((i, out))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            await q.put(e)
+        finally:
+            await q.put(done)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await q.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _completion_logprobs(
+    entries: list[tuple[int, PositionLogprobs | None]], tokenizer: Any, offset: int, top_n: int
+) -> dict:
+    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    NOTE: a position's dict holds the top-N in rank order, then the chosen token if it is not among them.
+    """
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token_id, entry in entries:
+        text = entry[token_id].decoded_token if entry else tokenizer.decode([token_id])
+        tokens.append(text)
+        token_logprobs.append(entry[token_id].logprob if entry else None)
+        top.append({lp.decoded_token: lp.logprob for lp in list(entry.values())[:top_n]} if entry else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(logprobs: list[PositionLogprobs] | None, token_ids: list[int], top_n: int) -> dict | None:
+    if logprobs is None:
+        return None
+
+    def item(lp: Any) -> dict:
+        return {"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list(lp.decoded_token.encode())}
+
+    content = [
+        {**item(entry[t]), "top_logprobs": [item(lp) for lp in list(entry.values())[:top_n]]}
+        for t, entry in zip(token_ids, logprobs, strict=True)
+    ]
+    return {"content": content}

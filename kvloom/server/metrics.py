@@ -1,0 +1,96 @@
+"""Prometheus metrics, updated on the engine thread after every step."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from kvloom.engine import LLMEngine
+from kvloom.outputs import RequestOutput
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=r).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=r).labels(model_name)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=r).labels(model_name)
+
+        self.running = gauge("kvloom:num_requests_running", "Requests in the running batch.")
+        self.waiting = gauge("kvloom:num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_usage = gauge("kvloom:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).")
+        self.prompt_tokens = counter("kvloom:prompt_tokens", "Prompt tokens computed (recomputes included).")
+        self.generation_tokens = counter("kvloom:generation_tokens", "Tokens generated.")
+        self.preemptions = counter("kvloom:num_preemptions", "Requests preempted (KV blocks ran out).")
+        self._success = Counter(
+            "kvloom:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.model_name = model_name
+        self.ttft = histogram("kvloom:time_to_first_token_seconds", "Arrival to first token.")
+        self.tpot = histogram("kvloom:time_per_output_token_seconds", "Mean time between output tokens.")
+        self.e2e = histogram("kvloom:e2e_request_latency_seconds", "Arrival to finish.")
+        self.queue = histogram("kvloom:request_queue_time_seconds", "Arrival to first scheduled.")
+        self._last = (0, 0, 0)  # engine counters at the last observation
+
+    def observe(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        s = engine.scheduler
+        self.running.set(s.num_running)
+        self.waiting.set(s.num_waiting)
+        self.kv_usage.set(engine.kv_cache_manager.usage)
+        now = (engine.num_prompt_tokens, engine.num_generation_tokens, s.num_preemptions)
+        for c, new, old in zip(
+            (self.prompt_tokens, self.generation_tokens, self.preemptions), now, self._last, strict=True
+        ):
+            if new > old:
+                c.inc(new - old)
+        self._last = now
+        for out in outputs:
+            if not out.finished:
+                continue
+            m = out.metrics
+            for c in out.outputs:
+                self._success.labels(self.model_name, c.finish_reason or "abort").inc()
+            if m.first_token_time is not None:
+                self.ttft.observe(m.first_token_time - m.arrival_time)
+            if m.first_scheduled_time is not None:
+                self.queue.observe(m.first_scheduled_time - m.arrival_time)
+            if m.finished_time is not None:
+                self.e2e.observe(m.finished_time - m.arrival_time)
+                n = len(out.outputs[0].token_ids)
+                if n > 1 and m.first_token_time is not None:
+                    self.tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
