@@ -285,14 +285,19 @@ def build_app(
             raise _value_error(e) from None
         base = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        streams = []
-        try:
-            for i, (ids, sp) in enumerate(zip(encoded, params, strict=True)):
-                streams.append(await submit(f"{base}-{i}", ids, sp))
-        except BaseException:
+        # All prompts join the batch at once; if any is refused, the others are closed (aborted).
+        started = await asyncio.gather(
+            *(
+                submit(f"{base}-{i}", ids, sp)
+                for i, (ids, sp) in enumerate(zip(encoded, params, strict=True))
+            ),
+            return_exceptions=True,
+        )
+        streams = [s for s in started if not isinstance(s, BaseException)]
+        if len(streams) < len(started):
             for s in streams:
                 await s.aclose()
-            raise
+            raise next(e for e in started if isinstance(e, BaseException))
         prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
         n = req.n
 
@@ -308,30 +313,30 @@ def build_app(
         if req.stream:
 
             async def sse() -> AsyncIterator[str]:
-                sent_text = {}
-                sent_tokens = {}
+                sent_text: dict[tuple[int, int], int] = {}  # (prompt, completion) -> characters sent
+                sent_tokens: dict[tuple[int, int], int] = {}
+                done: set[tuple[int, int]] = set()
                 usage = {"prompt_tokens": sum(len(e) for e in encoded), "completion_tokens": 0}
                 async for i, out in _merge(streams):
                     for c in out.outputs:
                         key = (i, c.index)
-                        start = sent_tokens.get(key, 0)
-                        first = key not in sent_text
-                        text = c.text[sent_text.get(key, 0) :]
-                        if first and req.echo:
+                        if key in done:
+                            continue
+                        start, offset = sent_tokens.get(key, 0), sent_text.get(key, 0)
+                        text = c.text[offset:]
+                        if req.echo and key not in sent_text:
                             text = prompt_texts[i] + text
                         if not text and not c.finished and start == len(c.token_ids):
                             continue
-                        if key in sent_text and sent_text[key] < 0:
-                            continue  # already finished
                         choice = {
                             "index": i * n + c.index,
                             "text": text,
-                            "logprobs": choice_logprobs(out, c, start, sent_text.get(key, 0)),
+                            "logprobs": choice_logprobs(out, c, start, offset),
                             "finish_reason": c.finish_reason if c.finished else None,
                         }
-                        sent_text[key] = -1 if c.finished else len(c.text)
-                        sent_tokens[key] = len(c.token_ids)
+                        sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
                         if c.finished:
+                            done.add(key)
                             usage["completion_tokens"] += len(c.token_ids)
                         yield _sse(
                             {

@@ -288,3 +288,27 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(chat_model):
     assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert s.proc.wait(timeout=60) == 0
     s.log.close()
+
+
+def test_list_of_prompts_streams_each_choice_and_a_bad_one_aborts_the_rest(server, client):
+    kw = dict(model=MODEL, prompt=["Lily", "Tom went"], max_tokens=12, temperature=0)
+    full = client.completions.create(**kw)
+    texts = {0: "", 1: ""}
+    finished = set()
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1}
+    assert [texts[c.index] for c in sorted(full.choices, key=lambda c: c.index)] == [
+        c.text for c in sorted(full.choices, key=lambda c: c.index)
+    ]
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        headers=HEADERS,
+        json={"model": MODEL, "prompt": [[1, 300, 301], [1, 99999]], "max_tokens": 400, "ignore_eos": True},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert wait_for(lambda: metric(server, "kvloom:num_requests_running") == 0)
+    assert metric(server, "kvloom:kv_cache_usage_perc") == 0
