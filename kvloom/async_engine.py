@@ -70,14 +70,16 @@ class AsyncEngine:
 
     # ---- called from the event loop ---------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
+        self, request_id: str, prompt: Prompt, params: SamplingParams, **kwargs: Any
     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs until it finishes. Raises ValueError on bad input."""
+        """Queue a request and yield its outputs until it finishes. Raises ValueError on bad input.
+
+        ``kwargs`` go to ``LLMEngine.add_request`` (priority, user, cache_salt)."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit(("add", request_id, prompt, params, stream, added))
+        self._submit(("add", request_id, prompt, params, kwargs, stream, added))
         await asyncio.wrap_future(added)
         finished = False
         try:
@@ -135,12 +137,12 @@ class AsyncEngine:
                 return any_ops
             any_ops = True
             if op[0] == "add":
-                _, request_id, prompt, params, stream, added = op
+                _, request_id, prompt, params, kwargs, stream, added = op
                 if self._stop.is_set():
                     added.set_exception(EngineDeadError("the server is shutting down"))
                     continue
                 try:
-                    self.engine.add_request(request_id, prompt, params)
+                    self.engine.add_request(request_id, prompt, params, **kwargs)
                 except ValueError as e:
                     added.set_exception(e)
                     continue

@@ -33,6 +33,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="turn off automatic prefix caching (on by default)",
+    )
+    g.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=["fcfs", "priority", "fair"],
+        help="fcfs (default); priority (per-request priority, lower first); fair (VTC per user)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -45,6 +57,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.num_threads,
         seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching,
+        scheduling_policy=args.scheduling_policy,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kvloom.core.scheduler import POLICIES
 from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
 from kvloom.models import get_model_class
 
@@ -70,6 +71,8 @@ class EngineConfig:
     max_num_batched_tokens: int
     seed: int
     num_threads: int | None
+    enable_prefix_caching: bool
+    scheduling_policy: str  # fcfs | priority | fair
 
     @classmethod
     def create(
@@ -86,6 +89,8 @@ class EngineConfig:
         max_num_batched_tokens: int | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        enable_prefix_caching: bool = True,
+        scheduling_policy: str = "fcfs",
     ) -> EngineConfig:
         checkpoint = resolve_checkpoint(model)
         hf_config = checkpoint.hf_config
@@ -107,6 +112,10 @@ class EngineConfig:
             max_num_batched_tokens = max(2048, max_num_seqs)
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if scheduling_policy not in POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {', '.join(POLICIES)}, got {scheduling_policy!r}"
+            )
         if num_kv_blocks is not None and num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         return cls(
@@ -122,6 +131,8 @@ class EngineConfig:
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,
             num_threads=num_threads,
+            enable_prefix_caching=enable_prefix_caching,
+            scheduling_policy=scheduling_policy,
         )
 
     @property

@@ -19,6 +19,7 @@ from kvloom.worker.model_runner import ModelRunner
 logger = init_logger(__name__)
 
 Prompt = str | list[int]
+_LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -42,9 +43,15 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.tokenizer = config.checkpoint.load_tokenizer()
         self.runner = ModelRunner(config, show_progress)
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size)
+        self.kv_cache_manager = KVCacheManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(
-            self.kv_cache_manager, config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len
+            self.kv_cache_manager,
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            config.max_model_len,
+            config.scheduling_policy,
         )
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, tuple[_Group, int]] = {}  # sample request id -> (group, index)
@@ -52,6 +59,7 @@ class LLMEngine:
         # Monotonic counters for metrics: prompt tokens computed (recomputes included), tokens generated.
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
+        self._last_log = time.monotonic()
         num_tokens = self.runner.num_blocks * config.block_size
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs",
@@ -105,8 +113,24 @@ class LLMEngine:
             vocab = self.runner.vocab_size
             raise ValueError(f"{field}: token id {bad[0]} is outside the vocabulary [0, {vocab})")
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
-        """Queue a request. Raises ValueError on bad input, leaving the engine untouched."""
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        user: str | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Queue a request. Raises ValueError on bad input, leaving the engine untouched.
+
+        ``priority``: lower values are served first under the "priority" policy. ``user``: the party whose
+        share the "fair" policy balances. ``cache_salt``: requests with different salts never share
+        prefix-cache blocks.
+        """
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
@@ -118,7 +142,17 @@ class LLMEngine:
         # NOTE: samples of one request get internal ids; the user's id names the group.
         sample_ids = [request_id] if k == 1 else [f"{request_id}\x00{i}" for i in range(k)]
         samples = [
-            Request(sid, ids, params, eos_token_ids=self.config.eos_token_ids, prompt=text, index=i)
+            Request(
+                sid,
+                ids,
+                params,
+                eos_token_ids=self.config.eos_token_ids,
+                prompt=text,
+                index=i,
+                priority=priority,
+                user=user,
+                cache_salt=cache_salt,
+            )
             for i, sid in enumerate(sample_ids)
         ]
         self.scheduler.add_request(samples[0], forks=samples[1:])
@@ -198,6 +232,9 @@ class LLMEngine:
             self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
 
         self.scheduler.update_from_output(out, result.sampled, stop_strings)
+        if time.monotonic() - self._last_log > _LOG_INTERVAL_S:
+            self._last_log = time.monotonic()
+            logger.info(self.stats_line())
 
         now = time.monotonic()
         outputs = []
@@ -213,6 +250,16 @@ class LLMEngine:
             if group.finished:
                 self._drop(group)
         return outputs
+
+    def stats_line(self) -> str:
+        kv = self.kv_cache_manager
+        hit_rate = kv.num_hit_tokens / kv.num_queried_tokens if kv.num_queried_tokens else 0.0
+        return (
+            f"running {self.scheduler.num_running}, waiting {self.scheduler.num_waiting}, "
+            f"KV usage {kv.usage:.1%}, prefix cache hit rate {hit_rate:.1%} "
+            f"({kv.num_hit_tokens}/{kv.num_queried_tokens} prompt tokens), "
+            f"preemptions {self.scheduler.num_preemptions}, generated {self.num_generation_tokens} tokens"
+        )
 
     # ---- outputs ------------------------------------------------------------------------------------
     def _drop(self, group: _Group) -> None:
@@ -267,4 +314,5 @@ class LLMEngine:
             finished,
             prompt_logprobs,
             first.metrics,
+            first.num_cached_tokens or 0,
         )

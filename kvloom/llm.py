@@ -34,8 +34,12 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run prompts (text, token ids, or lists of either) to completion; outputs in input order."""
+        """Run prompts (text, token ids, or lists of either) to completion; outputs in input order.
+
+        ``priority`` (one per prompt, lower first) matters under ``scheduling_policy="priority"``.
+        """
         if isinstance(prompts, str) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
@@ -48,12 +52,15 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params: {len(params)} given for {len(prompts)} prompts")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"priority: {len(priority)} given for {len(prompts)} prompts")
         # Validate everything before queueing anything, so a bad prompt leaves no half-added batch.
         for p in prompts:
             self.engine.tokenize_prompt(p)
         request_ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for request_id, prompt, sp in zip(request_ids, prompts, params, strict=True):
-            self.engine.add_request(request_id, prompt, sp)
+        for request_id, prompt, sp, prio in zip(request_ids, prompts, params, priority, strict=True):
+            self.engine.add_request(request_id, prompt, sp, priority=prio)
         return self._run(request_ids, use_tqdm)
 
     def chat(

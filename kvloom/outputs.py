@@ -50,3 +50,5 @@ class RequestOutput:
     # One entry per prompt token (None for the first), when prompt_logprobs was asked for.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # Prompt tokens served from the prefix cache instead of being computed.
+    num_cached_tokens: int = 0

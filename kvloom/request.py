@@ -68,6 +68,14 @@ class Request:
     prompt: str | None = None
     # Sample index within its group (n / best_of > 1 fan out into one Request per sample).
     index: int = 0
+    # Scheduling: lower priority values go first (policy "priority"); user for policy "fair".
+    priority: int = 0
+    user: str | None = None
+    # Requests with different salts never share prefix-cache blocks.
+    cache_salt: str | None = None
+    arrival_seq: int = -1  # set by the scheduler
+    # Prompt tokens found in the prefix cache at first admission (None until admitted).
+    num_cached_tokens: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
@@ -107,3 +115,8 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def cache_key(self) -> str | None:
+        """Extra key of the first block's hash (adapter ids will join the salt here)."""
+        return self.cache_salt

@@ -2,17 +2,34 @@
 
 Each step, every scheduled request gets tokens so that ``num_computed_tokens`` catches up with
 ``num_tokens``: running requests first (a decode needs one token, an unfinished prefill a chunk), then
-waiting ones, in arrival order. Chunked prefill, prefill/decode mixing and recompute after preemption
-all fall out of this rule; there is no prefill phase and no decode phase.
+waiting ones in policy order. Chunked prefill, prefill/decode mixing, prefix-cache hits (a request starts
+with ``num_computed_tokens > 0``) and recompute after preemption all fall out of this rule; there is no
+prefill phase and no decode phase.
+
+Policies (the order of the waiting queue, and who is preempted):
+- ``fcfs``: arrival order; when blocks run out, the newest running request is preempted.
+- ``priority``: (priority, arrival), lower values first. ``running`` is kept in that order, so the
+  preemption victim is always the lowest-priority request, and a waiting request that outranks it takes
+  its place when the batch is full or out of blocks.
+- ``fair``: Virtual Token Counters (Sheng et al., OSDI 2024): the waiting request of the user with the
+  least service so far goes first; service = prompt tokens (charged at admission) + 2 x tokens generated,
+  and a user who becomes active again is lifted to the least counter among active users (no banking of
+  idle time).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
+import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 
-from kvloom.core.kv_cache_manager import KVCacheManager
+from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
 from kvloom.request import Request, RequestStatus
+
+POLICIES = ("fcfs", "priority", "fair")
+# VTC weights of prompt and generated tokens (the paper's defaults).
+_W_PROMPT, _W_OUTPUT = 1.0, 2.0
 
 
 @dataclass
@@ -48,31 +65,45 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         max_model_len: int,
+        policy: str = "fcfs",
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.kv = kv_cache_manager
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
-        self.waiting: deque[Request] = deque()
+        self.policy = policy
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         # parent request id -> samples that fork from it once its prompt is computed (n / best_of > 1)
         self._forks: dict[str, list[Request]] = {}
+        self._seq = itertools.count()
+        self.user_counters: dict[str | None, float] = {}
+        self._active_per_user: Counter[str | None] = Counter()
         self.num_preemptions = 0
 
     # ---- queue management -------------------------------------------------------------------------
     def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
         """Queue a request. ``forks`` are further samples of the same prompt: they wait until the prompt is
         computed once, then share its full KV blocks by reference count and continue on their own."""
-        for r in [request, *(forks or [])]:
+        group = [request, *(forks or [])]
+        for r in group:
             if r.request_id in self.requests:
                 raise ValueError(f"request_id {r.request_id!r} is already in use")
-        self.requests[request.request_id] = request
+        seq = next(self._seq)
+        if self.policy == "fair" and self._active_per_user[request.user] == 0:
+            active = [self.user_counters[u] for u, n in self._active_per_user.items() if n > 0]
+            floor = min(active) if active else 0.0
+            self.user_counters[request.user] = max(self.user_counters.get(request.user, 0.0), floor)
+        for r in group:
+            r.arrival_seq = seq  # forks share it: they belong to an already admitted request
+            self.requests[r.request_id] = r
+            self._active_per_user[r.user] += 1
         self.waiting.append(request)
         if forks:
             self._forks[request.request_id] = list(forks)
-            for f in forks:
-                self.requests[f.request_id] = f
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
         """Finish (e.g. abort) requests wherever they are; unknown or finished ids are ignored."""
@@ -104,12 +135,25 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def _key(self, r: Request) -> tuple:
+        if self.policy == "priority":
+            return (r.priority, r.arrival_seq)
+        if self.policy == "fair":
+            return (self.user_counters.get(r.user, 0.0), r.arrival_seq)
+        return (r.arrival_seq,)
+
+    def _next_waiting(self) -> Request:
+        return min(self.waiting, key=self._key)
+
     # ---- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        if self.policy == "priority":
+            self._preempt_for_priority(out, budget)
 
         i = 0
+        out_of_blocks = False
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             # NOTE: keep one token of budget for every running request after this one, so a long
@@ -117,10 +161,10 @@ class Scheduler:
             reserve = len(self.running) - i - 1
             num_new = min(request.num_tokens - request.num_computed_tokens, max(1, budget - reserve))
             while not self.kv.allocate_slots(request, num_new):
-                # Out of blocks: preempt the newest running request (possibly this one) by recompute.
+                # Out of blocks: preempt the last running request (the newest, or the lowest-priority).
                 victim = self.running.pop()
-                self._preempt(victim)
-                out.preempted_request_ids.append(victim.request_id)
+                self._preempt(victim, out)
+                out_of_blocks = True
                 if victim is request:
                     break
             else:
@@ -128,29 +172,52 @@ class Scheduler:
                 budget -= num_new
                 i += 1
 
-        # Waiting requests are admitted only when nothing was preempted, so a preempted request is not
-        # immediately displaced by a newer one.
-        while (
-            not out.preempted_request_ids
-            and self.waiting
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
-            request = self.waiting[0]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate_slots(request, num_new):
+        # Waiting requests are admitted only when memory did not run out this step, so a just-preempted
+        # request is not displaced by a newer one.
+        while not out_of_blocks and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self._next_waiting()
+            fresh = request.num_computed_tokens == 0 and not self.kv.get_block_ids(request.request_id)
+            hits = self.kv.get_computed_blocks(request) if fresh else []
+            num_cached = len(hits) * self.kv.block_size
+            num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
+            if not self.kv.allocate_slots(request, num_new, hits):
                 break
-            self.waiting.popleft()
+            if fresh:
+                request.num_computed_tokens = num_cached
+                self.kv.record_lookup(request.num_tokens, num_cached)
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = num_cached
+            self.waiting.remove(request)
+            if self.policy == "fair":
+                # VTC charges the prompt at admission, so one admission round alternates between users.
+                self._charge(request.user, _W_PROMPT * (request.num_tokens - request.num_computed_tokens))
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            if self.policy == "priority":
+                bisect.insort(self.running, request, key=self._key)
+            else:
+                self.running.append(request)
             out.scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
         return out
 
+    def _preempt_for_priority(self, out: SchedulerOutput, budget: int) -> None:
+        """Make room for the best waiting request by preempting running ones it outranks."""
+        while self.waiting and self.running:
+            head = self._next_waiting()
+            victim = self.running[-1]
+            if self._key(victim) <= self._key(head):
+                return
+            first_chunk = min(head.num_tokens - head.num_computed_tokens, budget)
+            fits = self.kv.num_free_blocks >= cdiv(head.num_computed_tokens + first_chunk, self.kv.block_size)
+            if len(self.running) < self.max_num_seqs and fits:
+                return
+            self.running.pop()
+            self._preempt(victim, out)
+
     def update_from_output(
         self, out: SchedulerOutput, sampled: dict[str, int], stop_strings: dict[str, str] | None = None
     ) -> list[Request]:
-        """Advance computed tokens, append sampled tokens, fork samples, finish requests.
+        """Advance computed tokens, cache full blocks, append sampled tokens, fork samples, finish requests.
 
         ``stop_strings``: requests whose text now contains a stop string (found by the detokenizer).
         Returns the requests that finished.
@@ -161,9 +228,12 @@ class Scheduler:
             if request.is_finished:
                 continue
             request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(request)
             token = sampled.get(request.request_id)
             if token is None:
                 continue
+            if self.policy == "fair":
+                self._charge(request.user, _W_OUTPUT)
             request.output_token_ids.append(token)
             if request.request_id in self._forks:
                 self._fork(request)
@@ -177,6 +247,9 @@ class Scheduler:
         return finished
 
     # ---- helpers ----------------------------------------------------------------------------------
+    def _charge(self, user: str | None, service: float) -> None:
+        self.user_counters[user] = self.user_counters.get(user, 0.0) + service
+
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         return ScheduledRequest(
@@ -187,13 +260,14 @@ class Scheduler:
             start + num_new == request.num_tokens,
         )
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.metrics.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.append(request)
+        out.preempted_request_ids.append(request.request_id)
 
     def _fork(self, parent: Request) -> None:
         children = self._forks.pop(parent.request_id)
@@ -202,12 +276,14 @@ class Scheduler:
         shared_tokens = (parent.num_prompt_tokens - 1) // self.kv.block_size * self.kv.block_size
         for child in children:
             child.num_computed_tokens = self.kv.share_prefix(parent, child, shared_tokens)
-        self.waiting.extendleft(reversed(children))
+            child.num_cached_tokens = parent.num_cached_tokens
+        self.waiting.extend(children)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
-        self.kv.free(request)
+        self.kv.forget(request)
         del self.requests[request.request_id]
+        self._active_per_user[request.user] -= 1
         for child in self._forks.pop(request.request_id, []):  # only on abort before the prompt finished
             self._finish(child, status)
 

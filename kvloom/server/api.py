@@ -182,9 +182,11 @@ def build_app(
         )
         return tokenizer(text, add_special_tokens=False).input_ids
 
-    async def submit(request_id: str, ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def submit(
+        request_id: str, ids: list[int], params: SamplingParams, scheduling: dict
+    ) -> AsyncIterator[RequestOutput]:
         """Start a request now (so bad input fails before any response is sent)."""
-        gen = engine.generate(request_id, ids, params)
+        gen = engine.generate(request_id, ids, params, **scheduling)
         try:
             first = await gen.__anext__()
         except ValueError as e:
@@ -288,7 +290,7 @@ def build_app(
         # All prompts join the batch at once; if any is refused, the others are closed (aborted).
         started = await asyncio.gather(
             *(
-                submit(f"{base}-{i}", ids, sp)
+                submit(f"{base}-{i}", ids, sp, req.scheduling())
                 for i, (ids, sp) in enumerate(zip(encoded, params, strict=True))
             ),
             return_exceptions=True,
@@ -316,8 +318,10 @@ def build_app(
                 sent_text: dict[tuple[int, int], int] = {}  # (prompt, completion) -> characters sent
                 sent_tokens: dict[tuple[int, int], int] = {}
                 done: set[tuple[int, int]] = set()
-                usage = {"prompt_tokens": sum(len(e) for e in encoded), "completion_tokens": 0}
+                completion_tokens = 0
+                cached: dict[int, int] = {}
                 async for i, out in _merge(streams):
+                    cached[i] = out.num_cached_tokens
                     for c in out.outputs:
                         key = (i, c.index)
                         if key in done:
@@ -337,7 +341,7 @@ def build_app(
                         sent_text[key], sent_tokens[key] = len(c.text), len(c.token_ids)
                         if c.finished:
                             done.add(key)
-                            usage["completion_tokens"] += len(c.token_ids)
+                            completion_tokens += len(c.token_ids)
                         yield _sse(
                             {
                                 "id": base,
@@ -349,7 +353,7 @@ def build_app(
                             }
                         )
                 if req.include_usage:
-                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    usage = _usage(sum(len(e) for e in encoded), completion_tokens, sum(cached.values()))
                     yield _sse(
                         {
                             "id": base,
@@ -379,7 +383,9 @@ def build_app(
                         "finish_reason": c.finish_reason,
                     }
                 )
-        prompt_tokens = sum(len(e) for e in encoded)
+        usage = _usage(
+            sum(len(e) for e in encoded), completion_tokens, sum(o.num_cached_tokens for o in finals)
+        )
         return JSONResponse(
             {
                 "id": base,
@@ -387,11 +393,7 @@ def build_app(
                 "created": created,
                 "model": model_name,
                 "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": usage,
             }
         )
 
@@ -407,7 +409,7 @@ def build_app(
         top_n = req.top_logprobs or 0
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        stream = await submit(request_id, ids, params)
+        stream = await submit(request_id, ids, params, req.scheduling())
 
         def head(obj: str) -> dict:
             return {"id": request_id, "object": obj, "created": created, "model": model_name}
@@ -419,8 +421,10 @@ def build_app(
                 sent_tokens: dict[int, int] = {}
                 done: set[int] = set()
                 completion_tokens = 0
+                cached = 0
                 extra = {"usage": None} if req.include_usage else {}
                 async for out in stream:
+                    cached = out.num_cached_tokens
                     for c in out.outputs:
                         if c.index in done:
                             continue
@@ -459,11 +463,7 @@ def build_app(
                             }
                             yield _sse({**head("chat.completion.chunk"), "choices": [last], **extra})
                 if req.include_usage:
-                    usage = {
-                        "prompt_tokens": len(ids),
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": len(ids) + completion_tokens,
-                    }
+                    usage = _usage(len(ids), completion_tokens, cached)
                     yield _sse({**head("chat.completion.chunk"), "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
 
@@ -484,11 +484,7 @@ def build_app(
             {
                 **head("chat.completion"),
                 "choices": choices,
-                "usage": {
-                    "prompt_tokens": len(ids),
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": len(ids) + completion_tokens,
-                },
+                "usage": _usage(len(ids), completion_tokens, out.num_cached_tokens),
             }
         )
 
@@ -496,6 +492,15 @@ def build_app(
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 

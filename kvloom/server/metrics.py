@@ -51,6 +51,10 @@ class ServerMetrics:
         self.prompt_tokens = counter("kvloom:prompt_tokens", "Prompt tokens computed (recomputes included).")
         self.generation_tokens = counter("kvloom:generation_tokens", "Tokens generated.")
         self.preemptions = counter("kvloom:num_preemptions", "Requests preempted (KV blocks ran out).")
+        self.cache_queries = counter(
+            "kvloom:prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+        )
+        self.cache_hits = counter("kvloom:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self._success = Counter(
             "kvloom:request_success",
             "Finished requests by finish reason.",
@@ -62,17 +66,29 @@ class ServerMetrics:
         self.tpot = histogram("kvloom:time_per_output_token_seconds", "Mean time between output tokens.")
         self.e2e = histogram("kvloom:e2e_request_latency_seconds", "Arrival to finish.")
         self.queue = histogram("kvloom:request_queue_time_seconds", "Arrival to first scheduled.")
-        self._last = (0, 0, 0)  # engine counters at the last observation
+        self._last = (0, 0, 0, 0, 0)  # engine counters at the last observation
 
     def observe(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         s = engine.scheduler
         self.running.set(s.num_running)
         self.waiting.set(s.num_waiting)
         self.kv_usage.set(engine.kv_cache_manager.usage)
-        now = (engine.num_prompt_tokens, engine.num_generation_tokens, s.num_preemptions)
-        for c, new, old in zip(
-            (self.prompt_tokens, self.generation_tokens, self.preemptions), now, self._last, strict=True
-        ):
+        kv = engine.kv_cache_manager
+        now = (
+            engine.num_prompt_tokens,
+            engine.num_generation_tokens,
+            s.num_preemptions,
+            kv.num_queried_tokens,
+            kv.num_hit_tokens,
+        )
+        counters = (
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.preemptions,
+            self.cache_queries,
+            self.cache_hits,
+        )
+        for c, new, old in zip(counters, now, self._last, strict=True):
             if new > old:
                 c.inc(new - old)
         self._last = now

@@ -58,6 +58,12 @@ class _SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = 0  # lower first, under --scheduling-policy priority
+    cache_salt: str | None = None  # requests with different salts never share prefix-cache blocks
+
+    def scheduling(self) -> dict:
+        """What LLMEngine.add_request takes beside the sampling parameters."""
+        return {"priority": self.priority, "user": self.user, "cache_salt": self.cache_salt}
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, **extra: Any) -> SamplingParams:
         return SamplingParams(
