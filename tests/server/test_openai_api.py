@@ -312,3 +312,36 @@ def test_list_of_prompts_streams_each_choice_and_a_bad_one_aborts_the_rest(serve
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert wait_for(lambda: metric(server, "kvloom:num_requests_running") == 0)
     assert metric(server, "kvloom:kv_cache_usage_perc") == 0
+
+
+def test_cached_tokens_in_usage_and_cache_metrics(server, client):
+    prompt = (
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. " * 2
+    )
+    before = (
+        metric(server, "kvloom:prefix_cache_queries_total"),
+        metric(server, "kvloom:prefix_cache_hits_total"),
+    )
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    second = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == (second.usage.prompt_tokens - 1) // 16 * 16 > 0
+    assert second.choices[0].text == first.choices[0].text
+    other = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"cache_salt": "tenant-b", "priority": 3},
+    )
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+    after = (
+        metric(server, "kvloom:prefix_cache_queries_total"),
+        metric(server, "kvloom:prefix_cache_hits_total"),
+    )
+    assert after[0] - before[0] == 3 * second.usage.prompt_tokens
+    assert after[1] - before[1] == second.usage.prompt_tokens_details.cached_tokens
+    messages = [{"role": "user", "content": prompt}]
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens > 0
