@@ -315,9 +315,8 @@ def test_list_of_prompts_streams_each_choice_and_a_bad_one_aborts_the_rest(serve
 
 
 def test_cached_tokens_in_usage_and_cache_metrics(server, client):
-    prompt = (
-        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. " * 2
-    )
+    # Words no earlier test produced (their greedy outputs are cached too, which is the point of caching).
+    prompt = "Zebra violin quartz marmalade " * 12
     before = (
         metric(server, "kvloom:prefix_cache_queries_total"),
         metric(server, "kvloom:prefix_cache_hits_total"),
