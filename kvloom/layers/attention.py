@@ -77,50 +77,60 @@ _MAX_GROUPED_SCORES = 1 << 24
 
 def _grouped_attention(
     q: torch.Tensor,  # [batch, q_len, num_heads, head_dim]
-    k: torch.Tensor,  # [batch, num_kv_heads, length, head_dim]
+    k: torch.Tensor,  # [num_kv_heads, batch, length, head_dim]
     v: torch.Tensor,
     mask: torch.Tensor,  # [batch, q_len, length] bool: which keys each query reads
     scale: float,
 ) -> torch.Tensor:
     """Masked attention as two batched matmuls, query heads grouped under their KV head; softmax in fp32.
 
+    K/V come head-major, as the cache stores them, so the matmuls read them without a copy.
     NOTE: measured on 2 CPU cores in bf16 (9/3 heads, head_dim 64), against SDPA's CPU kernel with the same
     mask: 32 decodes x 208 positions 0.46 vs 4.8 ms; one 64-token chunk over 1088 positions 2.0 vs 6.6 ms.
     """
     b, q_len, num_heads, head_dim = q.shape
-    num_kv_heads, length = k.shape[1], k.shape[2]
+    num_kv_heads, length = k.shape[0], k.shape[2]
     group = num_heads // num_kv_heads
-    qg = q.view(b, q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    qg = qg.reshape(b, num_kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [b, kv_heads, group * q_len, length]
-    scores = scores.view(b, num_kv_heads, group, q_len, length).masked_fill_(
-        ~mask[:, None, None], float("-inf")
+    qg = q.view(b, q_len, num_kv_heads, group, head_dim).permute(2, 0, 3, 1, 4)
+    qg = qg.reshape(num_kv_heads, b, group * q_len, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [kv_heads, b, group * q_len, length]
+    scores = scores.view(num_kv_heads, b, group, q_len, length).masked_fill_(
+        ~mask[None, :, None], float("-inf")
     )
-    probs = scores.softmax(dim=-1).to(v.dtype).view(b, num_kv_heads, group * q_len, length)
-    out = torch.matmul(probs, v).view(b, num_kv_heads, group, q_len, head_dim)
-    return out.permute(0, 3, 1, 2, 4).reshape(b, q_len, num_heads, head_dim)
+    probs = scores.softmax(dim=-1).to(v.dtype).view(num_kv_heads, b, group * q_len, length)
+    out = torch.matmul(probs, v).view(num_kv_heads, b, group, q_len, head_dim)
+    return out.permute(1, 3, 0, 2, 4).reshape(b, q_len, num_heads, head_dim)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """[num_kv_heads, num_blocks, block_size, head_dim] -> [num_kv_heads, len(block_ids) * block_size,
+    head_dim]: whole blocks copied as rows (index_select on a 3-D view, not element-wise indexing)."""
+    kv_heads, num_blocks, block_size, head_dim = cache.shape
+    rows = cache.view(kv_heads, num_blocks, block_size * head_dim).index_select(1, block_ids)
+    return rows.view(kv_heads, -1, head_dim)
 
 
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_dim]
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty_like(q)
 
     nd = meta.num_decodes
     if nd:
-        # [num_decodes, num_kv_heads, max_blocks * block_size, head_dim]
-        kd = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        vd = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
+        # [num_kv_heads, num_decodes, max_blocks * block_size, head_dim]
+        tables = meta.decode_block_tables
+        kd = _gather(k_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
+        vd = _gather(v_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
         out[:nd] = _grouped_attention(q[:nd, None], kd, vd, meta.decode_mask(window), scale)[:, 0]
 
     for i, p in enumerate(meta.prefills):
@@ -129,11 +139,11 @@ def paged_attention(
             # The whole context is this step's tokens: read them directly instead of from the cache.
             kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [num_kv_heads, q_len, head_dim]
         else:
-            kp = k_cache[p.block_ids].flatten(0, 1)[: p.context_len].transpose(0, 1)
-            vp = v_cache[p.block_ids].flatten(0, 1)[: p.context_len].transpose(0, 1)
+            kp = _gather(k_cache, p.block_ids)[:, : p.context_len]  # [num_kv_heads, context_len, head_dim]
+            vp = _gather(v_cache, p.block_ids)[:, : p.context_len]
         mask = meta.prefill_mask(i, window)
         if mask is not None and q.shape[1] * p.q_len * p.context_len <= _MAX_GROUPED_SCORES:
-            out[rows] = _grouped_attention(q[rows][None], kp[None], vp[None], mask[None], scale)[0]
+            out[rows] = _grouped_attention(q[rows][None], kp[:, None], vp[:, None], mask[None], scale)[0]
         else:
             o = F.scaled_dot_product_attention(
                 q[rows].transpose(0, 1),

@@ -88,9 +88,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(
             hf.num_hidden_layers,
             2,
+            hf.num_key_value_heads,  # head-major: a head's blocks are rows the attention gathers whole
             self.num_blocks,
             config.block_size,
-            hf.num_key_value_heads,
             config.head_dim,
             dtype=config.dtype,
             device=self.device,
