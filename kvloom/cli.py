@@ -1,4 +1,4 @@
-"""Command line: ``kvloom generate`` and ``kvloom serve``. (``bench`` arrives with its issue.)"""
+"""Command line: ``kvloom generate``, ``kvloom serve`` and ``kvloom bench``."""
 
 from __future__ import annotations
 
@@ -134,6 +134,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from kvloom.benchmarks import offline, serve
+    from kvloom.benchmarks.common import write_json
+
+    if args.bench_command == "serve":
+        result = asyncio.run(
+            serve.run(
+                args.base_url,
+                args.served_model,
+                args.num_prompts,
+                args.input_len,
+                args.output_len,
+                request_rate=args.request_rate,
+                max_concurrency=args.max_concurrency,
+                range_ratio=args.range_ratio,
+                vocab_size=args.vocab_size,
+                api_key=args.api_key,
+                slo_ttft_ms=args.slo_ttft_ms,
+                slo_tpot_ms=args.slo_tpot_ms,
+                seed=args.seed,
+            )
+        )
+        print(serve.format_result(result))
+    else:
+        from kvloom.llm import LLM
+
+        llm = LLM(args.model, show_progress=True, **engine_kwargs(args))
+        if args.bench_command == "throughput":
+            result = offline.throughput(
+                llm, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
+            )
+        else:
+            result = offline.latency(
+                llm, args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed
+            )
+        print(json.dumps(result, indent=2))
+    write_json(
+        args.output_json,
+        {"command": args.bench_command, "args": vars(args) | {"func": None}, "result": result},
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: a small, exact LLM inference engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +228,49 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     add_engine_args(srv)
     srv.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark throughput, latency, or a running server",
+        description="Benchmarks: offline throughput and latency, or load on a server.",
+    )
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    tp = bsub.add_parser("throughput", help="N requests at once, offline: tokens per second")
+    lat = bsub.add_parser("latency", help="one batch, offline: prefill and per-step decode time")
+    sv = bsub.add_parser("serve", help="load an OpenAI-compatible server (kvloom, vLLM, ...)")
+    for b in (tp, lat, sv):
+        b.add_argument("--input-len", type=int, default=128, help="prompt tokens (default: 128)")
+        b.add_argument("--output-len", type=int, default=128, help="output tokens (default: 128)")
+        b.add_argument("--output-json", default=None, help="write the result here")
+    for b in (tp, sv):
+        b.add_argument("--num-prompts", type=int, default=100, help="requests (default: 100)")
+        b.add_argument(
+            "--range-ratio",
+            type=float,
+            default=0.0,
+            help="lengths uniform in len x [1 - r, 1 + r] (default: 0, fixed)",
+        )
+    for b in (tp, lat):
+        add_engine_args(b)
+    lat.add_argument("--batch-size", type=int, default=1, help="requests in the batch (default: 1)")
+    lat.add_argument("--num-iters", type=int, default=5, help="measured iterations (default: 5)")
+    sv.add_argument(
+        "--base-url", default="http://127.0.0.1:8000", help="server (default: http://127.0.0.1:8000)"
+    )
+    sv.add_argument("--served-model", default=None, help="model name to send (default: the server's first)")
+    sv.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second (default: inf, all at once)",
+    )
+    sv.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
+    sv.add_argument("--vocab-size", type=int, default=30000, help="random prompt token ids below this")
+    sv.add_argument("--api-key", default=None, help="bearer token for the server")
+    sv.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT at most this")
+    sv.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT at most this")
+    sv.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,76 @@
+"""Offline benchmarks on the engine itself: throughput (many requests) and latency (one batch)."""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvloom.benchmarks.common import percentiles, random_lengths, random_prompts
+from kvloom.llm import LLM
+from kvloom.sampling_params import SamplingParams
+
+
+def throughput(
+    llm: LLM, num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0
+) -> dict[str, Any]:
+    """N requests at once (random token ids, ignore_eos); output and total tokens per second."""
+    rng = random.Random(seed)
+    in_lens = random_lengths(num_prompts, input_len, range_ratio, rng)
+    out_lens = random_lengths(num_prompts, output_len, range_ratio, rng)
+    prompts = random_prompts(in_lens, llm.engine.runner.vocab_size, rng)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - t0
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    n_in = sum(in_lens)
+    return {
+        "requests": num_prompts,
+        "elapsed_s": elapsed,
+        "requests_per_s": num_prompts / elapsed,
+        "output_tok_s": n_out / elapsed,
+        "total_tok_s": (n_in + n_out) / elapsed,
+    }
+
+
+def latency(
+    llm: LLM, batch_size: int, input_len: int, output_len: int, num_iters: int = 5, seed: int = 0
+) -> dict[str, Any]:
+    """One batch of ``batch_size`` requests, ``num_iters`` times: prefill time (until every request has
+    its first token), per-step decode time, and end-to-end time, as percentiles."""
+    engine = llm.engine
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    prefill, decode_steps, e2e = [], [], []
+    for it in tqdm(range(num_iters + 1), desc="latency"):
+        prompts = random_prompts([input_len] * batch_size, engine.runner.vocab_size, rng)
+        ids = [f"lat-{it}-{i}" for i in range(batch_size)]
+        for rid, p in zip(ids, prompts, strict=True):
+            engine.add_request(rid, p, params)
+        t0 = time.perf_counter()
+        t_prefill = None
+        steps = []
+        while engine.has_unfinished_requests():
+            t = time.perf_counter()
+            engine.step()
+            dt = time.perf_counter() - t
+            if t_prefill is not None:
+                steps.append(dt)
+            elif all(r.num_output_tokens > 0 for r in engine.scheduler.requests.values()):
+                t_prefill = time.perf_counter() - t0  # every request of the batch has its first token
+        total = time.perf_counter() - t0
+        if it > 0:  # the first iteration warms up
+            prefill.append(t_prefill)
+            e2e.append(total)
+            decode_steps += steps
+    return {
+        "batch_size": batch_size,
+        "prefill_s": percentiles(prefill),
+        "decode_step_s": percentiles(decode_steps),
+        "e2e_s": percentiles(e2e),
+        "decode_tok_s": batch_size / percentiles(decode_steps)["p50"],
+    }

@@ -1,0 +1,110 @@
+"""`kvloom bench`: the serve load generator against a real server, and the offline benchmarks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kvloom import LLM
+from kvloom.benchmarks import offline, serve
+
+from .conftest import API_KEY
+
+
+def test_serve_load_generator_against_a_real_server(server):
+    res = asyncio.run(
+        serve.run(
+            server.url,
+            None,
+            num_prompts=12,
+            input_len=16,
+            output_len=8,
+            request_rate=40.0,
+            vocab_size=512,
+            api_key=API_KEY,
+            slo_ttft_ms=60_000,
+            slo_tpot_ms=0.001,
+            seed=1,
+            show_progress=False,
+        )
+    )
+    assert res["model"] == "stories-chat"
+    assert res["completed"] == 12 and res["failed"] == 0, res["errors"]
+    assert res["output_throughput"] > 0 and res["request_throughput"] > 0
+    assert 0 < res["ttft_ms"]["p50"] <= res["ttft_ms"]["p99"] <= res["e2e_ms"]["p99"]
+    assert res["tpot_ms"]["mean"] > 0 and res["itl_ms"]["p50"] >= 0
+    assert res["goodput"] == 0  # nothing meets a 1 us TPOT
+    with pytest.raises(ValueError, match="401"):
+        asyncio.run(
+            serve.run(
+                server.url,
+                None,
+                num_prompts=1,
+                input_len=4,
+                output_len=2,
+                api_key="wrong",
+                show_progress=False,
+            )
+        )
+    bad = asyncio.run(
+        serve.run(
+            server.url,
+            "stories-chat",
+            num_prompts=2,
+            input_len=4,
+            output_len=2,
+            vocab_size=512,
+            api_key="wrong",
+            show_progress=False,
+        )
+    )
+    assert bad["failed"] == 2 and "401" in bad["errors"][0]
+
+
+def test_bench_serve_cli_writes_json(server, tmp_path):
+    out = tmp_path / "serve.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvloom.cli",
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--num-prompts",
+            "6",
+            "--input-len",
+            "12",
+            "--output-len",
+            "6",
+            "--max-concurrency",
+            "2",
+            "--vocab-size",
+            "512",
+            "--api-key",
+            API_KEY,
+            "--output-json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "completed 6/6" in r.stdout and "ttft" in r.stdout
+    result = json.loads(out.read_text())["result"]
+    assert result["completed"] == 6 and result["max_concurrency"] == 2
+
+
+def test_offline_throughput_and_latency(stories):
+    llm = LLM(str(stories), dtype="float32", show_progress=False)
+    tp = offline.throughput(llm, num_prompts=8, input_len=20, output_len=10, range_ratio=0.5, seed=2)
+    assert tp["requests"] == 8 and tp["output_tok_s"] > 0 and tp["total_tok_s"] > tp["output_tok_s"]
+    lat = offline.latency(llm, batch_size=4, input_len=16, output_len=6, num_iters=2)
+    assert lat["batch_size"] == 4 and lat["prefill_s"]["p50"] > 0 and lat["decode_step_s"]["p50"] > 0
+    assert lat["e2e_s"]["p50"] >= lat["prefill_s"]["p50"]
