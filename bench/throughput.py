@@ -10,36 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 
 import torch
 
-
-def workload(n: int, input_len: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(n)]
+from kvloom.benchmarks.offline import make_workload
 
 
-def bench_kvloom(args, prompts) -> dict:
-    from kvloom import LLM, SamplingParams
+def bench_kvloom(args, prompts: list[list[int]]) -> dict:
+    from kvloom import LLM
+    from kvloom.benchmarks.offline import throughput
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        num_threads=args.threads,
-        max_model_len=args.max_model_len,
-        show_progress=True,
-    )
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    # Warm up on a prompt outside the workload, so the prefix cache gives the measured run nothing.
-    llm.generate([list(range(1, 100))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - t0
-    assert all(len(o.outputs[0].token_ids) == args.output_len for o in outs)
-    return {"elapsed_s": elapsed}
+    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=args.max_model_len)
+    return throughput(llm, prompts, [args.output_len] * len(prompts))
 
 
 def bench_transformers(args, prompts) -> dict:
@@ -98,7 +82,7 @@ def main() -> int:
     from kvloom.loader import resolve_checkpoint
 
     vocab = resolve_checkpoint(args.model).hf_config.vocab_size
-    prompts = workload(args.num_prompts, args.input_len, vocab, args.seed)
+    prompts, _ = make_workload(args.num_prompts, args.input_len, args.output_len, vocab, seed=args.seed)
     results = {"kvloom": bench_kvloom(args, prompts)}
     if not args.skip_transformers:
         results["transformers"] = bench_transformers(args, prompts)

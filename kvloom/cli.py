@@ -165,9 +165,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         llm = LLM(args.model, show_progress=True, **engine_kwargs(args))
         if args.bench_command == "throughput":
-            result = offline.throughput(
-                llm, args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed
+            prompts, out_lens = offline.make_workload(
+                args.num_prompts,
+                args.input_len,
+                args.output_len,
+                llm.engine.runner.vocab_size,
+                args.range_ratio,
+                args.seed,
             )
+            result = offline.throughput(llm, prompts, out_lens)
         else:
             result = offline.latency(
                 llm, args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed

@@ -13,26 +13,36 @@ from kvloom.llm import LLM
 from kvloom.sampling_params import SamplingParams
 
 
-def throughput(
-    llm: LLM, num_prompts: int, input_len: int, output_len: int, range_ratio: float = 0.0, seed: int = 0
-) -> dict[str, Any]:
-    """N requests at once (random token ids, ignore_eos); output and total tokens per second."""
+def make_workload(
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    vocab_size: int,
+    range_ratio: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[list[int]], list[int]]:
+    """(prompts of random token ids, output lengths), fixed or uniform in len x [1 - r, 1 + r]."""
     rng = random.Random(seed)
     in_lens = random_lengths(num_prompts, input_len, range_ratio, rng)
     out_lens = random_lengths(num_prompts, output_len, range_ratio, rng)
-    prompts = random_prompts(in_lens, llm.engine.runner.vocab_size, rng)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in out_lens]
+    return random_prompts(in_lens, vocab_size, rng), out_lens
+
+
+def throughput(llm: LLM, prompts: list[list[int]], output_lens: list[int]) -> dict[str, Any]:
+    """All requests at once (ignore_eos, greedy); output and total tokens per second."""
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in output_lens]
     # Warm up on a prompt outside the workload, so the prefix cache gives the measured run nothing.
     llm.generate([list(range(1, 100))], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=True)
     elapsed = time.perf_counter() - t0
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    n_in = sum(in_lens)
+    assert n_out == sum(output_lens)
+    n_in = sum(len(p) for p in prompts)
     return {
-        "requests": num_prompts,
+        "requests": len(prompts),
         "elapsed_s": elapsed,
-        "requests_per_s": num_prompts / elapsed,
+        "requests_per_s": len(prompts) / elapsed,
         "output_tok_s": n_out / elapsed,
         "total_tok_s": (n_in + n_out) / elapsed,
     }

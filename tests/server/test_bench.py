@@ -103,7 +103,9 @@ def test_bench_serve_cli_writes_json(server, tmp_path):
 
 def test_offline_throughput_and_latency(stories):
     llm = LLM(str(stories), dtype="float32", show_progress=False)
-    tp = offline.throughput(llm, num_prompts=8, input_len=20, output_len=10, range_ratio=0.5, seed=2)
+    prompts, out_lens = offline.make_workload(8, 20, 10, vocab_size=512, range_ratio=0.5, seed=2)
+    assert len({len(p) for p in prompts}) > 1 and all(10 <= len(p) <= 30 for p in prompts)
+    tp = offline.throughput(llm, prompts, out_lens)
     assert tp["requests"] == 8 and tp["output_tok_s"] > 0 and tp["total_tok_s"] > tp["output_tok_s"]
     lat = offline.latency(llm, batch_size=4, input_len=16, output_len=6, num_iters=2)
     assert lat["batch_size"] == 4 and lat["prefill_s"]["p50"] > 0 and lat["decode_step_s"]["p50"] > 0
