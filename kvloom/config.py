@@ -40,8 +40,12 @@ def resolve_dtype(
         return dtype
     if dtype == "auto":
         # GGUF weights are dequantized, so pick the fastest float the device has: bf16.
-        cfg = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-        if checkpoint_format == "gguf" or cfg is None:
+        if checkpoint_format == "gguf":
+            return torch.bfloat16
+        # NOTE: transformers 5 calls it `dtype` and warns on `torch_dtype`; 4.x has only `torch_dtype`.
+        name = "dtype" if hasattr(hf_config, "dtype") else "torch_dtype"
+        cfg = getattr(hf_config, name, None)
+        if cfg is None:
             return torch.bfloat16
         cfg = (
             cfg

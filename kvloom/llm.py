@@ -55,12 +55,16 @@ class LLM:
         priority = [0] * len(prompts) if priority is None else list(priority)
         if len(priority) != len(prompts):
             raise ValueError(f"priority: {len(priority)} given for {len(prompts)} prompts")
-        # Validate everything before queueing anything, so a bad prompt leaves no half-added batch.
-        for p in prompts:
-            self.engine.tokenize_prompt(p)
         request_ids = [f"gen-{next(self._ids)}" for _ in prompts]
-        for request_id, prompt, sp, prio in zip(request_ids, prompts, params, priority, strict=True):
-            self.engine.add_request(request_id, prompt, sp, priority=prio)
+        added: list[str] = []
+        try:
+            for request_id, prompt, sp, prio in zip(request_ids, prompts, params, priority, strict=True):
+                self.engine.add_request(request_id, prompt, sp, priority=prio)
+                added.append(request_id)
+        except ValueError:
+            # A bad prompt leaves no half-added batch: nothing has run yet, so aborting undoes the rest.
+            self.engine.abort(added)
+            raise
         return self._run(request_ids, use_tqdm)
 
     def chat(

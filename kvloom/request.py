@@ -99,10 +99,6 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Token ids in [start, end) of prompt + output, without building the whole list."""
         n = len(self.prompt_token_ids)

@@ -78,7 +78,3 @@ class BlockPool:
         if h is not None:
             del self.cached[h]
             self.block_hash[block_id] = None
-
-    def reset_cache(self) -> None:
-        for block_id in range(self.num_blocks):
-            self._evict(block_id)
