@@ -40,6 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="turn off automatic prefix caching (on by default)",
     )
     g.add_argument(
+        "--no-cpu-kernels",
+        dest="cpu_kernels",
+        action="store_false",
+        help="bf16 on CPU: run PyTorch ops instead of kvloom's AVX-512 BF16 kernels (on where supported)",
+    )
+    g.add_argument(
         "--scheduling-policy",
         default="fcfs",
         choices=["fcfs", "priority", "fair"],
@@ -59,6 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
+        cpu_kernels=args.cpu_kernels,
     )
 
 

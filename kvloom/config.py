@@ -77,6 +77,7 @@ class EngineConfig:
     num_threads: int | None
     enable_prefix_caching: bool
     scheduling_policy: str  # fcfs | priority | fair
+    cpu_kernels: bool  # bf16 on CPU: kvloom's C kernels where the CPU has AVX-512 BF16 (kvloom/kernels)
 
     @classmethod
     def create(
@@ -95,6 +96,7 @@ class EngineConfig:
         num_threads: int | None = None,
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
+        cpu_kernels: bool = True,
     ) -> EngineConfig:
         checkpoint = resolve_checkpoint(model)
         hf_config = checkpoint.hf_config
@@ -137,6 +139,7 @@ class EngineConfig:
             num_threads=num_threads,
             enable_prefix_caching=enable_prefix_caching,
             scheduling_policy=scheduling_policy,
+            cpu_kernels=cpu_kernels,
         )
 
     @property

@@ -120,14 +120,28 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    kernels=None,  # kvloom.kernels.CpuKernels: decodes read the paged cache in place
+    cache_written: bool = False,  # K/V of this step are in the cache already (the fused rope kernel)
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-    out = torch.empty_like(q)
+    if not cache_written:
+        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     nd = meta.num_decodes
-    if nd:
+    if nd and kernels is not None and kernels.decode_attention_ok(q, num_kv_heads):
+        kernels.decode_attention(
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            out[:nd],
+            scale,
+            window,
+        )
+    elif nd:
         # [num_kv_heads, num_decodes, max_blocks * block_size, head_dim]
         tables = meta.decode_block_tables
         kd = _gather(k_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)

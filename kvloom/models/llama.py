@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvloom.layers.attention import AttentionMetadata, paged_attention
+from kvloom.layers.linear import Linear
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.rotary import RotaryEmbedding
 
@@ -38,6 +39,8 @@ def layer_window(config: Any, layer: int) -> int | None:
 
 
 class Attention(nn.Module):
+    kernels = None  # a kvloom.kernels.CpuKernels once the model runner turns them on
+
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -47,8 +50,8 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.window = opts.window
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=opts.o_bias)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=opts.o_bias)
         if opts.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -60,29 +63,55 @@ class Attention(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        kern = self.kernels
+        # The kernels rotate q/k in place in the fused qkv output and write K/V to the cache in one pass.
+        fused_rope = kern is not None and not self.qk_norm and qkv.dtype == torch.bfloat16
+        if fused_rope:
+            kern.rope_and_cache(
+                qkv,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                positions,
+                self.rotary.cos,
+                self.rotary.sin,
+                kv_cache[0],
+                kv_cache[1],
+                meta.slot_mapping,
+            )
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        if not fused_rope:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
+        o = paged_attention(
+            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, kern, cache_written=fused_rope
+        )
         return self.o_proj(o.view(n, self.q_size))
 
 
 class MLP(nn.Module):
+    kernels = None  # a kvloom.kernels.CpuKernels once the model runner turns them on
+
     def __init__(self, config: Any) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"model: activation {config.hidden_act!r} is not supported")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        k = self.kernels
+        if k is not None and k.silu_mul_ok(gate_up):
+            return self.down_proj(k.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -95,10 +124,21 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, positions: torch.Tensor, h: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (h, residual): the residual stream is summed inside the next norm."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(positions, x, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
@@ -137,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
             self.rotary = RotaryEmbedding(config, head_dim, max_positions, dtype)
         options = [self.attention_options(config, i) for i in range(config.num_hidden_layers)]
         self.model = DecoderModel(config, options, self.rotary)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(
         self,
@@ -147,12 +187,23 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
+        residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            h = layer(positions, h, kv_cache, meta)
-        return self.model.norm(h)  # [num_tokens, hidden_size]
+            h, residual = layer(positions, h, residual, kv_cache, meta)
+        return self.model.norm(h, residual)[0]  # [num_tokens, hidden_size]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_seqs, vocab_size]
+
+    def use_kernels(self, kernels) -> None:
+        """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the
+        norms, attention and MLP blocks at the kernels. Call after load_weights."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                if kernels.can_pack(module.weight):
+                    module.pack(kernels)
+            elif isinstance(module, (RMSNorm, Attention, MLP)):
+                module.kernels = kernels
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (transformers names) into the parameters, fusing q/k/v and gate/up."""

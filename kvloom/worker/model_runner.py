@@ -79,6 +79,19 @@ class ModelRunner:
             leave=False,
         )
         model.load_weights(weights)
+        self.kernels = None
+        if config.cpu_kernels and config.dtype == torch.bfloat16 and self.device.type == "cpu":
+            from kvloom.kernels import load_cpu_kernels
+
+            self.kernels = load_cpu_kernels()
+            if self.kernels is not None:
+                model.use_kernels(self.kernels)
+        logger.info(
+            "Compute: %s on %s, %s",
+            str(config.dtype).removeprefix("torch."),
+            self.device,
+            "kvloom CPU kernels (packed bf16 weights)" if self.kernels is not None else "PyTorch ops",
+        )
         self.model = model.eval()
         self.vocab_size = hf.vocab_size
 

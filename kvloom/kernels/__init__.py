@@ -1,0 +1,256 @@
+"""CPU kernels for bf16 models (cpu_kernels.c), built on first use and called through ctypes.
+
+`load_cpu_kernels()` returns a `CpuKernels` or None when they cannot run here: not x86-64 with AVX-512 BF16,
+no C compiler, or KVLOOM_CPU_KERNELS=0. Every caller keeps its PyTorch path for None, for fp32/fp16 models
+and for shapes a kernel does not take, so the kernels only ever replace work, never add features.
+
+The shared object is cached under $KVLOOM_CACHE_DIR (default ~/.cache/kvloom), keyed by a hash of the source
+and the compiler command, so only the first start on a machine pays the ~1 s build.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvloom.logger import init_logger
+
+logger = init_logger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVLOOM_CACHE_DIR") or Path.home() / ".cache" / "kvloom")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH")
+    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kvloom_cpu_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent first starts never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([*cmd, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+        os.replace(out, target)
+    logger.info("Built CPU kernels: %s", target)
+    return target
+
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "kv_linear_bf16": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
+    "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
+    "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
+    "kv_rope_cache_bf16": [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, ctypes.c_int],
+    "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
+}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuKernels:
+    """Typed entry points of the shared object. Callers check `*_ok` before calling."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, None
+        self._lib = lib
+        self.path = path
+
+    # -- linear on packed weights -----------------------------------------------------------------------
+    @staticmethod
+    def can_pack(weight: torch.Tensor) -> bool:
+        return weight.dtype == torch.bfloat16 and weight.dim() == 2 and weight.shape[1] % 2 == 0
+
+    @staticmethod
+    def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
+        """[N, K] -> [ceil(N / 16), K / 2, 16, 2] (zero rows pad N): the layout kv_linear_bf16 streams."""
+        n, k = weight.shape
+        pad = -n % 16
+        if pad:
+            weight = torch.cat([weight, weight.new_zeros(pad, k)])
+        return weight.view(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+    def linear(
+        self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+    ) -> torch.Tensor:
+        """x [M, K] bf16 (rows may be strided) times a packed weight -> [M, out_features] bf16."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m, k = x.shape
+        y = torch.empty(m, out_features, dtype=x.dtype)
+        self._lib.kv_linear_bf16(
+            _ptr(x), x.stride(0), _ptr(packed), _ptr(bias), _ptr(y), out_features, m, out_features, k
+        )
+        return y
+
+    # -- RMSNorm (+ residual add) ----------------------------------------------------------------------
+    @staticmethod
+    def rms_norm_ok(x: torch.Tensor) -> bool:
+        return x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] % 16 == 0
+
+    def rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """Normalized rows of x (+ residual, which is updated in place to the sum)."""
+        t, d = x.shape
+        out = torch.empty(t, d, dtype=x.dtype)
+        ldr = residual.stride(0) if residual is not None else 0
+        self._lib.kv_rms_norm_bf16(
+            _ptr(x), x.stride(0), _ptr(residual), ldr, _ptr(weight), _ptr(out), d, t, d, eps
+        )
+        return out
+
+    # -- SiLU(gate) * up -------------------------------------------------------------------------------
+    @staticmethod
+    def silu_mul_ok(gate_up: torch.Tensor) -> bool:
+        return (
+            gate_up.dtype == torch.bfloat16
+            and gate_up.dim() == 2
+            and gate_up.stride(1) == 1
+            and gate_up.shape[1] % 32 == 0
+        )
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        t, two_i = gate_up.shape
+        out = torch.empty(t, two_i // 2, dtype=gate_up.dtype)
+        self._lib.kv_silu_mul_bf16(_ptr(gate_up), gate_up.stride(0), _ptr(out), two_i // 2, t, two_i // 2)
+        return out
+
+    # -- rotary + KV cache write -----------------------------------------------------------------------
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,  # [tokens, (H + 2 * KVH) * D], rotated in place
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        positions: torch.Tensor,
+        cos: torch.Tensor | None,  # None: no rotary (write the cache only)
+        sin: torch.Tensor | None,
+        k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D]
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        t, ld = qkv.shape
+        base = qkv.data_ptr()
+        el = qkv.element_size()
+        k_off = num_heads * head_dim * el
+        v_off = (num_heads + num_kv_heads) * head_dim * el
+        self._lib.kv_rope_cache_bf16(
+            base,
+            base + k_off,
+            base + v_off,
+            ld,
+            _ptr(positions),
+            _ptr(cos),
+            _ptr(sin),
+            t,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            _ptr(k_cache),
+            _ptr(v_cache),
+            _ptr(slot_mapping),
+            k_cache.shape[1] * k_cache.shape[2],
+            int(cos is not None),
+        )
+
+    # -- decode attention ------------------------------------------------------------------------------
+    @staticmethod
+    def decode_attention_ok(q: torch.Tensor, num_kv_heads: int) -> bool:
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        return (
+            q.dtype == torch.bfloat16
+            and head_dim % 16 == 0
+            and head_dim <= 256
+            and num_heads // num_kv_heads <= 16
+            and q.stride(2) == 1
+            and q.stride(1) == head_dim
+        )
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,  # [num_seqs, H, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [num_seqs, max_blocks] int64
+        context_lens: torch.Tensor,  # [num_seqs] int64
+        out: torch.Tensor,  # [num_seqs, H, D]
+        scale: float,
+        window: int | None,
+    ) -> None:
+        s, h, d = q.shape
+        kvh, num_blocks, block_size, _ = k_cache.shape
+        self._lib.kv_decode_attention_bf16(
+            _ptr(q),
+            q.stride(0),
+            _ptr(k_cache),
+            _ptr(v_cache),
+            _ptr(block_tables),
+            block_tables.shape[1],
+            _ptr(context_lens),
+            _ptr(out),
+            out.stride(0),
+            s,
+            h,
+            kvh,
+            d,
+            num_blocks,
+            block_size,
+            scale,
+            window or 0,
+        )
+
+
+@functools.cache
+def load_cpu_kernels() -> CpuKernels | None:
+    """The kernels, or None (with the reason logged once) when they cannot run on this machine."""
+    if os.environ.get("KVLOOM_CPU_KERNELS", "1") == "0":
+        logger.info("CPU kernels off (KVLOOM_CPU_KERNELS=0)")
+        return None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        logger.info("CPU kernels off: they are written for x86-64, this is %s", platform.machine())
+        return None
+    missing = _REQUIRED_FLAGS - _cpu_flags()
+    if missing:
+        logger.info("CPU kernels off: the CPU lacks %s", ", ".join(sorted(missing)))
+        return None
+    try:
+        return CpuKernels(_build())
+    except (RuntimeError, OSError) as e:
+        logger.warning("CPU kernels off: %s", e)
+        return None

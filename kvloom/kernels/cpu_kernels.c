@@ -1,0 +1,311 @@
+/* kvloom's CPU kernels for bf16 models on x86-64 with AVX-512 BF16 (AMD Zen 4+, Intel Cooper Lake+).
+ *
+ * Plain C with OpenMP, built by kvloom/kernels/__init__.py with the system compiler on first use and
+ * called through ctypes with raw pointers: no PyTorch headers, so the build takes about a second.
+ * The shared object needs libgomp.so.1 by soname, so inside a process where torch is loaded it shares
+ * torch's OpenMP runtime and thread pool (one set of threads, never two spinning against each other).
+ *
+ * Every kernel computes in fp32 and rounds to bf16 once per output element, as PyTorch's CPU kernels do.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef uint16_t bf16;
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE float b2f(bf16 v) {
+    union { uint32_t u; float f; } c;
+    c.u = (uint32_t)v << 16;
+    return c.f;
+}
+
+INLINE bf16 f2b(float f) { /* round to nearest even, NaN stays NaN */
+    union { uint32_t u; float f; } c;
+    c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (bf16)((c.u >> 16) | 0x40);
+    c.u += 0x7fffu + ((c.u >> 16) & 1u);
+    return (bf16)(c.u >> 16);
+}
+
+INLINE __m512 load16(const bf16 *p) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+INLINE __m512 load16_mask(const bf16 *p, __mmask16 m) {
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+INLINE __m512 round16(__m512 v) { /* fp32 -> nearest bf16 -> fp32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+/* exp(x) in fp32, ~1 ulp: exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, degree-6 Taylor. */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.972077f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+INLINE void store16(bf16 *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+
+INLINE void store16_mask(bf16 *p, __m512 v, __mmask16 m) {
+    _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Linear on packed weights: y[m, n] = bf16(sum_k x[m, k] * w[n, k] + bias[n]).
+ * The weight is packed once at load (kvloom/kernels/__init__.py, pack_linear_weight) as
+ * [ceil(N / 16), K / 2, 16, 2]: for each block of 16 outputs, the K/2 pairs of consecutive k, 16 outputs
+ * wide. One vdpbf16ps then adds a broadcast pair of x into all 16 outputs of a block: no horizontal sums,
+ * and each block is one contiguous stream, which the hardware prefetcher follows at full bandwidth.
+ * Threads split groups of 4 blocks (64 outputs); each group's weights are read from memory once and
+ * stay in L2 while every tile of 4 input rows is multiplied with them.
+ */
+#define LIN_GROUP 4
+
+INLINE void linear_tile(int MM, int NB, const bf16 *x, int64_t ldx, const bf16 *wp, int64_t K, float acc_out[4][LIN_GROUP][16]) {
+    __m512 acc[4][LIN_GROUP];
+    for (int i = 0; i < MM; i++)
+        for (int b = 0; b < NB; b++) acc[i][b] = _mm512_setzero_ps();
+    const int64_t block_stride = K * 16;
+    for (int64_t kp = 0; kp < K / 2; kp++) {
+        __m512bh wv[LIN_GROUP];
+        for (int b = 0; b < NB; b++) wv[b] = (__m512bh)_mm512_loadu_si512(wp + b * block_stride + kp * 32);
+        for (int i = 0; i < MM; i++) {
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp));
+            for (int b = 0; b < NB; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], xb, wv[b]);
+        }
+    }
+    for (int i = 0; i < MM; i++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(acc_out[i][b], acc[i][b]);
+}
+
+#define TILE(MM, NB) linear_tile(MM, NB, xt, ldx, w, K, acc)
+
+void kv_linear_bf16(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y, int64_t ldy,
+                    int64_t M, int64_t N, int64_t K) {
+    const int64_t nblocks = (N + 15) / 16;
+    const int64_t ngroups = (nblocks + LIN_GROUP - 1) / LIN_GROUP;
+#pragma omp parallel for schedule(static)
+    for (int64_t g = 0; g < ngroups; g++) {
+        const int64_t b0 = g * LIN_GROUP;
+        const int nb = nblocks - b0 < LIN_GROUP ? (int)(nblocks - b0) : LIN_GROUP;
+        const bf16 *w = wp + b0 * 16 * K;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
+            const bf16 *xt = x + m0 * ldx;
+            float acc[4][LIN_GROUP][16];
+            if (nb == LIN_GROUP) {
+                switch (mm) {
+                case 1: TILE(1, LIN_GROUP); break;
+                case 2: TILE(2, LIN_GROUP); break;
+                case 3: TILE(3, LIN_GROUP); break;
+                default: TILE(4, LIN_GROUP); break;
+                }
+            } else {
+                for (int i = 0; i < mm; i++) linear_tile(1, nb, xt + i * ldx, ldx, w, K, acc + i);
+            }
+            for (int i = 0; i < mm; i++)
+                for (int b = 0; b < nb; b++) {
+                    const int64_t n0 = (b0 + b) * 16;
+                    __m512 v = _mm512_loadu_ps(acc[i][b]);
+                    const __mmask16 m = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
+                    if (bias) v = _mm512_add_ps(v, load16_mask(bias + n0, m));
+                    store16_mask(y + (m0 + i) * ldy + n0, v, m);
+                }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * RMSNorm, optionally fused with the residual add before it (the transformers Llama arithmetic):
+ *   residual = bf16(x + residual)            (when residual is given; written back in place)
+ *   h = residual or x;  out = bf16(w * bf16(h * rsqrt(mean(h^2) + eps)))
+ * Rows are ldx / ldr / ldo elements apart; D must be a multiple of 16.
+ */
+void kv_rms_norm_bf16(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, const bf16 *w, bf16 *out,
+                      int64_t ldo, int64_t T, int64_t D, float eps) {
+#pragma omp parallel for schedule(static) if (T > 16)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *xt = x + t * ldx;
+        bf16 *rt = residual ? residual + t * ldr : NULL;
+        bf16 *ot = out + t * ldo;
+        __m512 ss = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 h = load16(xt + d);
+            if (rt) {
+                h = round16(_mm512_add_ps(h, load16(rt + d)));
+                store16(rt + d, h);
+            }
+            ss = _mm512_fmadd_ps(h, h, ss);
+        }
+        const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
+        const bf16 *src = rt ? rt : xt;
+        for (int64_t d = 0; d < D; d += 16)
+            store16(ot + d, _mm512_mul_ps(load16(w + d), round16(_mm512_mul_ps(load16(src + d), r))));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * out[t, i] = bf16(bf16(silu(gate[t, i])) * up[t, i]) with gate = x[t, :I], up = x[t, I:2I].
+ * I must be a multiple of 16.
+ */
+void kv_silu_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
+    const int64_t chunks = I / 16;
+#pragma omp parallel for schedule(static) if (T * I >= 16384)
+    for (int64_t c = 0; c < T * chunks; c++) {
+        const int64_t t = c / chunks, i = (c % chunks) * 16;
+        const __m512 g = load16(x + t * ldx + i);
+        const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        store16(out + t * ldo + i, _mm512_mul_ps(round16(s), load16(x + t * ldx + I + i)));
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Rotary embedding (rotate-half form) applied in place to q and k, then k and v written to their cache
+ * slots. q/k/v rows of a token are `ld` elements apart (views into the fused qkv output); cos/sin are
+ * [max_positions, D] tables; caches are [kv_heads, num_slots, D]. The arithmetic mirrors
+ * `q * cos + rotate_half(q) * sin` in bf16: each product rounded, then the sum rounded.
+ */
+INLINE void rope_row(bf16 *x, const bf16 *cos, const bf16 *sin, int64_t D) {
+    const int64_t half = D / 2;
+    float tmp[512];
+    for (int64_t d = 0; d < D; d++) {
+        const float rot = d < half ? -b2f(x[d + half]) : b2f(x[d - half]);
+        const float a = b2f(f2b(b2f(x[d]) * b2f(cos[d])));
+        const float b = b2f(f2b(rot * b2f(sin[d])));
+        tmp[d] = a + b;
+    }
+    for (int64_t d = 0; d < D; d++) x[d] = f2b(tmp[d]);
+}
+
+void kv_rope_cache_bf16(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64_t *positions,
+                        const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH, int64_t D,
+                        bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_slots, int rope) {
+#pragma omp parallel for schedule(static) if (T > 16)
+    for (int64_t t = 0; t < T; t++) {
+        const bf16 *c = cos + positions[t] * D, *s = sin + positions[t] * D;
+        if (rope) {
+            for (int64_t h = 0; h < H; h++) rope_row(q + t * ld + h * D, c, s, D);
+            for (int64_t h = 0; h < KVH; h++) rope_row(k + t * ld + h * D, c, s, D);
+        }
+        for (int64_t h = 0; h < KVH; h++) {
+            memcpy(k_cache + (h * num_slots + slots[t]) * D, k + t * ld + h * D, D * sizeof(bf16));
+            memcpy(v_cache + (h * num_slots + slots[t]) * D, v + t * ld + h * D, D * sizeof(bf16));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Decode attention over the paged cache, one query token per sequence, read in place (no gather).
+ * q, out: [num_seqs, H, D] rows ld_q / ld_o apart; caches [KVH, num_blocks, block_size, D];
+ * tables [num_seqs, max_blocks]; ctx_lens [num_seqs]; window 0 = full attention, else the last `window`
+ * positions (the query's own included). Work items are (sequence, KV head); the G = H / KVH query heads
+ * of a KV head share each K/V row they read. Scores, softmax and the weighted sum stay in fp32.
+ */
+INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf16 *kbase, const bf16 *vbase,
+                      const int64_t *table, int64_t lo, int64_t ctx, int64_t block_size, float scale, bf16 *out,
+                      float *scores) {
+    /* G query heads over one KV head; q and out point at the first of them ([G, DC * 16] rows). With G and
+     * DC compile-time constants (see the dispatch below) the accumulators live in registers. */
+    const int64_t D = DC * 16, L = ctx - lo;
+    __m512 qv[16][16];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < DC; c++) qv[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
+    for (int64_t p = lo; p < ctx; p++) {
+        const bf16 *kr = kbase + (table[p / block_size] * block_size + p % block_size) * D;
+        __m512 acc[16];
+        for (int64_t g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < DC; c++) {
+            const __m512 kk = load16(kr + c * 16);
+            for (int64_t g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(qv[g][c], kk, acc[g]);
+        }
+        for (int64_t g = 0; g < G; g++) scores[g * L + (p - lo)] = _mm512_reduce_add_ps(acc[g]);
+    }
+    float inv_sum[16];
+    for (int64_t g = 0; g < G; g++) {
+        float *sg = scores + g * L;
+        __m512 mx16 = _mm512_set1_ps(-INFINITY);
+        int64_t i = 0;
+        for (; i + 16 <= L; i += 16) mx16 = _mm512_max_ps(mx16, _mm512_loadu_ps(sg + i));
+        float mx = _mm512_reduce_max_ps(mx16);
+        for (; i < L; i++) mx = sg[i] > mx ? sg[i] : mx;
+        __m512 sum = _mm512_setzero_ps();
+        const __m512 mv = _mm512_set1_ps(mx);
+        for (i = 0; i + 16 <= L; i += 16) {
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + i), mv));
+            _mm512_storeu_ps(sg + i, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if (i < L) {
+            const __mmask16 m = (__mmask16)((1u << (L - i)) - 1u);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), mv));
+            _mm512_mask_storeu_ps(sg + i, m, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    __m512 ov[16][16];
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < DC; c++) ov[g][c] = _mm512_setzero_ps();
+    for (int64_t p = lo; p < ctx; p++) {
+        const bf16 *vr = vbase + (table[p / block_size] * block_size + p % block_size) * D;
+        __m512 pg[16];
+        for (int64_t g = 0; g < G; g++) pg[g] = _mm512_set1_ps(scores[g * L + (p - lo)]);
+        for (int64_t c = 0; c < DC; c++) {
+            const __m512 vv = load16(vr + c * 16);
+            for (int64_t g = 0; g < G; g++) ov[g][c] = _mm512_fmadd_ps(pg[g], vv, ov[g][c]);
+        }
+    }
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < DC; c++)
+            store16(out + g * D + c * 16, _mm512_mul_ps(ov[g][c], _mm512_set1_ps(inv_sum[g])));
+}
+
+#define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
+
+void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
+                              const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
+                              int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
+                              int64_t block_size, float scale, int64_t window) {
+    const int64_t G = H / KVH, DC = D / 16;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t item = 0; item < S * KVH; item++) {
+        const int64_t seq = item / KVH, kvh = item % KVH;
+        const int64_t ctx = ctx_lens[seq];
+        const int64_t lo = window > 0 && ctx > window ? ctx - window : 0;
+        const int64_t *table = tables + seq * max_blocks;
+        float *scores = (float *)malloc(sizeof(float) * G * (ctx - lo + 16));
+        const bf16 *qp = q + seq * ld_q + kvh * G * D;
+        bf16 *op = out + seq * ld_o + kvh * G * D;
+        const bf16 *kbase = k_cache + kvh * num_blocks * block_size * D;
+        const bf16 *vbase = v_cache + kvh * num_blocks * block_size * D;
+        /* Constant (G, D) for the common shapes, so that the compiler keeps everything in registers. */
+        if (DC == 4 && G == 1) ATTN(1, 4);
+        else if (DC == 4 && G == 2) ATTN(2, 4);
+        else if (DC == 4 && G == 3) ATTN(3, 4);
+        else if (DC == 4 && G == 4) ATTN(4, 4);
+        else if (DC == 8 && G == 1) ATTN(1, 8);
+        else if (DC == 8 && G == 2) ATTN(2, 8);
+        else if (DC == 8 && G == 4) ATTN(4, 8);
+        else if (DC == 8 && G == 8) ATTN(8, 8);
+        else attn_item(G, DC, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores);
+        free(scores);
+    }
+}

@@ -1,0 +1,115 @@
+"""kvloom's C kernels (kvloom/kernels) against the PyTorch ops they replace.
+
+Elementwise kernels (RMSNorm + residual, SiLU * up, rotary + cache write) must match bit for bit: they round
+where the PyTorch path rounds. Matmul-like kernels (linear, decode attention) sum in another order, so they
+are held to fp32 references within bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvloom.kernels import load_cpu_kernels
+from kvloom.layers.attention import AttentionMetadata, _gather, _grouped_attention
+from kvloom.layers.norm import RMSNorm
+from kvloom.layers.rotary import RotaryEmbedding
+
+K = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(K is None, reason="CPU kernels need x86-64 with AVX-512 BF16 and a compiler")
+BF = torch.bfloat16
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 960, 576), (3, 49, 64), (5, 577, 100), (33, 128, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_fp32_reference(m, n, k, bias):
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(2 * m, k, generator=g).to(BF)[::2]  # strided rows, as views of a wider tensor are
+    w = torch.randn(n, k, generator=g).to(BF)
+    b = torch.randn(n, generator=g).to(BF) if bias else None
+    y = K.linear(x, K.pack_linear_weight(w), b, n)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.shape == (m, n) and y.dtype == BF
+    # The only error allowed is the final rounding to bf16 (2^-8 relative) plus fp32 summation order.
+    assert torch.all((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-3)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_is_bit_exact(with_residual):
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(7, 576, generator=g).to(BF) * 3 for _ in range(2))
+    norm = RMSNorm(576, 1e-5).to(BF)
+    norm.weight.data = torch.randn(576, generator=g).to(BF)
+    expected = norm(x, r.clone()) if with_residual else norm(x)
+    r_kernel = r.clone()
+    out = K.rms_norm(x, r_kernel if with_residual else None, norm.weight, 1e-5)
+    if with_residual:
+        assert torch.equal(out, expected[0]) and torch.equal(r_kernel, expected[1])
+    else:
+        assert torch.equal(out, expected)
+
+
+def test_silu_mul_is_bit_exact():
+    gate_up = (torch.randn(5, 2 * 1536, generator=torch.Generator().manual_seed(0)) * 4).to(BF)
+    expected = F.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    assert torch.equal(K.silu_mul(gate_up), expected)
+
+
+class _RopeConfig:
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_rope_and_cache_write_are_bit_exact():
+    heads, kv_heads, d, tokens = 9, 3, 64, 6
+    rotary = RotaryEmbedding(_RopeConfig(), d, 512, BF)
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=g).to(BF)
+    positions = torch.tensor([0, 5, 17, 100, 301, 511])
+    slots = torch.tensor([3, 40, 41, 7, 0, 63])
+    k_cache, v_cache = torch.zeros(2, kv_heads, 4, 16, d, dtype=BF)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+    q_ref, k_ref = rotary(positions, q.reshape(tokens, heads, d), k.reshape(tokens, kv_heads, d))
+    v_ref = v.reshape(tokens, kv_heads, d).clone()
+    K.rope_and_cache(qkv, heads, kv_heads, d, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
+    assert torch.equal(q.reshape(tokens, heads, d), q_ref)
+    assert torch.equal(k.reshape(tokens, kv_heads, d), k_ref)
+    assert torch.equal(k_cache.view(kv_heads, -1, d)[:, slots].transpose(0, 1), k_ref)
+    assert torch.equal(v_cache.view(kv_heads, -1, d)[:, slots].transpose(0, 1), v_ref)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "window"),
+    [(9, 3, 64, None), (8, 2, 128, None), (9, 3, 64, 20), (10, 2, 32, None)],  # the last: generic path
+)
+def test_decode_attention_matches_reference(heads, kv_heads, d, window):
+    g = torch.Generator().manual_seed(heads * d)
+    num_blocks, bs = 40, 16
+    k_cache = torch.randn(kv_heads, num_blocks, bs, d, generator=g).to(BF)
+    v_cache = torch.randn(kv_heads, num_blocks, bs, d, generator=g).to(BF)
+    lens = torch.tensor([1, 16, 17, 200, 77])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:13] for _ in lens])
+    q = torch.randn(len(lens), heads, d, generator=g).to(BF)
+    out = torch.empty_like(q)
+    K.decode_attention(q, k_cache, v_cache, tables, lens, out, d**-0.5, window)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(1, dtype=torch.long),
+        num_decodes=len(lens),
+        decode_block_tables=tables,
+        decode_context_lens=lens,
+        prefills=[],
+        block_size=bs,
+    )
+    kd = _gather(k_cache.float(), tables.flatten()).view(kv_heads, len(lens), -1, d)
+    vd = _gather(v_cache.float(), tables.flatten()).view(kv_heads, len(lens), -1, d)
+    ref = _grouped_attention(q.float()[:, None], kd, vd, meta.decode_mask(window), d**-0.5)[:, 0]
+    assert (out.float() - ref).abs().max() < 2e-2
+
+
+def test_kernels_off_by_config(stories):
+    from kvloom import LLM
+
+    on = LLM(str(stories), dtype="bfloat16", show_progress=False)
+    off = LLM(str(stories), dtype="bfloat16", cpu_kernels=False, show_progress=False)
+    assert on.engine.runner.kernels is not None and off.engine.runner.kernels is None
+    assert on.engine.runner.model.lm_head.weight is None  # packed in place, no second copy
