@@ -46,7 +46,9 @@ def _scored(llm: LLM, seqs: list[list[int]]) -> list[torch.Tensor]:
     """Teacher-forced logprob of every token after the first."""
     outs = llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
     return [
-        torch.tensor([pos[t].logprob for pos, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)])
+        torch.tensor(
+            [pos[t].logprob for pos, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:], strict=True)]
+        )
         for o in outs
     ]
 
@@ -61,7 +63,9 @@ def test_kernels_match_pytorch_path(name, tmp_path, stories):
     outs = on.generate(prompts, params, use_tqdm=False)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
     decoded = [
-        torch.tensor([lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)])
+        torch.tensor(
+            [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids, strict=True)]
+        )
         for o in outs
     ]
     off = _scored(LLM(str(tmp_path), dtype="bfloat16", cpu_kernels=False, show_progress=False), seqs)
