@@ -73,6 +73,10 @@ _SIGNATURES = {
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
     "kv_rope_cache_bf16": [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, ctypes.c_int],
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
+    # h, residual, h_out, S, E, I, H, KVH, D, eps, 2 norms, 8 weights/biases, positions, cos, sin, caches,
+    # slots, tables, max_blocks, ctx_lens, num_blocks, block_size, scale, window, 5 scratch buffers
+    "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 10, *[_P] * 7, _I, _P]
+    + [_I, _I, _F, _I, *[_P] * 5],
 }
 
 
@@ -234,6 +238,108 @@ class CpuKernels:
             scale,
             window or 0,
         )
+
+
+class FusedDecodeLayers:
+    """Whole decoder layers as one C call each, for steps whose tokens are all decodes (see
+    kv_decode_layer_bf16). The weights' addresses are collected once: the parameters never move."""
+
+    def __init__(self, kernels: CpuKernels, model) -> None:
+        cfg = model.config
+        attn0 = model.model.layers[0].self_attn
+        self.lib = kernels._lib
+        self.hidden = cfg.hidden_size
+        self.inter = cfg.intermediate_size
+        self.heads, self.kv_heads, self.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
+        self.layers = []
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.eps,
+                    _ptr(layer.input_layernorm.weight),
+                    _ptr(layer.post_attention_layernorm.weight),
+                    _ptr(a.qkv_proj.packed),
+                    _ptr(a.qkv_proj.bias),
+                    _ptr(a.o_proj.packed),
+                    _ptr(a.o_proj.bias),
+                    _ptr(m.gate_up_proj.packed),
+                    _ptr(m.gate_up_proj.bias),
+                    _ptr(m.down_proj.packed),
+                    _ptr(m.down_proj.bias),
+                    a.scale,
+                    a.window or 0,
+                )
+            )
+        self.cos, self.sin = _ptr(attn0.rotary.cos), _ptr(attn0.rotary.sin)
+
+    @staticmethod
+    def supports(model) -> bool:
+        cfg = model.config
+        for layer in model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            if a.qk_norm or any(lin.kernels is None for lin in linears):
+                return False
+            if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
+                return False
+        return cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
+
+    def __call__(self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
+        """h [S, hidden] (embeddings; overwritten) -> (h, residual) after the last layer."""
+        s, e = h.shape
+        H, KVH, D, inter = self.heads, self.kv_heads, self.head_dim, self.inter
+        residual = torch.zeros_like(h)
+        x = torch.empty_like(h)
+        qkv = torch.empty(s, (H + 2 * KVH) * D, dtype=h.dtype)
+        a = torch.empty(s, H * D, dtype=h.dtype)
+        gu = torch.empty(s, 2 * inter, dtype=h.dtype)
+        act = torch.empty(s, inter, dtype=h.dtype)
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        k0 = kv_caches[0][0]
+        num_blocks, block_size = k0.shape[1], k0.shape[2]
+        hp, rp = _ptr(h), _ptr(residual)
+        step_args = (
+            _ptr(positions),
+            self.cos,
+            self.sin,
+        )
+        tail = (_ptr(meta.slot_mapping), _ptr(tables), tables.shape[1], _ptr(lens), num_blocks, block_size)
+        bufs = (_ptr(x), _ptr(qkv), _ptr(a), _ptr(gu), _ptr(act))
+        fn = self.lib.kv_decode_layer_bf16
+        for (eps, n_in, n_post, wqkv, bqkv, wo, bo, wgu, bgu, wd, bd, scale, window), kv in zip(
+            self.layers, kv_caches, strict=True
+        ):
+            fn(
+                hp,
+                rp,
+                hp,
+                s,
+                e,
+                inter,
+                H,
+                KVH,
+                D,
+                eps,
+                n_in,
+                n_post,
+                wqkv,
+                bqkv,
+                wo,
+                bo,
+                wgu,
+                bgu,
+                wd,
+                bd,
+                *step_args,
+                _ptr(kv[0]),
+                _ptr(kv[1]),
+                *tail,
+                scale,
+                window,
+                *bufs,
+            )
+        return h, residual
 
 
 @functools.cache

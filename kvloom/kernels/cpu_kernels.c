@@ -98,11 +98,11 @@ INLINE void linear_tile(int MM, int NB, const bf16 *x, int64_t ldx, const bf16 *
 
 #define TILE(MM, NB) linear_tile(MM, NB, xt, ldx, w, K, acc)
 
-void kv_linear_bf16(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y, int64_t ldy,
+static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y, int64_t ldy,
                     int64_t M, int64_t N, int64_t K) {
     const int64_t nblocks = (N + 15) / 16;
     const int64_t ngroups = (nblocks + LIN_GROUP - 1) / LIN_GROUP;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
     for (int64_t g = 0; g < ngroups; g++) {
         const int64_t b0 = g * LIN_GROUP;
         const int nb = nblocks - b0 < LIN_GROUP ? (int)(nblocks - b0) : LIN_GROUP;
@@ -133,15 +133,21 @@ void kv_linear_bf16(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias
     }
 }
 
+void kv_linear_bf16(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y, int64_t ldy,
+                    int64_t M, int64_t N, int64_t K) {
+#pragma omp parallel
+    linear_bf16_body(x, ldx, wp, bias, y, ldy, M, N, K);
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * RMSNorm, optionally fused with the residual add before it (the transformers Llama arithmetic):
  *   residual = bf16(x + residual)            (when residual is given; written back in place)
  *   h = residual or x;  out = bf16(w * bf16(h * rsqrt(mean(h^2) + eps)))
  * Rows are ldx / ldr / ldo elements apart; D must be a multiple of 16.
  */
-void kv_rms_norm_bf16(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, const bf16 *w, bf16 *out,
+static void rms_norm_bf16_body(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, const bf16 *w, bf16 *out,
                       int64_t ldo, int64_t T, int64_t D, float eps) {
-#pragma omp parallel for schedule(static) if (T > 16)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const bf16 *xt = x + t * ldx;
         bf16 *rt = residual ? residual + t * ldr : NULL;
@@ -162,19 +168,30 @@ void kv_rms_norm_bf16(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, c
     }
 }
 
+void kv_rms_norm_bf16(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, const bf16 *w, bf16 *out,
+                      int64_t ldo, int64_t T, int64_t D, float eps) {
+#pragma omp parallel if (T > 16)
+    rms_norm_bf16_body(x, ldx, residual, ldr, w, out, ldo, T, D, eps);
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * out[t, i] = bf16(bf16(silu(gate[t, i])) * up[t, i]) with gate = x[t, :I], up = x[t, I:2I].
  * I must be a multiple of 16.
  */
-void kv_silu_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
+static void silu_mul_bf16_body(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
     const int64_t chunks = I / 16;
-#pragma omp parallel for schedule(static) if (T * I >= 16384)
+#pragma omp for schedule(static)
     for (int64_t c = 0; c < T * chunks; c++) {
         const int64_t t = c / chunks, i = (c % chunks) * 16;
         const __m512 g = load16(x + t * ldx + i);
         const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
         store16(out + t * ldo + i, _mm512_mul_ps(round16(s), load16(x + t * ldx + I + i)));
     }
+}
+
+void kv_silu_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
+#pragma omp parallel if (T * I >= 16384)
+    silu_mul_bf16_body(x, ldx, out, ldo, T, I);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -195,10 +212,10 @@ INLINE void rope_row(bf16 *x, const bf16 *cos, const bf16 *sin, int64_t D) {
     for (int64_t d = 0; d < D; d++) x[d] = f2b(tmp[d]);
 }
 
-void kv_rope_cache_bf16(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64_t *positions,
+static void rope_cache_bf16_body(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64_t *positions,
                         const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH, int64_t D,
                         bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_slots, int rope) {
-#pragma omp parallel for schedule(static) if (T > 16)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         const bf16 *c = cos + positions[t] * D, *s = sin + positions[t] * D;
         if (rope) {
@@ -210,6 +227,13 @@ void kv_rope_cache_bf16(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64
             memcpy(v_cache + (h * num_slots + slots[t]) * D, v + t * ld + h * D, D * sizeof(bf16));
         }
     }
+}
+
+void kv_rope_cache_bf16(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64_t *positions,
+                        const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH, int64_t D,
+                        bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_slots, int rope) {
+#pragma omp parallel if (T > 16)
+    rope_cache_bf16_body(q, k, v, ld, positions, cos, sin, T, H, KVH, D, k_cache, v_cache, slots, num_slots, rope);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -280,12 +304,12 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
 
 #define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
 
-void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
+static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
                               const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
                               int64_t block_size, float scale, int64_t window) {
     const int64_t G = H / KVH, DC = D / 16;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < S * KVH; item++) {
         const int64_t seq = item / KVH, kvh = item % KVH;
         const int64_t ctx = ctx_lens[seq];
@@ -307,5 +331,47 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
         else if (DC == 8 && G == 8) ATTN(8, 8);
         else attn_item(G, DC, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores);
         free(scores);
+    }
+}
+
+void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
+                              const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
+                              int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
+                              int64_t block_size, float scale, int64_t window) {
+#pragma omp parallel
+    decode_attention_bf16_body(q, ld_q, k_cache, v_cache, tables, max_blocks, ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * One whole decoder layer (Llama form: pre-norm attention + SiLU MLP) for a batch of decode tokens, in
+ * one parallel region: the same kernels as above, separated by the barriers their loops end with.
+ * Replaces ~20 Python-level calls per layer on the steps that are all decodes.
+ *   residual = h + residual (residual all zeros for the first layer: exact, x + 0 rounds to x)
+ *   x = norm_in(residual); qkv = x Wqkv (+b); rope(q, k), cache <- k, v; a = attention(q, cache)
+ *   o = a Wo (+b); residual = o + residual; x = norm_post(residual); h_out = silu_mul(x Wgu) Wdown
+ * Scratch buffers come from the caller: x [S, E], qkv [S, (H + 2 KVH) D], a [S, H D], gu [S, 2 I], act [S, I].
+ */
+void kv_decode_layer_bf16(const bf16 *h, bf16 *residual, bf16 *h_out, int64_t S, int64_t E, int64_t I,
+                          int64_t H, int64_t KVH, int64_t D, float eps, const bf16 *norm_in, const bf16 *norm_post,
+                          const bf16 *w_qkv, const bf16 *b_qkv, const bf16 *w_o, const bf16 *b_o,
+                          const bf16 *w_gu, const bf16 *b_gu, const bf16 *w_down, const bf16 *b_down,
+                          const int64_t *positions, const bf16 *cos, const bf16 *sin, bf16 *k_cache,
+                          bf16 *v_cache, const int64_t *slots, const int64_t *tables, int64_t max_blocks,
+                          const int64_t *ctx_lens, int64_t num_blocks, int64_t block_size, float scale,
+                          int64_t window, bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act) {
+    const int64_t W = (H + 2 * KVH) * D;
+#pragma omp parallel
+    {
+        rms_norm_bf16_body(h, E, residual, E, norm_in, x, E, S, E, eps);
+        linear_bf16_body(x, E, w_qkv, b_qkv, qkv, W, S, W, E);
+        rope_cache_bf16_body(qkv, qkv + H * D, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
+                             k_cache, v_cache, slots, num_blocks * block_size, cos != 0);
+        decode_attention_bf16_body(qkv, W, k_cache, v_cache, tables, max_blocks, ctx_lens, a, H * D, S, H, KVH,
+                                   D, num_blocks, block_size, scale, window);
+        linear_bf16_body(a, H * D, w_o, b_o, h_out, E, S, E, H * D);
+        rms_norm_bf16_body(h_out, E, residual, E, norm_post, x, E, S, E, eps);
+        linear_bf16_body(x, E, w_gu, b_gu, gu, 2 * I, S, 2 * I, E);
+        silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
+        linear_bf16_body(act, I, w_down, b_down, h_out, E, S, E, I);
     }
 }

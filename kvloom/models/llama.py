@@ -187,6 +187,10 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
+        fused = self.fused_decode
+        if fused is not None and meta.num_decodes == input_ids.shape[0]:
+            h, residual = fused(h, positions, kv_caches, meta)
+            return self.model.norm(h, residual)[0]
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             h, residual = layer(positions, h, residual, kv_cache, meta)
@@ -195,15 +199,22 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_seqs, vocab_size]
 
+    fused_decode = None  # kvloom.kernels.FusedDecodeLayers: all-decode steps, one C call per layer
+
     def use_kernels(self, kernels) -> None:
         """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the
-        norms, attention and MLP blocks at the kernels. Call after load_weights."""
+        norms, attention and MLP blocks at the kernels; all-decode steps then run each layer as one call.
+        Call after load_weights."""
+        from kvloom.kernels import FusedDecodeLayers
+
         for module in self.modules():
             if isinstance(module, Linear):
                 if kernels.can_pack(module.weight):
                     module.pack(kernels)
             elif isinstance(module, (RMSNorm, Attention, MLP)):
                 module.kernels = kernels
+        if FusedDecodeLayers.supports(self):
+            self.fused_decode = FusedDecodeLayers(kernels, self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (transformers names) into the parameters, fusing q/k/v and gate/up."""
