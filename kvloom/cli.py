@@ -46,6 +46,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="bf16 on CPU: run PyTorch ops instead of kvloom's AVX-512 BF16 kernels (on where supported)",
     )
     g.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "int8", "int4"],
+        help="weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where kvloom's CPU kernels "
+        "run), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
+    )
+    g.add_argument(
         "--scheduling-policy",
         default="fcfs",
         choices=["fcfs", "priority", "fair"],
@@ -66,6 +73,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         scheduling_policy=args.scheduling_policy,
         cpu_kernels=args.cpu_kernels,
+        quantization=args.quantization,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from kvloom.core.scheduler import POLICIES
+from kvloom.layers.quantization import QUANTIZATIONS
 from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
 from kvloom.models import get_model_class
 
@@ -78,6 +79,7 @@ class EngineConfig:
     enable_prefix_caching: bool
     scheduling_policy: str  # fcfs | priority | fair
     cpu_kernels: bool  # bf16 on CPU: kvloom's C kernels where the CPU has AVX-512 BF16 (kvloom/kernels)
+    quantization: str  # auto (GGUF runs quantized where the kernels run) | none | int8 | int4
 
     @classmethod
     def create(
@@ -97,6 +99,7 @@ class EngineConfig:
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
         cpu_kernels: bool = True,
+        quantization: str = "auto",
     ) -> EngineConfig:
         checkpoint = resolve_checkpoint(model)
         hf_config = checkpoint.hf_config
@@ -122,12 +125,25 @@ class EngineConfig:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(POLICIES)}, got {scheduling_policy!r}"
             )
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+        resolved_dtype = resolve_dtype(
+            "bfloat16" if quantization in ("int8", "int4") and dtype == "auto" else dtype,
+            hf_config,
+            checkpoint.format,
+            device,
+        )
+        if quantization in ("int8", "int4") and (resolved_dtype != torch.bfloat16 or device != "cpu"):
+            raise ValueError(
+                f"quantization: {quantization} runs in kvloom's CPU kernels on bf16 activations; "
+                f"use dtype bfloat16 on the cpu device (got {resolved_dtype}, {device})"
+            )
         if num_kv_blocks is not None and num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
         return cls(
             checkpoint=checkpoint,
             hf_config=hf_config,
-            dtype=resolve_dtype(dtype, hf_config, checkpoint.format, device),
+            dtype=resolved_dtype,
             device=device,
             max_model_len=max_model_len,
             block_size=block_size,
@@ -140,6 +156,7 @@ class EngineConfig:
             enable_prefix_caching=enable_prefix_caching,
             scheduling_policy=scheduling_policy,
             cpu_kernels=cpu_kernels,
+            quantization=quantization,
         )
 
     @property

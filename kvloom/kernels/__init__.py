@@ -67,15 +67,23 @@ def _build() -> Path:
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class KvLin(ctypes.Structure):
+    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 8 = quantized)."""
+
+    _fields_ = [("kind", _I), ("w", _P), ("scale", _P), ("mins", _P), ("group", _I), ("bias", _P)]
+
+
 _SIGNATURES = {
-    "kv_linear_bf16": [_P, _I, _P, _P, _P, _I, _I, _I, _I],
+    "kv_lin_forward": [ctypes.POINTER(KvLin), _P, _I, _P, _I, _I, _I, _I],
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
     "kv_rope_cache_bf16": [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, ctypes.c_int],
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
-    # h, residual, h_out, S, E, I, H, KVH, D, eps, 2 norms, 8 weights/biases, positions, cos, sin, caches,
+    # h, residual, h_out, S, E, I, H, KVH, D, eps, 2 norms, 4 kv_lin, positions, cos, sin, caches,
     # slots, tables, max_blocks, ctx_lens, num_blocks, block_size, scale, window, 5 scratch buffers
-    "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 10, *[_P] * 7, _I, _P]
+    "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 6, *[_P] * 7, _I, _P]
     + [_I, _I, _F, _I, *[_P] * 5],
 }
 
@@ -109,18 +117,33 @@ class CpuKernels:
             weight = torch.cat([weight, weight.new_zeros(pad, k)])
         return weight.view(-1, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
 
+    @staticmethod
+    def linear_desc(
+        packed: torch.Tensor | tuple, bias: torch.Tensor | None, kind: int = 0, group: int = 0
+    ) -> KvLin:
+        """The C descriptor of a packed layer: a packed bf16 weight, or (q, scale, min) of a quantized one.
+        NOTE: it holds raw addresses; the caller keeps the tensors alive."""
+        if kind == 0:
+            return KvLin(0, _ptr(packed), None, None, 0, _ptr(bias))
+        q, scale, mins = packed
+        return KvLin(kind, _ptr(q), _ptr(scale), _ptr(mins), group, _ptr(bias))
+
+    def run_linear(self, desc: KvLin, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
+        """x [M, K] bf16 (rows may be strided) through a packed layer -> [M, out_features] bf16."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, out_features, dtype=x.dtype)
+        self._lib.kv_lin_forward(
+            ctypes.byref(desc), _ptr(x), x.stride(0), _ptr(y), out_features, m, out_features, in_features
+        )
+        return y
+
     def linear(
         self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
     ) -> torch.Tensor:
-        """x [M, K] bf16 (rows may be strided) times a packed weight -> [M, out_features] bf16."""
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        m, k = x.shape
-        y = torch.empty(m, out_features, dtype=x.dtype)
-        self._lib.kv_linear_bf16(
-            _ptr(x), x.stride(0), _ptr(packed), _ptr(bias), _ptr(y), out_features, m, out_features, k
-        )
-        return y
+        """One-off call on a packed bf16 weight (tests, benchmarks)."""
+        return self.run_linear(self.linear_desc(packed, bias), x, x.shape[1], out_features)
 
     # -- RMSNorm (+ residual add) ----------------------------------------------------------------------
     @staticmethod
@@ -259,14 +282,10 @@ class FusedDecodeLayers:
                     layer.input_layernorm.eps,
                     _ptr(layer.input_layernorm.weight),
                     _ptr(layer.post_attention_layernorm.weight),
-                    _ptr(a.qkv_proj.packed),
-                    _ptr(a.qkv_proj.bias),
-                    _ptr(a.o_proj.packed),
-                    _ptr(a.o_proj.bias),
-                    _ptr(m.gate_up_proj.packed),
-                    _ptr(m.gate_up_proj.bias),
-                    _ptr(m.down_proj.packed),
-                    _ptr(m.down_proj.bias),
+                    ctypes.byref(a.qkv_proj.desc),
+                    ctypes.byref(a.o_proj.desc),
+                    ctypes.byref(m.gate_up_proj.desc),
+                    ctypes.byref(m.down_proj.desc),
                     a.scale,
                     a.window or 0,
                 )
@@ -307,7 +326,7 @@ class FusedDecodeLayers:
         tail = (_ptr(meta.slot_mapping), _ptr(tables), tables.shape[1], _ptr(lens), num_blocks, block_size)
         bufs = (_ptr(x), _ptr(qkv), _ptr(a), _ptr(gu), _ptr(act))
         fn = self.lib.kv_decode_layer_bf16
-        for (eps, n_in, n_post, wqkv, bqkv, wo, bo, wgu, bgu, wd, bd, scale, window), kv in zip(
+        for (eps, n_in, n_post, l_qkv, l_o, l_gu, l_down, scale, window), kv in zip(
             self.layers, kv_caches, strict=True
         ):
             fn(
@@ -323,14 +342,10 @@ class FusedDecodeLayers:
                 eps,
                 n_in,
                 n_post,
-                wqkv,
-                bqkv,
-                wo,
-                bo,
-                wgu,
-                bgu,
-                wd,
-                bd,
+                l_qkv,
+                l_o,
+                l_gu,
+                l_down,
                 *step_args,
                 _ptr(kv[0]),
                 _ptr(kv[1]),

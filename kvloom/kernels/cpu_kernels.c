@@ -343,6 +343,165 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
 }
 
 /* ---------------------------------------------------------------------------------------------------
+ * Linear on group-quantized weights, kept packed (GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K, --quantization int4/int8):
+ *   w[n, k] = scale[n, g] * q[n, k] + min[n, g],  g = k / GS    (min absent for symmetric formats)
+ *   y[m, n] = bf16(sum_g (scale[n, g] * sum_{k in g} x[m, k] q[n, k] + min[n, g] * sum_{k in g} x[m, k]) + b[n])
+ * The integer q are exact in bf16, so the inner sums run on vdpbf16ps like the bf16 kernel, and the
+ * scales apply in fp32 once per group: no weight is ever rounded, and the result does not depend on M.
+ * Layouts, per block of 16 outputs (N padded to 16):
+ *   kind 4: q [N/16, K/2, 16] bytes, low nibble k even, high nibble k odd (unsigned 0..15)
+ *   kind 8: q [N/16, K/2, 16, 2] int8
+ *   scale, min: [N/16, K/GS, 16] fp32
+ * Up to 4 rows the weights are expanded to bf16 in registers as they stream in; above that, each thread
+ * expands its 32-output panel once into a buffer and every tile of 4 rows reads it from L2.
+ */
+#define QGROUP 2 /* blocks of 16 outputs per work item: 32 outputs */
+
+INLINE __m512i q4_pairs(const uint8_t *p) { /* 16 bytes -> 32 bf16 of (k even, k odd) per output */
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    const __m512i nib = _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi32(15)),
+                                        _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
+    /* bf16 bit patterns of 0..15 in every 16-bit lane's table slot */
+    const __m512i table = _mm512_set_epi16(
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
+        0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
+    return _mm512_permutexvar_epi16(nib, table);
+}
+
+INLINE __m512i q8_pairs(const int8_t *p) { /* 32 int8 -> 32 bf16 (exact) */
+    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); /* 32 x int16 */
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16));
+    /* |q| < 256 has at most 8 significant bits: truncating fp32 to its top 16 bits is exact */
+    return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(_mm512_castps_si512(lo), 16),
+                                   _mm512_castps_si512(hi));
+}
+
+INLINE __m512i qpairs(int kind, const void *q, int64_t block, int64_t kp, int64_t K) {
+    if (kind == 4) return q4_pairs((const uint8_t *)q + (block * (K / 2) + kp) * 16);
+    return q8_pairs((const int8_t *)q + (block * (K / 2) + kp) * 32);
+}
+
+INLINE void qlinear_tile(int MM, int NB, int kind, int panel, const bf16 *x, int64_t ldx, const void *q,
+                         const bf16 *pbuf, int64_t b0, const float *scale, const float *mins, const float *xsum,
+                         int64_t K, int64_t GS, float out[4][QGROUP][16]) {
+    const int64_t ngroups = K / GS;
+    __m512 y[4][QGROUP];
+    for (int i = 0; i < MM; i++)
+        for (int b = 0; b < QGROUP; b++) y[i][b] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ngroups; g++) {
+        __m512 acc[4][QGROUP];
+        for (int i = 0; i < MM; i++)
+            for (int b = 0; b < QGROUP; b++) acc[i][b] = _mm512_setzero_ps();
+        for (int64_t kp = g * GS / 2; kp < (g + 1) * GS / 2; kp++) {
+            __m512bh wv[QGROUP];
+            for (int b = 0; b < NB; b++)
+                wv[b] = (__m512bh)(panel ? _mm512_loadu_si512(pbuf + (b * (K / 2) + kp) * 32)
+                                         : qpairs(kind, q, b0 + b, kp, K));
+            for (int i = 0; i < MM; i++) {
+                const __m512bh xb = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp));
+                for (int b = 0; b < NB; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], xb, wv[b]);
+            }
+        }
+        for (int b = 0; b < NB; b++) {
+            const __m512 s = _mm512_loadu_ps(scale + ((b0 + b) * ngroups + g) * 16);
+            for (int i = 0; i < MM; i++) y[i][b] = _mm512_fmadd_ps(acc[i][b], s, y[i][b]);
+            if (mins) {
+                const __m512 mn = _mm512_loadu_ps(mins + ((b0 + b) * ngroups + g) * 16);
+                for (int i = 0; i < MM; i++)
+                    y[i][b] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[i * ngroups + g]), y[i][b]);
+            }
+        }
+    }
+    for (int i = 0; i < MM; i++)
+        for (int b = 0; b < NB; b++) _mm512_storeu_ps(out[i][b], y[i][b]);
+}
+
+#define QTILE(MM) qlinear_tile(MM, QGROUP, kind, panel, xt, ldx, q, pbuf, b0, scale, mins, xs, K, GS, acc)
+
+static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const void *q, const float *scale,
+                              const float *mins, int64_t GS, const bf16 *bias, bf16 *y, int64_t ldy, int64_t M,
+                              int64_t N, int64_t K, float *xsum) {
+    const int64_t nblocks = (N + 15) / 16;
+    const int64_t nitems = (nblocks + QGROUP - 1) / QGROUP;
+    const int64_t ngroups = K / GS;
+    /* per-row group sums of x, for the min terms (every thread needs all of them) */
+    if (mins) {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t g = 0; g < ngroups; g++) {
+                float s = 0;
+                for (int64_t k = g * GS; k < (g + 1) * GS; k++) s += b2f(x[m * ldx + k]);
+                xsum[m * ngroups + g] = s;
+            }
+    }
+    const int panel = M > 4;
+    bf16 *pbuf = panel ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K) : NULL;
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < nitems; it++) {
+        const int64_t b0 = it * QGROUP;
+        const int nb = nblocks - b0 < QGROUP ? (int)(nblocks - b0) : QGROUP;
+        if (panel)
+            for (int b = 0; b < nb; b++)
+                for (int64_t kp = 0; kp < K / 2; kp++)
+                    _mm512_storeu_si512(pbuf + (b * (K / 2) + kp) * 32, qpairs(kind, q, b0 + b, kp, K));
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+            const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
+            const bf16 *xt = x + m0 * ldx;
+            const float *xs = xsum + m0 * ngroups;
+            float acc[4][QGROUP][16];
+            if (nb == QGROUP) {
+                switch (mm) {
+                case 1: QTILE(1); break;
+                case 2: QTILE(2); break;
+                case 3: QTILE(3); break;
+                default: QTILE(4); break;
+                }
+            } else {
+                for (int i = 0; i < mm; i++)
+                    qlinear_tile(1, nb, kind, panel, xt + i * ldx, ldx, q, pbuf, b0, scale, mins,
+                                 xs + i * ngroups, K, GS, acc + i);
+            }
+            for (int i = 0; i < mm; i++)
+                for (int b = 0; b < nb; b++) {
+                    const int64_t n0 = (b0 + b) * 16;
+                    __m512 v = _mm512_loadu_ps(acc[i][b]);
+                    const __mmask16 m = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
+                    if (bias) v = _mm512_add_ps(v, load16_mask(bias + n0, m));
+                    store16_mask(y + (m0 + i) * ldy + n0, v, m);
+                }
+        }
+    }
+    free(pbuf);
+}
+
+/* A linear layer as the kernels see it: kind 0 = packed bf16 (w), 4 / 8 = quantized (w = q). */
+typedef struct {
+    int64_t kind;
+    const void *w;
+    const float *scale;
+    const float *mins;
+    int64_t group;
+    const bf16 *bias;
+} kv_lin;
+
+static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,
+                     int64_t K, float *xsum) {
+    if (L->kind == 0)
+        linear_bf16_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
+    else
+        qlinear_bf16_body((int)L->kind, x, ldx, L->w, L->scale, L->mins, L->group, L->bias, y, ldy, M, N, K, xsum);
+}
+
+void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,
+                    int64_t K) {
+    float *xsum = L->kind ? (float *)malloc(sizeof(float) * M * (K / L->group)) : NULL;
+#pragma omp parallel
+    lin_body(L, x, ldx, y, ldy, M, N, K, xsum);
+    free(xsum);
+}
+
+/* ---------------------------------------------------------------------------------------------------
  * One whole decoder layer (Llama form: pre-norm attention + SiLU MLP) for a batch of decode tokens, in
  * one parallel region: the same kernels as above, separated by the barriers their loops end with.
  * Replaces ~20 Python-level calls per layer on the steps that are all decodes.
@@ -353,25 +512,28 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
  */
 void kv_decode_layer_bf16(const bf16 *h, bf16 *residual, bf16 *h_out, int64_t S, int64_t E, int64_t I,
                           int64_t H, int64_t KVH, int64_t D, float eps, const bf16 *norm_in, const bf16 *norm_post,
-                          const bf16 *w_qkv, const bf16 *b_qkv, const bf16 *w_o, const bf16 *b_o,
-                          const bf16 *w_gu, const bf16 *b_gu, const bf16 *w_down, const bf16 *b_down,
+                          const kv_lin *l_qkv, const kv_lin *l_o, const kv_lin *l_gu, const kv_lin *l_down,
                           const int64_t *positions, const bf16 *cos, const bf16 *sin, bf16 *k_cache,
                           bf16 *v_cache, const int64_t *slots, const int64_t *tables, int64_t max_blocks,
                           const int64_t *ctx_lens, int64_t num_blocks, int64_t block_size, float scale,
                           int64_t window, bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act) {
     const int64_t W = (H + 2 * KVH) * D;
+    const int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
+    float *xsum = (float *)malloc(sizeof(float) * S * (kmax / 16)); /* group sums: groups are >= 16 */
 #pragma omp parallel
     {
         rms_norm_bf16_body(h, E, residual, E, norm_in, x, E, S, E, eps);
-        linear_bf16_body(x, E, w_qkv, b_qkv, qkv, W, S, W, E);
+        lin_body(l_qkv, x, E, qkv, W, S, W, E, xsum);
         rope_cache_bf16_body(qkv, qkv + H * D, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
                              k_cache, v_cache, slots, num_blocks * block_size, cos != 0);
         decode_attention_bf16_body(qkv, W, k_cache, v_cache, tables, max_blocks, ctx_lens, a, H * D, S, H, KVH,
                                    D, num_blocks, block_size, scale, window);
-        linear_bf16_body(a, H * D, w_o, b_o, h_out, E, S, E, H * D);
+        lin_body(l_o, a, H * D, h_out, E, S, E, H * D, xsum);
         rms_norm_bf16_body(h_out, E, residual, E, norm_post, x, E, S, E, eps);
-        linear_bf16_body(x, E, w_gu, b_gu, gu, 2 * I, S, 2 * I, E);
+        lin_body(l_gu, x, E, gu, 2 * I, S, 2 * I, E, xsum);
         silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
-        linear_bf16_body(act, I, w_down, b_down, h_out, E, S, E, I);
+        lin_body(l_down, act, I, h_out, E, S, E, I, xsum);
     }
+    free(xsum);
 }
+

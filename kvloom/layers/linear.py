@@ -4,21 +4,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvloom.layers.quantization import QuantizedWeight
+
 
 class Linear(nn.Linear):
-    """nn.Linear that, once packed for the CPU kernels, multiplies with the packed copy of its weight.
+    """nn.Linear that, once packed for the CPU kernels, multiplies with its packed weight: the bf16 weight
+    in the kernels' layout, or a group-quantized one (kvloom/layers/quantization.py) kept quantized.
 
     Packing replaces the weight (no second copy is kept): after `pack`, `weight` is None.
     """
 
     kernels = None  # a kvloom.kernels.CpuKernels once packed
+    quant: str = "bf16"  # what the packed weight is: bf16, q4 or q8 (logged, tested)
 
-    def pack(self, kernels) -> None:
-        self.packed = kernels.pack_linear_weight(self.weight.data)
+    def pack(self, kernels, quantized: QuantizedWeight | None = None) -> None:
+        if quantized is None:
+            self.packed = kernels.pack_linear_weight(self.weight.data)
+            self.desc = kernels.linear_desc(self.packed, self.bias)
+        else:
+            if quantized.shape != (self.out_features, self.in_features):
+                raise ValueError(
+                    f"model: quantized weight of shape {quantized.shape} for a "
+                    f"{self.out_features}x{self.in_features} layer"
+                )
+            self.packed = quantized.pack()
+            self.desc = kernels.linear_desc(self.packed, self.bias, quantized.kind, quantized.group)
+            self.quant = f"q{quantized.kind}"
         self.weight = None
         self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
-            return self.kernels.linear(x, self.packed, self.bias, self.out_features)
+            return self.kernels.run_linear(self.desc, x, self.in_features, self.out_features)
         return F.linear(x, self.weight, self.bias)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -90,10 +91,13 @@ class Checkpoint:
                 n += len(st.keys())
         return n
 
-    def iter_tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(Hugging Face parameter name, tensor) pairs, in ``dtype`` where floating point."""
+    def iter_tensors(self, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
+        """(Hugging Face parameter name, tensor) pairs, in ``dtype`` where floating point.
+
+        keep_quantized: GGUF linear weights in a format the CPU kernels run (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) come
+        as kvloom.layers.quantization.QuantizedWeight instead of dequantized tensors."""
         if self.format == "gguf":
-            yield from self.gguf.iter_tensors(self.hf_config, dtype)
+            yield from self.gguf.iter_tensors(self.hf_config, dtype, keep_quantized)
         else:
             from kvloom.loader.safetensors import iter_safetensors
 

@@ -83,10 +83,34 @@ class GGUFFile:
             kwargs["sliding_window"] = int(self.field(f"{a}.attention.sliding_window"))
         return AutoConfig.for_model(_ARCHS[a], **kwargs)
 
-    def iter_tensors(self, hf_config, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:  # noqa: ANN001
+    def iter_tensors(self, hf_config, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple]:  # noqa: ANN001
+        from kvloom.layers.quantization import GGUF_NATIVE, from_gguf
+
+        tied = getattr(hf_config, "tie_word_embeddings", False)
         for t in self.reader.tensors:
             name = _hf_name(t.name)
             if name is None:
+                continue
+            rows, cols = (int(d) for d in reversed(t.shape)) if len(t.shape) == 2 else (0, 0)
+            native = keep_quantized and t.tensor_type in GGUF_NATIVE and len(t.shape) == 2
+            if native and (
+                name.endswith("_proj.weight")
+                or name == "lm_head.weight"
+                or tied
+                and name.endswith("embed_tokens.weight")
+            ):
+                qw = from_gguf(t.tensor_type, t.data, rows, cols)
+                if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                    kv = t.name.endswith("attn_k.weight")
+                    n_head = hf_config.num_key_value_heads if kv else hf_config.num_attention_heads
+                    qw = qw.permute_rows(lambda a, n=n_head: _unpermute_rope_rows(a, n))
+                if name.endswith("embed_tokens.weight"):
+                    # Tied: the output layer runs on the file's quantized embedding; the lookup table
+                    # itself is dense (one row read per token).
+                    yield "lm_head.weight", qw
+                    yield name, qw.dequantize(dtype)
+                    continue
+                yield name, qw
                 continue
             if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
                 array = np.asarray(t.data, dtype=np.float32)

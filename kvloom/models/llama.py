@@ -17,6 +17,7 @@ from torch import nn
 from kvloom.layers.attention import AttentionMetadata, paged_attention
 from kvloom.layers.linear import Linear
 from kvloom.layers.norm import RMSNorm
+from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.layers.rotary import RotaryEmbedding
 
 
@@ -201,15 +202,27 @@ class LlamaForCausalLM(nn.Module):
 
     fused_decode = None  # kvloom.kernels.FusedDecodeLayers: all-decode steps, one C call per layer
 
-    def use_kernels(self, kernels) -> None:
+    def use_kernels(self, kernels, quantization: str = "auto") -> None:
         """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the
         norms, attention and MLP blocks at the kernels; all-decode steps then run each layer as one call.
+        Weights loaded quantized run quantized; quantization int8/int4 quantizes the others (round to
+        nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
         Call after load_weights."""
         from kvloom.kernels import FusedDecodeLayers
 
-        for module in self.modules():
+        quantized = getattr(self, "quantized", {})
+        for name, module in self.named_modules():
             if isinstance(module, Linear):
-                if kernels.can_pack(module.weight):
+                key = f"{name}.weight"
+                if key in quantized:
+                    shards = quantized.pop(key)
+                    module.pack(kernels, QuantizedWeight.cat([shards[i] for i in sorted(shards)]))
+                elif module.weight is None or not kernels.can_pack(module.weight):
+                    continue
+                elif quantization in ("int8", "int4"):
+                    bits = 8 if quantization == "int8" or name == "lm_head" else 4
+                    module.pack(kernels, quantize_rtn(module.weight.data, bits))
+                else:
                     module.pack(kernels)
             elif isinstance(module, (RMSNorm, Attention, MLP)):
                 module.kernels = kernels
@@ -221,7 +234,22 @@ class LlamaForCausalLM(nn.Module):
         tied = getattr(self.config, "tie_word_embeddings", False)
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[tuple[str, int]] = set()
+        # Quantized linear weights (GGUF kept as is) wait here, by parameter and shard, for use_kernels.
+        self.quantized: dict[str, dict[int, QuantizedWeight]] = {}
         for name, tensor in weights:
+            if isinstance(tensor, QuantizedWeight):
+                parts = name.split(".")
+                shard = 0
+                if len(parts) >= 2 and parts[-2] in _STACKED:
+                    parts[-2], shard = _STACKED[parts[-2]]
+                target = ".".join(parts)
+                if target not in params and target != "lm_head.weight":
+                    raise ValueError(
+                        f"model: checkpoint tensor {name!r} has no place in {type(self).__name__}"
+                    )
+                self.quantized.setdefault(target, {})[shard] = tensor
+                loaded.add((target, shard))
+                continue
             if "rotary_emb" in name or (tied and name == "lm_head.weight"):
                 continue
             parts = name.split(".")
@@ -244,7 +272,7 @@ class LlamaForCausalLM(nn.Module):
                 )
             dst.copy_(tensor)
             loaded.add((target, 0 if shard is None else shard))
-        if tied:
+        if tied and "lm_head.weight" not in self.quantized:
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add(("lm_head.weight", 0))
         missing = [

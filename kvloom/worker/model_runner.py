@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import cdiv
 from kvloom.core.scheduler import SchedulerOutput
 from kvloom.layers.attention import AttentionMetadata, PrefillSeq
+from kvloom.layers.linear import Linear
 from kvloom.layers.sampler import SamplerOutput, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
@@ -70,8 +72,20 @@ class ModelRunner:
             model = model_cls(hf, config.max_model_len, config.dtype, self.device)
         model.to_empty(device=self.device)
         ckpt = config.checkpoint
+        self.kernels = None
+        if config.cpu_kernels and config.dtype == torch.bfloat16 and self.device.type == "cpu":
+            from kvloom.kernels import load_cpu_kernels
+
+            self.kernels = load_cpu_kernels()
+        if self.kernels is None and config.quantization in ("int8", "int4"):
+            raise ValueError(
+                f"quantization: {config.quantization} needs kvloom's CPU kernels (x86-64 with AVX-512 BF16, "
+                "a C compiler, cpu_kernels on); they are not available here"
+            )
+        # GGUF blocks run as they are under "auto"; int8/int4 re-quantize the dequantized weights.
+        keep_quantized = self.kernels is not None and config.quantization == "auto"
         weights = tqdm(
-            ckpt.iter_tensors(config.dtype),
+            ckpt.iter_tensors(config.dtype, keep_quantized=keep_quantized),
             total=ckpt.num_tensors(),
             desc=f"Loading {ckpt.path.name}",
             unit="tensor",
@@ -79,18 +93,18 @@ class ModelRunner:
             leave=False,
         )
         model.load_weights(weights)
-        self.kernels = None
-        if config.cpu_kernels and config.dtype == torch.bfloat16 and self.device.type == "cpu":
-            from kvloom.kernels import load_cpu_kernels
-
-            self.kernels = load_cpu_kernels()
-            if self.kernels is not None:
-                model.use_kernels(self.kernels)
+        if self.kernels is not None:
+            model.use_kernels(self.kernels, config.quantization)
+        formats = Counter(m.quant for m in model.modules() if isinstance(m, Linear) and m.kernels is not None)
         logger.info(
             "Compute: %s on %s, %s",
             str(config.dtype).removeprefix("torch."),
             self.device,
-            "kvloom CPU kernels (packed bf16 weights)" if self.kernels is not None else "PyTorch ops",
+            "kvloom CPU kernels, linear weights "
+            + ", ".join(f"{n} {k}" for k, n in sorted(formats.items()))
+            + (", one call per layer on decode steps" if model.fused_decode is not None else "")
+            if self.kernels is not None
+            else "PyTorch ops",
         )
         self.model = model.eval()
         self.vocab_size = hf.vocab_size

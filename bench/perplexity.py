@@ -1,0 +1,55 @@
+"""Perplexity of one model in several weight formats, on the fixed English text in tests/data.
+
+    python bench/perplexity.py                       # SmolLM2 Q4_1 GGUF: bf16 / native Q4_1 / int8 / int4
+    python bench/perplexity.py --model path --formats none,int8
+
+Formats are kvloom's --quantization values: none (weights dequantized to bf16), auto (a GGUF file's
+Q4_0/Q4_1/Q8_0/Q4_K/Q6_K blocks executed as they are), int8 / int4 (round to nearest, groups of 32).
+Each is printed with its ratio to the first format (none: the dequantized bf16 run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+
+from kvloom.benchmarks.perplexity import DEFAULT_TEXT, perplexity
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--formats", default="none,auto,int8,int4", help="comma-separated --quantization values")
+    p.add_argument("--text", default=str(DEFAULT_TEXT))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="write the results here")
+    args = p.parse_args()
+
+    from kvloom import LLM
+
+    text = open(args.text, encoding="utf-8").read()
+    rows = []
+    for fmt in args.formats.split(","):
+        llm = LLM(
+            args.model, dtype="bfloat16", quantization=fmt, num_threads=args.threads, show_progress=False
+        )
+        ppl, n = perplexity(llm, text)
+        rows.append({"quantization": fmt, "perplexity": ppl, "tokens": n})
+        del llm
+        gc.collect()
+    base = rows[0]["perplexity"]
+    print(f"\nperplexity on {args.text} ({rows[0]['tokens']} tokens)")
+    print(f"{'quantization':<14}{'perplexity':>12}{'vs ' + rows[0]['quantization']:>12}")
+    for r in rows:
+        r["ratio"] = r["perplexity"] / base
+        print(f"{r['quantization']:<14}{r['perplexity']:>12.4f}{r['ratio']:>12.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

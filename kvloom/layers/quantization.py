@@ -1,0 +1,164 @@
+"""Group-quantized linear weights: GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K read as they are, and round-to-nearest
+int8/int4 for dense checkpoints (``--quantization``). Executed by the CPU kernels without expanding them.
+
+Every format here is one of two kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
+- kind 4: q in 0..15 (Q4_0, Q4_1, Q4_K, int4), group 32, with a min;
+- kind 8: q in -128..127 (Q8_0: group 32; Q6_K: group 16, q - 32 in -32..31; int8: group 32), no min.
+Scales and mins are fp32: GGUF's fp16 d, m (and Q4_K's d * 6-bit scale) convert to them exactly, so the
+kernels compute with the file's exact weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as T
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+GGUF_NATIVE = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+
+
+@dataclass
+class QuantizedWeight:
+    kind: int  # 4 or 8
+    q: torch.Tensor  # [N, K] uint8 (kind 4) or int8 (kind 8)
+    scale: torch.Tensor  # [N, K // group] float32
+    min: torch.Tensor | None  # [N, K // group] float32, or None (symmetric)
+    group: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.q.shape
+        w = self.q.float().view(n, k // self.group, self.group) * self.scale[..., None]
+        if self.min is not None:
+            w = w + self.min[..., None]
+        return w.view(n, k).to(dtype)
+
+    def as_kind8(self, group: int) -> QuantizedWeight:
+        """The same weights as kind 8 with a smaller or equal group (exact: 0..15 fits int8)."""
+        rep = self.group // group
+        mins = None if self.min is None else self.min.repeat_interleave(rep, dim=1)
+        q = self.q.to(torch.int8) if self.kind == 4 else self.q
+        return QuantizedWeight(8, q, self.scale.repeat_interleave(rep, dim=1), mins, group)
+
+    @staticmethod
+    def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+        """Row-wise concatenation (fused q/k/v, gate/up); mixed formats meet as kind 8, smallest group."""
+        if len({(p.kind, p.group) for p in parts}) > 1:
+            group = min(p.group for p in parts)
+            parts = [p.as_kind8(group) for p in parts]
+        has_min = any(p.min is not None for p in parts)
+        mins = None
+        if has_min:
+            mins = torch.cat([p.min if p.min is not None else torch.zeros_like(p.scale) for p in parts])
+        first = parts[0]
+        return QuantizedWeight(
+            first.kind,
+            torch.cat([p.q for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            mins,
+            first.group,
+        )
+
+    def permute_rows(self, fn) -> QuantizedWeight:  # noqa: ANN001 - a numpy row permutation
+        def apply(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.from_numpy(np.ascontiguousarray(fn(t.numpy())))
+
+        return QuantizedWeight(self.kind, apply(self.q), apply(self.scale), apply(self.min), self.group)
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): 16-output blocks of k pairs."""
+        n, k = self.q.shape
+        pad = -n % 16
+
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+
+        q = blocks(self.q).view(-1, 16, k // 2, 2).permute(0, 2, 1, 3)
+        if self.kind == 4:
+            q = (q[..., 0] | (q[..., 1] << 4)).contiguous()  # [N/16, K/2, 16] bytes
+        else:
+            q = q.contiguous()  # [N/16, K/2, 16, 2] int8
+        g = k // self.group
+
+        def per_block(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else blocks(t).view(-1, 16, g).transpose(1, 2).contiguous()
+
+        return q, per_block(self.scale), per_block(self.min)
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedWeight:
+    """Round to nearest, group-wise: int8 symmetric (absmax / 127), int4 asymmetric (min, 15 steps)."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"quantization: input size {k} is not a multiple of the group size {group}")
+    wg = w.float().view(n, k // group, group)
+    if bits == 8:
+        scale = wg.abs().amax(-1) / 127
+        inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+        q = torch.round(wg * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(8, q.view(n, k), scale, None, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / 15
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    q = torch.round((wg - lo[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    return QuantizedWeight(4, q.view(n, k), scale, lo, group)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeight:
+    """A GGUF tensor's raw blocks -> QuantizedWeight [rows, cols], value for value what gguf dequantizes."""
+    raw = np.asarray(data).reshape(-1).view(np.uint8)
+    if qtype == T.Q4_0 or qtype == T.Q4_1:
+        has_min = qtype == T.Q4_1
+        b = raw.reshape(-1, 20 if has_min else 18)
+        d = _f16(b[:, :2])
+        m = _f16(b[:, 2:4]) if has_min else -8 * d
+        qs = b[:, 4:20] if has_min else b[:, 2:18]
+        q = np.concatenate([qs & 15, qs >> 4], axis=1)
+        return _make(4, q, d, m, 32, rows, cols)
+    if qtype == T.Q8_0:
+        b = raw.reshape(-1, 34)
+        return _make(8, b[:, 2:].view(np.int8), _f16(b[:, :2]), None, 32, rows, cols)
+    if qtype == T.Q4_K:
+        from gguf.quants import Q4_K
+
+        b = raw.reshape(-1, 144)
+        nb = b.shape[0]
+        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
+        scale = _f16(b[:, :2]) * sc.astype(np.float32)  # [nb, 8]
+        mins = -_f16(b[:, 2:4]) * mn.astype(np.float32)
+        qs = b[:, 16:].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        return _make(4, (qs & 15).reshape(nb, 256), scale, mins, 32, rows, cols)
+    if qtype == T.Q6_K:
+        b = raw.reshape(-1, 210)
+        nb = b.shape[0]
+        ql = b[:, :128].reshape(nb, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        ql = (ql & 15).reshape(nb, 2, 128)
+        qh = b[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        qh = (qh & 3).reshape(nb, 2, 128)
+        q = ((ql | (qh << 4)).astype(np.int8) - np.int8(32)).reshape(nb, 256)
+        scale = _f16(b[:, 208:210]) * np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
+        return _make(8, q, scale, None, 16, rows, cols)
+    raise ValueError(f"no native kernel for GGUF type {qtype.name}")
+
+
+def _make(kind, q, scale, mins, group, rows, cols) -> QuantizedWeight:  # noqa: ANN001
+    g = cols // group
+    return QuantizedWeight(
+        kind,
+        torch.from_numpy(np.ascontiguousarray(q).reshape(rows, cols)),
+        torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, g)),
+        None
+        if mins is None
+        else torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(rows, g)),
+        group,
+    )

@@ -1,0 +1,82 @@
+"""Quantized weights: GGUF blocks read value for value, round-to-nearest bounds, and the quantized linear
+kernel against the dequantized weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize
+
+from kvloom.kernels import load_cpu_kernels
+from kvloom.layers.quantization import QuantizedWeight, from_gguf, quantize_rtn
+
+K = load_cpu_kernels()
+needs_kernels = pytest.mark.skipif(K is None, reason="CPU kernels need x86-64 with AVX-512 BF16")
+BF = torch.bfloat16
+
+
+def _random_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes with sane fp16 scale fields: any bit pattern is a valid block otherwise."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
+    scale = rng.uniform(0.001, 0.02, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
+    offsets = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}[qtype]
+    for off in offsets:
+        raw[:, off : off + 2] = scale
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K])
+def test_gguf_blocks_read_exactly(qtype):
+    rows, cols = 48, 512
+    raw = _random_blocks(qtype, rows, cols)
+    qw = from_gguf(qtype, raw, rows, cols)
+    expected = dequantize(raw, qtype).reshape(rows, cols)
+    assert qw.shape == (rows, cols)
+    assert np.array_equal(qw.dequantize().numpy(), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_round_to_nearest_error_is_half_a_step(bits):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(bits))
+    qw = quantize_rtn(w, bits)
+    err = (qw.dequantize() - w).abs().view(64, 8, 32)
+    assert torch.all(err <= qw.scale[..., None] / 2 + 1e-6)
+    assert qw.q.dtype == (torch.int8 if bits == 8 else torch.uint8)
+
+
+def _weights() -> dict[str, QuantizedWeight]:
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(40, 192, generator=g), torch.randn(24, 192, generator=g)
+    q6k = from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 24, 256), 24, 256)
+    return {
+        "int4": quantize_rtn(w1, 4),
+        "int8": quantize_rtn(w1, 8),
+        "q6k-group16": q6k,
+        # fused q/k/v of mixed formats (Q4_K_M files do this) meet as kind 8, group 16
+        "mixed": QuantizedWeight.cat([quantize_rtn(w1, 4, 32), quantize_rtn(w2, 8, 32).as_kind8(16)]),
+    }
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", ["int4", "int8", "q6k-group16", "mixed"])
+@pytest.mark.parametrize("m", [1, 3, 5, 33])  # 5 and 33 take the expanded-panel path
+def test_quantized_linear_matches_dequantized(name, m):
+    qw = _weights()[name]
+    n, k = qw.shape
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=g).to(BF)
+    bias = torch.randn(n, generator=g).to(BF)
+    packed = qw.pack()
+    y = K.run_linear(K.linear_desc(packed, bias, qw.kind, qw.group), x, k, n)
+    ref = F.linear(x.float(), qw.dequantize(), bias.float())
+    assert y.shape == (m, n)
+    assert torch.all((y.float() - ref).abs() <= ref.abs() * 2**-8 + 2e-3 * ref.abs().max())
+    # The same row gives the same bits whatever else is in the batch (both kernel paths).
+    one = K.run_linear(K.linear_desc(packed, bias, qw.kind, qw.group), x[-1:], k, n)
+    assert torch.equal(one[0], y[-1])
