@@ -349,7 +349,8 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
  * The integer q are exact in bf16, so the inner sums run on vdpbf16ps like the bf16 kernel, and the
  * scales apply in fp32 once per group: no weight is ever rounded, and the result does not depend on M.
  * Layouts, per block of 16 outputs (N padded to 16):
- *   kind 4: q [N/16, K/2, 16] bytes, low nibble k even, high nibble k odd (unsigned 0..15)
+ *   kind 4: q [N/16, K/4, 32] bytes: byte l of row kp/2 holds lane l of pair kp (low nibble) and of pair
+ *           kp + 1 (high nibble), where lane 2j + e of a pair is output j's k = 2 kp + e (unsigned 0..15)
  *   kind 8: q [N/16, K/2, 16, 2] int8
  *   scale, min: [N/16, K/GS, 16] fp32
  * Up to 4 rows the weights are expanded to bf16 in registers as they stream in; above that, each thread
@@ -357,29 +358,33 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
  */
 #define QGROUP 2 /* blocks of 16 outputs per work item: 32 outputs */
 
-INLINE __m512i q4_pairs(const uint8_t *p) { /* 16 bytes -> 32 bf16 of (k even, k odd) per output */
-    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
-    const __m512i nib = _mm512_or_si512(_mm512_and_si512(b, _mm512_set1_epi32(15)),
-                                        _mm512_slli_epi32(_mm512_srli_epi32(b, 4), 16));
-    /* bf16 bit patterns of 0..15 in every 16-bit lane's table slot */
-    const __m512i table = _mm512_set_epi16(
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120,
-        0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
-    return _mm512_permutexvar_epi16(nib, table);
+/* bf16 bit patterns of 0..15, indexed by a nibble in each 16-bit lane (vpermw) */
+#define Q4_TABLE                                                                                          \
+    _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130,  \
+                     0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000)
+
+/* Two k pairs of one 16-output block: 32 bytes, low nibbles = pair kp, high nibbles = pair kp + 1. */
+INLINE void q4_pairs2(const uint8_t *p, __m512i *w0, __m512i *w1) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    *w0 = _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), Q4_TABLE);
+    *w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), Q4_TABLE);
 }
 
-INLINE __m512i q8_pairs(const int8_t *p) { /* 32 int8 -> 32 bf16 (exact) */
-    const __m512i v = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)); /* 32 x int16 */
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 16));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_srai_epi32(v, 16));
-    /* |q| < 256 has at most 8 significant bits: truncating fp32 to its top 16 bits is exact */
-    return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(_mm512_castps_si512(lo), 16),
-                                   _mm512_castps_si512(hi));
+/* One k pair of a block: 32 int8 (output j's two k at bytes 2j, 2j + 1) -> 32 bf16, exact. */
+INLINE __m512i q8_pairs(const int8_t *p) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
 }
 
-INLINE __m512i qpairs(int kind, const void *q, int64_t block, int64_t kp, int64_t K) {
-    if (kind == 4) return q4_pairs((const uint8_t *)q + (block * (K / 2) + kp) * 16);
-    return q8_pairs((const int8_t *)q + (block * (K / 2) + kp) * 32);
+/* Weights of pairs kp and kp + 1 (kp even) of a block, as bf16 dot-product operands. */
+INLINE void qpairs2(int kind, const void *q, int64_t block, int64_t kp, int64_t K, __m512i *w0, __m512i *w1) {
+    if (kind == 4) {
+        q4_pairs2((const uint8_t *)q + (block * (K / 4) + kp / 2) * 32, w0, w1);
+    } else {
+        *w0 = q8_pairs((const int8_t *)q + (block * (K / 2) + kp) * 32);
+        *w1 = q8_pairs((const int8_t *)q + (block * (K / 2) + kp + 1) * 32);
+    }
 }
 
 INLINE void qlinear_tile(int MM, int NB, int kind, int panel, const bf16 *x, int64_t ldx, const void *q,
@@ -390,19 +395,30 @@ INLINE void qlinear_tile(int MM, int NB, int kind, int panel, const bf16 *x, int
     for (int i = 0; i < MM; i++)
         for (int b = 0; b < QGROUP; b++) y[i][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ngroups; g++) {
-        __m512 acc[4][QGROUP];
+        __m512 acc[4][QGROUP], acc2[4][QGROUP]; /* even and odd k pairs: two dependency chains */
         for (int i = 0; i < MM; i++)
-            for (int b = 0; b < QGROUP; b++) acc[i][b] = _mm512_setzero_ps();
-        for (int64_t kp = g * GS / 2; kp < (g + 1) * GS / 2; kp++) {
-            __m512bh wv[QGROUP];
-            for (int b = 0; b < NB; b++)
-                wv[b] = (__m512bh)(panel ? _mm512_loadu_si512(pbuf + (b * (K / 2) + kp) * 32)
-                                         : qpairs(kind, q, b0 + b, kp, K));
+            for (int b = 0; b < QGROUP; b++) acc[i][b] = acc2[i][b] = _mm512_setzero_ps();
+        for (int64_t kp = g * GS / 2; kp < (g + 1) * GS / 2; kp += 2) {
+            __m512i w0[QGROUP], w1[QGROUP];
+            for (int b = 0; b < NB; b++) {
+                if (panel) {
+                    w0[b] = _mm512_loadu_si512(pbuf + (b * (K / 2) + kp) * 32);
+                    w1[b] = _mm512_loadu_si512(pbuf + (b * (K / 2) + kp + 1) * 32);
+                } else {
+                    qpairs2(kind, q, b0 + b, kp, K, &w0[b], &w1[b]);
+                }
+            }
             for (int i = 0; i < MM; i++) {
-                const __m512bh xb = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp));
-                for (int b = 0; b < NB; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], xb, wv[b]);
+                const __m512bh x0 = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp));
+                const __m512bh x1 = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp + 2));
+                for (int b = 0; b < NB; b++) {
+                    acc[i][b] = _mm512_dpbf16_ps(acc[i][b], x0, (__m512bh)w0[b]);
+                    acc2[i][b] = _mm512_dpbf16_ps(acc2[i][b], x1, (__m512bh)w1[b]);
+                }
             }
         }
+        for (int i = 0; i < MM; i++)
+            for (int b = 0; b < NB; b++) acc[i][b] = _mm512_add_ps(acc[i][b], acc2[i][b]);
         for (int b = 0; b < NB; b++) {
             const __m512 s = _mm512_loadu_ps(scale + ((b0 + b) * ngroups + g) * 16);
             for (int i = 0; i < MM; i++) y[i][b] = _mm512_fmadd_ps(acc[i][b], s, y[i][b]);
@@ -417,7 +433,14 @@ INLINE void qlinear_tile(int MM, int NB, int kind, int panel, const bf16 *x, int
         for (int b = 0; b < NB; b++) _mm512_storeu_ps(out[i][b], y[i][b]);
 }
 
-#define QTILE(MM) qlinear_tile(MM, QGROUP, kind, panel, xt, ldx, q, pbuf, b0, scale, mins, xs, K, GS, acc)
+#define QTILES(KIND, PANEL)                                                                              \
+    switch (mm) {                                                                                       \
+    case 1: QTILE(1, KIND, PANEL); break;                                                               \
+    case 2: QTILE(2, KIND, PANEL); break;                                                               \
+    case 3: QTILE(3, KIND, PANEL); break;                                                               \
+    default: QTILE(4, KIND, PANEL); break;                                                              \
+    }
+#define QTILE(MM, KIND, PANEL) qlinear_tile(MM, QGROUP, KIND, PANEL, xt, ldx, q, pbuf, b0, scale, mins, xs, K, GS, acc)
 
 static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const void *q, const float *scale,
                               const float *mins, int64_t GS, const bf16 *bias, bf16 *y, int64_t ldy, int64_t M,
@@ -443,19 +466,26 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const void *
         const int nb = nblocks - b0 < QGROUP ? (int)(nblocks - b0) : QGROUP;
         if (panel)
             for (int b = 0; b < nb; b++)
-                for (int64_t kp = 0; kp < K / 2; kp++)
-                    _mm512_storeu_si512(pbuf + (b * (K / 2) + kp) * 32, qpairs(kind, q, b0 + b, kp, K));
+                for (int64_t kp = 0; kp < K / 2; kp += 2) {
+                    __m512i w0, w1;
+                    qpairs2(kind, q, b0 + b, kp, K, &w0, &w1);
+                    _mm512_storeu_si512(pbuf + (b * (K / 2) + kp) * 32, w0);
+                    _mm512_storeu_si512(pbuf + (b * (K / 2) + kp + 1) * 32, w1);
+                }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
             const bf16 *xt = x + m0 * ldx;
             const float *xs = xsum + m0 * ngroups;
             float acc[4][QGROUP][16];
-            if (nb == QGROUP) {
-                switch (mm) {
-                case 1: QTILE(1); break;
-                case 2: QTILE(2); break;
-                case 3: QTILE(3); break;
-                default: QTILE(4); break;
+            if (nb == QGROUP) { /* constant kind, panel and MM: no branches in the inner loops */
+                if (kind == 4 && panel) {
+                    QTILES(4, 1)
+                } else if (kind == 4) {
+                    QTILES(4, 0)
+                } else if (panel) {
+                    QTILES(8, 1)
+                } else {
+                    QTILES(8, 0)
                 }
             } else {
                 for (int i = 0; i < mm; i++)

@@ -79,9 +79,10 @@ class QuantizedWeight:
         def blocks(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
 
-        q = blocks(self.q).view(-1, 16, k // 2, 2).permute(0, 2, 1, 3)
-        if self.kind == 4:
-            q = (q[..., 0] | (q[..., 1] << 4)).contiguous()  # [N/16, K/2, 16] bytes
+        q = blocks(self.q).view(-1, 16, k // 2, 2).permute(0, 2, 1, 3)  # [N/16, K/2, 16, 2]
+        if self.kind == 4:  # two k pairs per 32 bytes: pair kp in the low nibbles, kp + 1 in the high
+            q = q.reshape(q.shape[0], k // 4, 2, 32)
+            q = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()  # [N/16, K/4, 32] bytes
         else:
             q = q.contiguous()  # [N/16, K/2, 16, 2] int8
         g = k // self.group
