@@ -37,7 +37,7 @@ def bench_transformers(args, prompts) -> dict:
     if ckpt.format == "gguf":
         # transformers would keep GGUF weights packed and run its own quantized kernels; give it the same
         # dense weights kvloom runs, so both sides do the same work.
-        model = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(ckpt.gguf.transformers_config(), dtype=dtype)
         missing, _ = model.load_state_dict(dict(ckpt.iter_tensors(dtype)), strict=False)
         assert set(missing) <= {"lm_head.weight"}, missing
         model.tie_weights()

@@ -17,6 +17,10 @@ class Linear(nn.Linear):
     kernels = None  # a kvloom.kernels.CpuKernels once packed
     quant: str = "bf16"  # what the packed weight is: bf16, q4 or q8 (logged, tested)
 
+    def reset_parameters(self) -> None:
+        """No random init: every weight comes from the checkpoint. (On the meta device, nn.init's
+        normal_ goes through torch's reference ops, which import torch._dynamo: 1 s of start-up.)"""
+
     def pack(self, kernels, quantized: QuantizedWeight | None = None) -> None:
         if quantized is None:
             self.packed = kernels.pack_linear_weight(self.weight.data)
@@ -37,3 +41,8 @@ class Linear(nn.Linear):
         if self.kernels is not None:
             return self.kernels.run_linear(self.desc, x, self.in_features, self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        """No random init (see Linear.reset_parameters)."""

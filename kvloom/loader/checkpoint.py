@@ -75,12 +75,12 @@ class Checkpoint:
         from transformers import AutoTokenizer
 
         if self.format == "gguf":
-            return AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+            return self.gguf.load_tokenizer()
         return AutoTokenizer.from_pretrained(self.path)
 
     def num_tensors(self) -> int:
         if self.format == "gguf":
-            return len(self.gguf.reader.tensors)
+            return len(self.gguf.tensors)
         from safetensors import safe_open
 
         from kvloom.loader.safetensors import safetensors_files

