@@ -125,6 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logger = init_logger("kvloom.serve")
     engine = LLMEngine.from_args(args.model, show_progress=True, **engine_kwargs(args))
+    logger.info("Warmed up in %.1fs", engine.warm_up())
     name = args.served_model_name or engine.config.checkpoint.path.stem
     metrics = ServerMetrics(name)
     app = build_app(

