@@ -79,6 +79,20 @@ INLINE void store16_mask(bf16 *p, __m512 v, __mmask16 m) {
  */
 #define LIN_GROUP 4
 
+/* A tile's fp32 sums (rows `row_stride` floats apart, 16 outputs per block) + bias -> bf16 outputs,
+ * masking the columns past N. */
+INLINE void store_tile(const float *acc, int64_t row_stride, int mm, int nb, int64_t b0, const bf16 *bias, bf16 *y,
+                       int64_t ldy, int64_t m0, int64_t N) {
+    for (int i = 0; i < mm; i++)
+        for (int b = 0; b < nb; b++) {
+            const int64_t n0 = (b0 + b) * 16;
+            __m512 v = _mm512_loadu_ps(acc + i * row_stride + b * 16);
+            const __mmask16 m = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
+            if (bias) v = _mm512_add_ps(v, load16_mask(bias + n0, m));
+            store16_mask(y + (m0 + i) * ldy + n0, v, m);
+        }
+}
+
 INLINE void linear_tile(int MM, int NB, const bf16 *x, int64_t ldx, const bf16 *wp, int64_t K, float acc_out[4][LIN_GROUP][16]) {
     __m512 acc[4][LIN_GROUP];
     for (int i = 0; i < MM; i++)
@@ -121,14 +135,7 @@ static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const b
             } else {
                 for (int i = 0; i < mm; i++) linear_tile(1, nb, xt + i * ldx, ldx, w, K, acc + i);
             }
-            for (int i = 0; i < mm; i++)
-                for (int b = 0; b < nb; b++) {
-                    const int64_t n0 = (b0 + b) * 16;
-                    __m512 v = _mm512_loadu_ps(acc[i][b]);
-                    const __mmask16 m = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
-                    if (bias) v = _mm512_add_ps(v, load16_mask(bias + n0, m));
-                    store16_mask(y + (m0 + i) * ldy + n0, v, m);
-                }
+            store_tile(&acc[0][0][0], LIN_GROUP * 16, mm, nb, b0, bias, y, ldy, m0, N);
         }
     }
 }
@@ -492,14 +499,7 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const void *
                     qlinear_tile(1, nb, kind, panel, xt + i * ldx, ldx, q, pbuf, b0, scale, mins,
                                  xs + i * ngroups, K, GS, acc + i);
             }
-            for (int i = 0; i < mm; i++)
-                for (int b = 0; b < nb; b++) {
-                    const int64_t n0 = (b0 + b) * 16;
-                    __m512 v = _mm512_loadu_ps(acc[i][b]);
-                    const __mmask16 m = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
-                    if (bias) v = _mm512_add_ps(v, load16_mask(bias + n0, m));
-                    store16_mask(y + (m0 + i) * ldy + n0, v, m);
-                }
+            store_tile(&acc[0][0][0], QGROUP * 16, mm, nb, b0, bias, y, ldy, m0, N);
         }
     }
     free(pbuf);

@@ -8,6 +8,21 @@ from pathlib import Path
 
 import torch
 
+# A tiny model whose shapes take the CPU kernels' specialised paths (head_dim 64, 3 query heads per KV head,
+# as SmolLM2; sizes multiples of 16).
+KERNEL_SHAPES = dict(
+    vocab_size=512,
+    hidden_size=384,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 

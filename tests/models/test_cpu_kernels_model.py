@@ -15,25 +15,14 @@ from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 from kvloom import LLM, SamplingParams
 from kvloom.kernels import load_cpu_kernels
 
-from .reference import random_prompts, save_random_model
+from .reference import KERNEL_SHAPES, random_prompts, save_random_model
 
 pytestmark = pytest.mark.skipif(
     load_cpu_kernels() is None, reason="CPU kernels need x86-64 with AVX-512 BF16 and a compiler"
 )
 
-COMMON = dict(
-    vocab_size=512,
-    hidden_size=384,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    head_dim=64,  # 3 query heads per KV head, as SmolLM2
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.15,  # peaked distributions and attention: errors show in the logprobs
-)
+# peaked distributions and attention: errors show in the logprobs
+COMMON = dict(KERNEL_SHAPES, initializer_range=0.15)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral-sliding-window": lambda: MistralConfig(**COMMON, sliding_window=24),

@@ -12,22 +12,9 @@ from kvloom.benchmarks.perplexity import DEFAULT_TEXT, perplexity
 from kvloom.kernels import load_cpu_kernels
 from kvloom.layers.linear import Linear
 
-from .reference import random_prompts, save_random_model
+from .reference import KERNEL_SHAPES, random_prompts, save_random_model
 
 needs_kernels = pytest.mark.skipif(load_cpu_kernels() is None, reason="needs the CPU kernels (AVX-512 BF16)")
-
-CONFIG = dict(
-    vocab_size=512,
-    hidden_size=384,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    head_dim=64,
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def _formats(llm: LLM) -> set[str]:
@@ -47,7 +34,7 @@ def _scored(llm: LLM, seqs: list[list[int]]) -> torch.Tensor:
 
 @needs_kernels
 def test_int8_and_int4_track_bf16(tmp_path, stories):
-    save_random_model(LlamaConfig(**CONFIG), tmp_path, stories)
+    save_random_model(LlamaConfig(**KERNEL_SHAPES), tmp_path, stories)
     seqs = random_prompts(6, [20, 60, 130], 512, seed=5)
     ref = _scored(LLM(str(tmp_path), dtype="bfloat16", quantization="none", show_progress=False), seqs)
     errors = {}
