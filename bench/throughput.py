@@ -22,7 +22,13 @@ def bench_kvloom(args, prompts: list[list[int]]) -> dict:
     from kvloom import LLM
     from kvloom.benchmarks.offline import throughput
 
-    llm = LLM(args.model, dtype=args.dtype, num_threads=args.threads, max_model_len=args.max_model_len)
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        max_model_len=args.max_model_len,
+        quantization=args.quantization,
+    )
     return throughput(llm, prompts, [args.output_len] * len(prompts))
 
 
@@ -69,6 +75,11 @@ def main() -> int:
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--quantization",
+        default="none",
+        help="kvloom's --quantization (default none: the same dense weights transformers gets)",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument(
         "--hf-batch-size", type=int, default=None, help="transformers batch (default: all prompts)"

@@ -80,10 +80,10 @@ _SIGNATURES = {
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
     "kv_rope_cache_bf16": [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, ctypes.c_int],
-    "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
+    "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
     # h, residual, h_out, S, E, I, H, KVH, D, eps, 2 norms, 4 kv_lin, positions, cos, sin, caches,
     # slots, tables, max_blocks, ctx_lens, num_blocks, block_size, scale, window, 5 scratch buffers
-    "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 6, *[_P] * 7, _I, _P]
+    "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 6, *[_P] * 8, _I, _P]
     + [_I, _I, _F, _I, *[_P] * 5],
 }
 
@@ -239,7 +239,10 @@ class CpuKernels:
         out: torch.Tensor,  # [num_seqs, H, D]
         scale: float,
         window: int | None,
+        row_table: torch.Tensor | None = None,  # [num_rows] int64: row i reads block_tables[row_table[i]]
     ) -> None:
+        """One query row per entry of context_lens, attending positions [0, context_len) of its table (the
+        last `window` of them): decodes, and prefill rows too once their K/V are in the cache."""
         s, h, d = q.shape
         kvh, num_blocks, block_size, _ = k_cache.shape
         self._lib.kv_decode_attention_bf16(
@@ -248,6 +251,7 @@ class CpuKernels:
             _ptr(k_cache),
             _ptr(v_cache),
             _ptr(block_tables),
+            _ptr(row_table),
             block_tables.shape[1],
             _ptr(context_lens),
             _ptr(out),
@@ -264,8 +268,8 @@ class CpuKernels:
 
 
 class FusedDecodeLayers:
-    """Whole decoder layers as one C call each, for steps whose tokens are all decodes (see
-    kv_decode_layer_bf16). The weights' addresses are collected once: the parameters never move."""
+    """Whole decoder layers as one C call each (kv_decode_layer_bf16), for every step the kernels run.
+    The weights' addresses are collected once: the parameters never move."""
 
     def __init__(self, kernels: CpuKernels, model) -> None:
         cfg = model.config
@@ -314,7 +318,7 @@ class FusedDecodeLayers:
         a = torch.empty(s, H * D, dtype=h.dtype)
         gu = torch.empty(s, 2 * inter, dtype=h.dtype)
         act = torch.empty(s, inter, dtype=h.dtype)
-        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        tables, rows, lens = meta.token_block_tables, meta.token_table_index, meta.token_context_lens
         k0 = kv_caches[0][0]
         num_blocks, block_size = k0.shape[1], k0.shape[2]
         hp, rp = _ptr(h), _ptr(residual)
@@ -323,7 +327,15 @@ class FusedDecodeLayers:
             self.cos,
             self.sin,
         )
-        tail = (_ptr(meta.slot_mapping), _ptr(tables), tables.shape[1], _ptr(lens), num_blocks, block_size)
+        tail = (
+            _ptr(meta.slot_mapping),
+            _ptr(tables),
+            _ptr(rows),
+            tables.shape[1],
+            _ptr(lens),
+            num_blocks,
+            block_size,
+        )
         bufs = (_ptr(x), _ptr(qkv), _ptr(a), _ptr(gu), _ptr(act))
         fn = self.lib.kv_decode_layer_bf16
         for (eps, n_in, n_post, l_qkv, l_o, l_gu, l_down, scale, window), kv in zip(

@@ -312,7 +312,8 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
 #define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
 
 static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
-                              const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
+                              const int64_t *tables, const int64_t *row_table, int64_t max_blocks,
+                              const int64_t *ctx_lens, bf16 *out,
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
                               int64_t block_size, float scale, int64_t window) {
     const int64_t G = H / KVH, DC = D / 16;
@@ -321,7 +322,7 @@ static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *
         const int64_t seq = item / KVH, kvh = item % KVH;
         const int64_t ctx = ctx_lens[seq];
         const int64_t lo = window > 0 && ctx > window ? ctx - window : 0;
-        const int64_t *table = tables + seq * max_blocks;
+        const int64_t *table = tables + (row_table ? row_table[seq] : seq) * max_blocks;
         float *scores = (float *)malloc(sizeof(float) * G * (ctx - lo + 16));
         const bf16 *qp = q + seq * ld_q + kvh * G * D;
         bf16 *op = out + seq * ld_o + kvh * G * D;
@@ -342,11 +343,11 @@ static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *
 }
 
 void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
-                              const int64_t *tables, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
+                              const int64_t *tables, const int64_t *row_table, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
                               int64_t block_size, float scale, int64_t window) {
 #pragma omp parallel
-    decode_attention_bf16_body(q, ld_q, k_cache, v_cache, tables, max_blocks, ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window);
+    decode_attention_bf16_body(q, ld_q, k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -532,8 +533,8 @@ void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * One whole decoder layer (Llama form: pre-norm attention + SiLU MLP) for a batch of decode tokens, in
- * one parallel region: the same kernels as above, separated by the barriers their loops end with.
+ * One whole decoder layer (Llama form: pre-norm attention + SiLU MLP) for a step's tokens (decodes and
+ * prefill rows alike: each row attends its own sequence's cache up to its position), in one parallel region: the same kernels as above, separated by the barriers their loops end with.
  * Replaces ~20 Python-level calls per layer on the steps that are all decodes.
  *   residual = h + residual (residual all zeros for the first layer: exact, x + 0 rounds to x)
  *   x = norm_in(residual); qkv = x Wqkv (+b); rope(q, k), cache <- k, v; a = attention(q, cache)
@@ -544,7 +545,8 @@ void kv_decode_layer_bf16(const bf16 *h, bf16 *residual, bf16 *h_out, int64_t S,
                           int64_t H, int64_t KVH, int64_t D, float eps, const bf16 *norm_in, const bf16 *norm_post,
                           const kv_lin *l_qkv, const kv_lin *l_o, const kv_lin *l_gu, const kv_lin *l_down,
                           const int64_t *positions, const bf16 *cos, const bf16 *sin, bf16 *k_cache,
-                          bf16 *v_cache, const int64_t *slots, const int64_t *tables, int64_t max_blocks,
+                          bf16 *v_cache, const int64_t *slots, const int64_t *tables, const int64_t *row_table,
+                          int64_t max_blocks,
                           const int64_t *ctx_lens, int64_t num_blocks, int64_t block_size, float scale,
                           int64_t window, bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act) {
     const int64_t W = (H + 2 * KVH) * D;
@@ -556,7 +558,7 @@ void kv_decode_layer_bf16(const bf16 *h, bf16 *residual, bf16 *h_out, int64_t S,
         lin_body(l_qkv, x, E, qkv, W, S, W, E, xsum);
         rope_cache_bf16_body(qkv, qkv + H * D, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
                              k_cache, v_cache, slots, num_blocks * block_size, cos != 0);
-        decode_attention_bf16_body(qkv, W, k_cache, v_cache, tables, max_blocks, ctx_lens, a, H * D, S, H, KVH,
+        decode_attention_bf16_body(qkv, W, k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, a, H * D, S, H, KVH,
                                    D, num_blocks, block_size, scale, window);
         lin_body(l_o, a, H * D, h_out, E, S, E, H * D, xsum);
         rms_norm_bf16_body(h_out, E, residual, E, norm_post, x, E, S, E, eps);

@@ -39,6 +39,12 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decodes] long
     prefills: list[PrefillSeq]
     block_size: int
+    # With the CPU kernels, every row of the step as one query over the paged cache (its K/V written
+    # first): block tables of all scheduled sequences, each row's table index and context length
+    # (position + 1). Set by the model runner whenever the kernels run; None on the PyTorch path.
+    token_block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] long
+    token_table_index: torch.Tensor | None = None  # [num_tokens] long
+    token_context_lens: torch.Tensor | None = None  # [num_tokens] long
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:
@@ -128,6 +134,23 @@ def paged_attention(
         k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if (
+        kernels is not None
+        and meta.token_context_lens is not None
+        and kernels.decode_attention_ok(q, num_kv_heads)
+    ):
+        kernels.decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.token_block_tables,
+            meta.token_context_lens,
+            out,
+            scale,
+            window,
+            row_table=meta.token_table_index,
+        )
+        return out
 
     nd = meta.num_decodes
     if nd and kernels is not None and kernels.decode_attention_ok(q, num_kv_heads):

@@ -189,7 +189,7 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         fused = self.fused_decode
-        if fused is not None and meta.num_decodes == input_ids.shape[0]:
+        if fused is not None and meta.token_context_lens is not None:
             h, residual = fused(h, positions, kv_caches, meta)
             return self.model.norm(h, residual)[0]
         residual = None
@@ -200,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [num_seqs, vocab_size]
 
-    fused_decode = None  # kvloom.kernels.FusedDecodeLayers: all-decode steps, one C call per layer
+    fused_decode = None  # kvloom.kernels.FusedDecodeLayers: one C call per layer (steps the kernels take)
 
     def use_kernels(self, kernels, quantization: str = "auto") -> None:
         """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the

@@ -113,3 +113,26 @@ def test_kernels_off_by_config(stories):
     off = LLM(str(stories), dtype="bfloat16", cpu_kernels=False, show_progress=False)
     assert on.engine.runner.kernels is not None and off.engine.runner.kernels is None
     assert on.engine.runner.model.lm_head.weight is None  # packed in place, no second copy
+
+
+def test_prefill_rows_attend_causally_through_row_tables():
+    """A chunk of 20 query rows at positions 30..49 of one sequence plus one decode of another, each row a
+    query over the paged cache (row_table picks the sequence's blocks): causal attention per row."""
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    g = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(kv_heads, 12, bs, d, generator=g).to(BF)
+    v_cache = torch.randn(kv_heads, 12, bs, d, generator=g).to(BF)
+    tables = torch.tensor([[5, 2, 9, 0], [7, 1, 3, 11]])
+    row_table = torch.tensor([0] + [1] * 20)
+    lens = torch.tensor([40] + list(range(31, 51)))
+    q = torch.randn(21, heads, d, generator=g).to(BF)
+    out = torch.empty_like(q)
+    K.decode_attention(q, k_cache, v_cache, tables, lens, out, d**-0.5, None, row_table=row_table)
+    for row in range(21):
+        seq, n = int(row_table[row]), int(lens[row])
+        kp = _gather(k_cache.float(), tables[seq])[:, None, :n]
+        vp = _gather(v_cache.float(), tables[seq])[:, None, :n]
+        ref = _grouped_attention(
+            q[row : row + 1].float()[None], kp, vp, torch.ones(1, 1, n, dtype=torch.bool), d**-0.5
+        )
+        assert (out[row].float() - ref[0, 0]).abs().max() < 2e-2
