@@ -5,6 +5,10 @@ blocks of its block table. Single-token queries (decodes) are batched into one c
 tables; longer queries (prefill chunks) get one call each, in slices of query rows when long. Every call
 is `_grouped_attention`: two batched matmuls with a boolean mask and an fp32 softmax, which on CPU
 measured faster than SDPA's kernels for every shape we run (see its NOTE).
+
+With kvloom's CPU kernels (bf16), the cache write happens in the fused rope kernel and every row, decode
+or prefill, is one query over its sequence's blocks in the C attention kernel (`meta.token_*` tables);
+the PyTorch path below serves everything else (fp32/fp16, CUDA, shapes the kernel does not take).
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
-    kernels=None,  # kvloom.kernels.CpuKernels: decodes read the paged cache in place
+    kernels=None,  # kvloom.kernels.CpuKernels: every row reads the paged cache in place (token tables)
     cache_written: bool = False,  # K/V of this step are in the cache already (the fused rope kernel)
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -153,18 +157,7 @@ def paged_attention(
         return out
 
     nd = meta.num_decodes
-    if nd and kernels is not None and kernels.decode_attention_ok(q, num_kv_heads):
-        kernels.decode_attention(
-            q[:nd],
-            k_cache,
-            v_cache,
-            meta.decode_block_tables,
-            meta.decode_context_lens,
-            out[:nd],
-            scale,
-            window,
-        )
-    elif nd:
+    if nd:
         # [num_kv_heads, num_decodes, max_blocks * block_size, head_dim]
         tables = meta.decode_block_tables
         kd = _gather(k_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
