@@ -110,7 +110,7 @@ class CpuKernels:
 
     @staticmethod
     def pack_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-        """[N, K] -> [ceil(N / 16), K / 2, 16, 2] (zero rows pad N): the layout kv_linear_bf16 streams."""
+        """[N, K] -> [ceil(N / 16), K / 2, 16, 2] (zero rows pad N): the layout linear_bf16_body streams."""
         n, k = weight.shape
         pad = -n % 16
         if pad:
@@ -275,7 +275,6 @@ class FusedDecodeLayers:
         cfg = model.config
         attn0 = model.model.layers[0].self_attn
         self.lib = kernels._lib
-        self.hidden = cfg.hidden_size
         self.inter = cfg.intermediate_size
         self.heads, self.kv_heads, self.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
         self.layers = []
@@ -308,7 +307,9 @@ class FusedDecodeLayers:
                 return False
         return cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta) -> torch.Tensor:
+    def __call__(
+        self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [S, hidden] (embeddings; overwritten) -> (h, residual) after the last layer."""
         s, e = h.shape
         H, KVH, D, inter = self.heads, self.kv_heads, self.head_dim, self.inter
@@ -322,11 +323,7 @@ class FusedDecodeLayers:
         k0 = kv_caches[0][0]
         num_blocks, block_size = k0.shape[1], k0.shape[2]
         hp, rp = _ptr(h), _ptr(residual)
-        step_args = (
-            _ptr(positions),
-            self.cos,
-            self.sin,
-        )
+        step_args = (_ptr(positions), self.cos, self.sin)
         tail = (
             _ptr(meta.slot_mapping),
             _ptr(tables),

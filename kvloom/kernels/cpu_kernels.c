@@ -140,12 +140,6 @@ static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const b
     }
 }
 
-void kv_linear_bf16(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y, int64_t ldy,
-                    int64_t M, int64_t N, int64_t K) {
-#pragma omp parallel
-    linear_bf16_body(x, ldx, wp, bias, y, ldy, M, N, K);
-}
-
 /* ---------------------------------------------------------------------------------------------------
  * RMSNorm, optionally fused with the residual add before it (the transformers Llama arithmetic):
  *   residual = bf16(x + residual)            (when residual is given; written back in place)

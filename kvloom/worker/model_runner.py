@@ -102,7 +102,7 @@ class ModelRunner:
             self.device,
             "kvloom CPU kernels, linear weights "
             + ", ".join(f"{n} {k}" for k, n in sorted(formats.items()))
-            + (", one call per layer on decode steps" if model.fused_decode is not None else "")
+            + (", one call per layer" if model.fused_decode is not None else "")
             if self.kernels is not None
             else "PyTorch ops",
         )
