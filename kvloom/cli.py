@@ -52,6 +52,41 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where kvloom's CPU kernels "
         "run), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
     )
+    s = p.add_argument_group("speculative decoding")
+    s.add_argument(
+        "--speculative-method",
+        default=None,
+        choices=["ngram", "draft"],
+        help="ngram: prompt lookup in the request's own tokens; draft: a smaller model proposes "
+        "(--speculative-model, or the target itself with int4 weights). Off by default",
+    )
+    s.add_argument(
+        "--num-speculative-tokens", type=int, default=3, help="most tokens proposed per step (default: 3)"
+    )
+    s.add_argument(
+        "--speculative-model",
+        default=None,
+        help="draft checkpoint with the target's tokenizer (default: the target with int4 weights)",
+    )
+    s.add_argument(
+        "--speculative-quantization",
+        default=None,
+        choices=["auto", "none", "int8", "int4"],
+        help="the draft's weights (default: int4 for the self-draft, auto for a --speculative-model)",
+    )
+    s.add_argument(
+        "--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix looked up (default: 2)"
+    )
+    s.add_argument(
+        "--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix looked up (default: 4)"
+    )
+    s.add_argument(
+        "--no-adaptive-speculation",
+        dest="adaptive_speculation",
+        action="store_false",
+        help="always propose --num-speculative-tokens (by default k follows each request's acceptance "
+        "rate and the draft's measured cost, and speculation pauses when it does not pay)",
+    )
     g.add_argument(
         "--scheduling-policy",
         default="fcfs",
@@ -74,6 +109,13 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         scheduling_policy=args.scheduling_policy,
         cpu_kernels=args.cpu_kernels,
         quantization=args.quantization,
+        speculative_method=args.speculative_method,
+        num_speculative_tokens=args.num_speculative_tokens,
+        speculative_model=args.speculative_model,
+        speculative_quantization=args.speculative_quantization,
+        prompt_lookup_min=args.prompt_lookup_min,
+        prompt_lookup_max=args.prompt_lookup_max,
+        adaptive_speculation=args.adaptive_speculation,
     )
 
 

@@ -12,6 +12,7 @@ from kvloom.core.scheduler import POLICIES
 from kvloom.layers.quantization import QUANTIZATIONS
 from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
 from kvloom.models import get_model_class
+from kvloom.spec.proposers import SPECULATIVE_METHODS
 
 _DTYPES = {
     "float32": torch.float32,
@@ -80,6 +81,15 @@ class EngineConfig:
     scheduling_policy: str  # fcfs | priority | fair
     cpu_kernels: bool  # bf16 on CPU: kvloom's C kernels where the CPU has AVX-512 BF16 (kvloom/kernels)
     quantization: str  # auto (GGUF runs quantized where the kernels run) | none | int8 | int4
+    # Speculative decoding (kvloom/spec): None | ngram | draft; tokens proposed per step (at most);
+    # the draft checkpoint (None: the target itself) and its quantization; ngram window sizes.
+    speculative_method: str | None = None
+    num_speculative_tokens: int = 3
+    speculative_model: str | None = None
+    speculative_quantization: str = "int4"
+    prompt_lookup_min: int = 2
+    prompt_lookup_max: int = 4
+    adaptive_speculation: bool = True  # per-request k from acceptance and cost; False: always k
 
     @classmethod
     def create(
@@ -100,6 +110,13 @@ class EngineConfig:
         scheduling_policy: str = "fcfs",
         cpu_kernels: bool = True,
         quantization: str = "auto",
+        speculative_method: str | None = None,
+        num_speculative_tokens: int = 3,
+        speculative_model: str | None = None,
+        speculative_quantization: str | None = None,
+        prompt_lookup_min: int = 2,
+        prompt_lookup_max: int = 4,
+        adaptive_speculation: bool = True,
     ) -> EngineConfig:
         checkpoint = resolve_checkpoint(model)
         hf_config = checkpoint.hf_config
@@ -140,6 +157,27 @@ class EngineConfig:
             )
         if num_kv_blocks is not None and num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+        if speculative_method not in (None, *SPECULATIVE_METHODS):
+            raise ValueError(
+                f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} (or unset), "
+                f"got {speculative_method!r}"
+            )
+        if not isinstance(num_speculative_tokens, int) or not 1 <= num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {num_speculative_tokens!r}")
+        if speculative_model is not None and speculative_method != "draft":
+            raise ValueError("speculative_model: only the draft method uses a draft model")
+        if not 1 <= prompt_lookup_min <= prompt_lookup_max:
+            raise ValueError(
+                f"prompt_lookup_min/max: need 1 <= min <= max, got {prompt_lookup_min}, {prompt_lookup_max}"
+            )
+        if speculative_quantization is None:
+            # The target as its own draft is only cheaper with smaller weights; a separate draft runs as is.
+            speculative_quantization = "auto" if speculative_model else "int4"
+        if speculative_quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"speculative_quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                f"got {speculative_quantization!r}"
+            )
         return cls(
             checkpoint=checkpoint,
             hf_config=hf_config,
@@ -157,6 +195,13 @@ class EngineConfig:
             scheduling_policy=scheduling_policy,
             cpu_kernels=cpu_kernels,
             quantization=quantization,
+            speculative_method=speculative_method,
+            num_speculative_tokens=num_speculative_tokens,
+            speculative_model=None if speculative_model is None else str(speculative_model),
+            speculative_quantization=speculative_quantization,
+            prompt_lookup_min=prompt_lookup_min,
+            prompt_lookup_max=prompt_lookup_max,
+            adaptive_speculation=adaptive_speculation,
         )
 
     @property

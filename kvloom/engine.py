@@ -14,6 +14,7 @@ from kvloom.logger import init_logger
 from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
+from kvloom.spec.proposers import build_proposer
 from kvloom.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
@@ -53,6 +54,7 @@ class LLMEngine:
             config.max_model_len,
             config.scheduling_policy,
         )
+        self.proposer = build_proposer(config, self.runner.vocab_size, show_progress)
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, tuple[_Group, int]] = {}  # sample request id -> (group, index)
         self._token_text: dict[int, str] = {}
@@ -209,13 +211,17 @@ class LLMEngine:
             for r in group.samples:
                 r.metrics.finished_time = r.metrics.finished_time or now
             self._drop(group)
+        if self.proposer is not None:
+            self.proposer.forget(self.scheduler.requests)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
     # ---- one iteration ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, and return outputs of requests that got a new token."""
+        """Schedule, run the model once, and return outputs of requests that got new tokens."""
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running)
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -223,34 +229,38 @@ class LLMEngine:
         for s in out.scheduled:
             if s.request.metrics.first_scheduled_time is None:
                 s.request.metrics.first_scheduled_time = now
+        t_exec = time.perf_counter()
         result = self.runner.execute(out)
-        self.num_generation_tokens += len(result.sampled)
+        t_exec = time.perf_counter() - t_exec
         self.num_prompt_tokens += sum(
             max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start)
             for s in out.scheduled
         )
-
-        stop_strings: dict[str, str] = {}
-        touched: dict[str, _Group] = {}
-        for request_id, token in result.sampled.items():
-            group, i = self._sample_group[request_id]
-            request = group.samples[i]
-            detok = group.detokenizers[i]
-            detok.add_token(token)
-            # NOTE: stop strings count only once min_tokens are out (this token included).
-            stop = detok.find_stop(active=request.num_output_tokens + 1 > group.params.min_tokens)
-            if stop is not None:
-                stop_strings[request_id] = stop
-            lp = result.logprobs.get(request_id)
-            if lp is not None:
-                request.cumulative_logprob += lp.logprob
-                if group.params.logprobs is not None:
-                    group.logprobs[i].append(self._position_logprobs(lp))
-            touched[group.request_id] = group
+        if self.proposer is not None:
+            self.proposer.record(out, result, t_exec)
         for request_id, entries in result.prompt_logprobs.items():
             self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
 
-        self.scheduler.update_from_output(out, result.sampled, stop_strings)
+        touched: dict[str, _Group] = {}
+
+        def on_token(request: Request, j: int, token: int) -> str | None:
+            """The j-th new token of a request is appended: text, stop strings, logprobs."""
+            group, i = self._sample_group[request.request_id]
+            self.num_generation_tokens += 1
+            touched[group.request_id] = group
+            detok = group.detokenizers[i]
+            detok.add_token(token)
+            lps = result.logprobs.get(request.request_id)
+            if lps is not None:
+                request.cumulative_logprob += lps[j].logprob
+                if group.params.logprobs is not None:
+                    group.logprobs[i].append(self._position_logprobs(lps[j]))
+            # NOTE: stop strings count only once min_tokens are out (this token included).
+            return detok.find_stop(active=request.num_output_tokens > group.params.min_tokens)
+
+        self.scheduler.update_from_output(out, result.sampled, on_token)
+        if self.proposer is not None:
+            self.proposer.forget(self.scheduler.requests)
         if time.monotonic() - self._last_log > _LOG_INTERVAL_S:
             self._last_log = time.monotonic()
             logger.info(self.stats_line())
@@ -273,12 +283,19 @@ class LLMEngine:
     def stats_line(self) -> str:
         kv = self.kv_cache_manager
         hit_rate = kv.num_hit_tokens / kv.num_queried_tokens if kv.num_queried_tokens else 0.0
-        return (
+        line = (
             f"running {self.scheduler.num_running}, waiting {self.scheduler.num_waiting}, "
             f"KV usage {kv.usage:.1%}, prefix cache hit rate {hit_rate:.1%} "
             f"({kv.num_hit_tokens}/{kv.num_queried_tokens} prompt tokens), "
             f"preemptions {self.scheduler.num_preemptions}, generated {self.num_generation_tokens} tokens"
         )
+        if self.proposer is not None:
+            st = self.proposer.stats
+            line += (
+                f", speculation: {st.num_accepted_tokens}/{st.num_draft_tokens} proposed tokens accepted "
+                f"({st.acceptance_rate:.1%}) in {st.num_drafts} verifications"
+            )
+        return line
 
     # ---- outputs ------------------------------------------------------------------------------------
     def _drop(self, group: _Group) -> None:

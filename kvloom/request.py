@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.sampling_params import SamplingParams
 
@@ -86,6 +87,11 @@ class Request:
     # Logprobs of prompt tokens 1.. (when prompt_logprobs asks), filled chunk by chunk.
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    # Speculative decoding: tokens proposed for the positions after the last one, verified in the next
+    # step as extra tokens of the request (set by the proposer, cleared by the scheduler), and the
+    # proposer's distributions they were drawn from ([k, vocab] float32; None for a point mass: ngram).
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -124,6 +124,16 @@ class KVCacheManager:
         self._blocks[dst.request_id] = list(shared)
         return len(shared) * self.block_size
 
+    def truncate(self, request: Request, num_tokens: int) -> None:
+        """Keep only the blocks holding the request's first ``num_tokens`` tokens (speculative tokens that
+        were rejected roll back this way). Dropped blocks were never cached: only computed, accepted
+        tokens' full blocks are."""
+        blocks = self._blocks.get(request.request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks and len(blocks) > keep:
+            self.block_pool.free(blocks[keep:][::-1])
+            del blocks[keep:]
+
     def free(self, request: Request) -> None:
         """Release all blocks of a request (tail first, so the tail is reused before the prefix)."""
         blocks = self._blocks.pop(request.request_id, [])

@@ -6,6 +6,11 @@ waiting ones in policy order. Chunked prefill, prefill/decode mixing, prefix-cac
 with ``num_computed_tokens > 0``) and recompute after preemption all fall out of this rule; there is no
 prefill phase and no decode phase.
 
+Speculative decoding rides on the same rule: a proposer sets ``request.spec_token_ids`` before the step,
+and the request's uncomputed tokens then include them (a decode becomes 1 + k tokens, scored in the one
+forward pass). ``update_from_output`` counts only the accepted ones as computed and rolls the KV slots of
+the rejected ones back.
+
 Policies (the order of the waiting queue, and who is preempted):
 - ``fcfs``: arrival order; when blocks run out, the newest running request is preempted.
 - ``priority``: (priority, arrival), lower values first. ``running`` is kept in that order, so the
@@ -22,6 +27,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
@@ -40,6 +46,9 @@ class ScheduledRequest:
     block_ids: list[int]
     # Whether this step reaches the end of the request's tokens, so its last logits are sampled.
     samples: bool
+    # Speculative tokens at the end of this step's tokens (request.spec_token_ids, all of them scheduled):
+    # the last 1 + num_spec rows are sampled and verified.
+    num_spec: int = 0
 
 
 @dataclass
@@ -159,7 +168,10 @@ class Scheduler:
             # NOTE: keep one token of budget for every running request after this one, so a long
             # prefill chunk can never starve the decodes behind it.
             reserve = len(self.running) - i - 1
-            num_new = min(request.num_tokens - request.num_computed_tokens, max(1, budget - reserve))
+            num_new = min(
+                request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens,
+                max(1, budget - reserve),
+            )
             while not self.kv.allocate_slots(request, num_new):
                 # Out of blocks: preempt the last running request (the newest, or the lowest-priority).
                 victim = self.running.pop()
@@ -215,11 +227,17 @@ class Scheduler:
             self._preempt(victim, out)
 
     def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int], stop_strings: dict[str, str] | None = None
+        self,
+        out: SchedulerOutput,
+        sampled: dict[str, list[int]],
+        on_token: Callable[[Request, int, int], str | None] | None = None,
     ) -> list[Request]:
         """Advance computed tokens, cache full blocks, append sampled tokens, fork samples, finish requests.
 
-        ``stop_strings``: requests whose text now contains a stop string (found by the detokenizer).
+        ``sampled``: each sampling request's new tokens, in order (more than one after speculation: the
+        accepted proposals, then the target's own token). They are appended one by one and the rest are
+        dropped once one of them finishes the request. ``on_token(request, i, token)`` is called after
+        the i-th is appended and returns a stop string the text now contains (the detokenizer's), or None.
         Returns the requests that finished.
         """
         finished = []
@@ -227,23 +245,33 @@ class Scheduler:
             request = s.request
             if request.is_finished:
                 continue
+            tokens = sampled.get(request.request_id)
             request.num_computed_tokens += s.num_new_tokens
+            if s.num_spec:
+                # Proposals after the first rejected one were computed for nothing: roll them back.
+                num_rejected = s.num_spec - (len(tokens) - 1)
+                request.num_computed_tokens -= num_rejected
+                if num_rejected:
+                    self.kv.truncate(request, request.num_computed_tokens)
+                request.spec_token_ids, request.spec_probs = [], None
             self.kv.cache_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is None:
+            if tokens is None:
                 continue
-            if self.policy == "fair":
-                self._charge(request.user, _W_OUTPUT)
-            request.output_token_ids.append(token)
-            if request.request_id in self._forks:
-                self._fork(request)
-            status = self._check_stop(request, token)
-            if stop_strings and request.request_id in stop_strings:
-                status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop_strings[request.request_id]
-            if status is not None:
-                self.running.remove(request)
-                self._finish(request, status)
-                finished.append(request)
+            for i, token in enumerate(tokens):
+                if self.policy == "fair":
+                    self._charge(request.user, _W_OUTPUT)
+                request.output_token_ids.append(token)
+                if request.request_id in self._forks:
+                    self._fork(request)
+                status = self._check_stop(request, token)
+                stop = on_token(request, i, token) if on_token is not None else None
+                if stop is not None:
+                    status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+                if status is not None:
+                    self.running.remove(request)
+                    self._finish(request, status)
+                    finished.append(request)
+                    break
         return finished
 
     # ---- helpers ----------------------------------------------------------------------------------
@@ -252,15 +280,23 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        # Proposals that do not fit the token budget are dropped; a partial set is still verified.
+        num_spec = max(0, start + num_new - request.num_tokens)
+        if num_spec < len(request.spec_token_ids):
+            del request.spec_token_ids[num_spec:]
+            if request.spec_probs is not None:
+                request.spec_probs = request.spec_probs[:num_spec]
         return ScheduledRequest(
             request,
             start,
             num_new,
             self.kv.get_block_ids(request.request_id),
-            start + num_new == request.num_tokens,
+            start + num_new >= request.num_tokens,
+            num_spec,
         )
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        request.spec_token_ids, request.spec_probs = [], None
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0

@@ -8,13 +8,40 @@ from its own generator: a seeded request gets the same tokens whatever else is i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvloom.request import Request
+from kvloom.sampling_params import SamplingParams
 
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class SampleRow:
+    """A request as the sampler sees it at a row after ``extra`` proposed tokens (speculative decoding):
+    penalties, min_tokens and the seeded draw then count those tokens as already generated."""
+
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+    index: int
+
+    @classmethod
+    def of(cls, request: Request, extra: list[int]) -> SampleRow:
+        return cls(
+            request.sampling_params,
+            request.prompt_token_ids,
+            request.output_token_ids + extra,
+            request.eos_token_ids,
+            request.index,
+        )
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
 
 
 @dataclass
@@ -42,7 +69,9 @@ class SamplingBatch:
     num_logprobs: int  # largest top-N asked for; -1 when no row needs logprobs
 
     @classmethod
-    def build(cls, requests: list[Request], vocab_size: int, device: torch.device) -> SamplingBatch:
+    def build(
+        cls, requests: list[Request | SampleRow], vocab_size: int, device: torch.device
+    ) -> SamplingBatch:
         params = [r.sampling_params for r in requests]
         t = lambda xs, dtype=torch.float32: torch.tensor(xs, dtype=dtype, device=device)  # noqa: E731
         top_k = [p.top_k if p.top_k > 0 else vocab_size for p in params]
@@ -113,6 +142,16 @@ class SamplerOutput:
     rank: torch.Tensor | None  # [batch] 1 = the most likely token
     top_ids: torch.Tensor | None  # [batch, num_logprobs]
     top_logprobs: torch.Tensor | None  # [batch, num_logprobs]
+    # With keep_probs: the distribution each row was drawn from (None when all rows are greedy), and the
+    # raw logprobs (None when no row needs logprobs).
+    probs: torch.Tensor | None = None
+    raw_logprobs: torch.Tensor | None = field(default=None, repr=False)
+
+    def with_tokens(self, tokens: torch.Tensor) -> SamplerOutput:
+        """The same rows with other tokens chosen (verification replaced some): logprobs follow them."""
+        if self.raw_logprobs is None:
+            return SamplerOutput(tokens, None, None, None, None, self.probs)
+        return _with_logprobs(tokens, self.raw_logprobs, self.top_ids.shape[1], self.probs)
 
 
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
@@ -165,7 +204,9 @@ def _truncate(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None) -> SamplerOutput:
+def sample(
+    logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | None, keep_probs: bool = False
+) -> SamplerOutput:
     """logits: [batch, vocab] float32 (not modified) -> SamplerOutput."""
     raw_logprobs = logits.log_softmax(dim=-1) if b.num_logprobs >= 0 else None
     if b.bias is not None or b.banned is not None:
@@ -179,6 +220,7 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
         logits = apply_penalties(logits, b)
 
     tokens = logits.argmax(dim=-1)
+    probs = None
     if not b.all_greedy:
         is_greedy = b.temperature == 0.0
         scaled = logits / torch.where(is_greedy, 1.0, b.temperature)[:, None]
@@ -194,9 +236,19 @@ def sample(logits: torch.Tensor, b: SamplingBatch, generator: torch.Generator | 
             noise[row].exponential_(generator=g)
         tokens = torch.where(is_greedy, tokens, (probs / noise).argmax(dim=-1))
 
+    probs = probs if keep_probs else None
     if raw_logprobs is None:
-        return SamplerOutput(tokens, None, None, None, None)
+        return SamplerOutput(tokens, None, None, None, None, probs)
+    out = _with_logprobs(tokens, raw_logprobs, b.num_logprobs, probs)
+    if not keep_probs:
+        out.raw_logprobs = None
+    return out
+
+
+def _with_logprobs(
+    tokens: torch.Tensor, raw_logprobs: torch.Tensor, num_logprobs: int, probs: torch.Tensor | None
+) -> SamplerOutput:
     logprob = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
     rank = (raw_logprobs > logprob[:, None]).sum(dim=-1) + 1
-    top_logprobs, top_ids = raw_logprobs.topk(b.num_logprobs, dim=-1)
-    return SamplerOutput(tokens, logprob, rank, top_ids, top_logprobs)
+    top_logprobs, top_ids = raw_logprobs.topk(num_logprobs, dim=-1)
+    return SamplerOutput(tokens, logprob, rank, top_ids, top_logprobs, probs, raw_logprobs)

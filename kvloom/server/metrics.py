@@ -30,6 +30,13 @@ _LATENCY_BUCKETS = (
 )
 
 
+def _advance(counters, now, last) -> None:
+    """Move Prometheus counters along with engine counters (``now``) since the last observation."""
+    for c, new, old in zip(counters, now, last, strict=True):
+        if new > old:
+            c.inc(new - old)
+
+
 class ServerMetrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
@@ -62,6 +69,17 @@ class ServerMetrics:
             registry=r,
         )
         self.model_name = model_name
+        self.spec_drafts = counter("kvloom:spec_decode_num_drafts", "Verifications of proposed tokens.")
+        self.spec_draft_tokens = counter("kvloom:spec_decode_num_draft_tokens", "Tokens proposed.")
+        self.spec_accepted = counter("kvloom:spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
+        self._spec_per_pos = Counter(
+            "kvloom:spec_decode_num_accepted_tokens_per_pos",
+            "Proposed tokens accepted, by position in the proposal (0 = first).",
+            ["model_name", "position"],
+            registry=r,
+        )
+        self._spec_last = (0, 0, 0)
+        self._spec_pos_last: list[int] = []
         self.ttft = histogram("kvloom:time_to_first_token_seconds", "Arrival to first token.")
         self.tpot = histogram("kvloom:time_per_output_token_seconds", "Mean time between output tokens.")
         self.e2e = histogram("kvloom:e2e_request_latency_seconds", "Arrival to finish.")
@@ -88,10 +106,10 @@ class ServerMetrics:
             self.cache_queries,
             self.cache_hits,
         )
-        for c, new, old in zip(counters, now, self._last, strict=True):
-            if new > old:
-                c.inc(new - old)
+        _advance(counters, now, self._last)
         self._last = now
+        if engine.proposer is not None:
+            self._observe_spec(engine.proposer.stats)
         for out in outputs:
             if not out.finished:
                 continue
@@ -107,6 +125,15 @@ class ServerMetrics:
                 n = len(out.outputs[0].token_ids)
                 if n > 1 and m.first_token_time is not None:
                     self.tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
+
+    def _observe_spec(self, st) -> None:
+        now = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens)
+        _advance((self.spec_drafts, self.spec_draft_tokens, self.spec_accepted), now, self._spec_last)
+        self._spec_last = now
+        per_pos = st.accepted_per_position
+        children = [self._spec_per_pos.labels(self.model_name, str(j)) for j in range(len(per_pos))]
+        _advance(children, per_pos, self._spec_pos_last or [0] * len(per_pos))
+        self._spec_pos_last = list(per_pos)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -16,10 +16,11 @@ from kvloom.core.kv_cache_manager import cdiv
 from kvloom.core.scheduler import SchedulerOutput
 from kvloom.layers.attention import AttentionMetadata, PrefillSeq
 from kvloom.layers.linear import Linear
-from kvloom.layers.sampler import SamplerOutput, SamplingBatch, sample
+from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
 from kvloom.request import Request, TokenLogprobs
+from kvloom.spec.verify import verify
 
 logger = init_logger(__name__)
 
@@ -36,8 +37,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # Each sampling request's new tokens: one, or after speculation the accepted proposals and one more.
+    sampled: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per new token
+    # Speculating requests: how many of their proposals were accepted.
+    num_accepted: dict[str, int] = field(default_factory=dict)
+    # With keep_probs: the distribution each sampling request's last token was drawn from ([vocab]).
+    probs: dict[str, torch.Tensor] = field(default_factory=dict)
     # New prompt logprobs per request, for consecutive positions after those it already has.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
@@ -131,8 +137,10 @@ class ModelRunner:
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step; sample every request that reached its last token."""
+    def execute(self, out: SchedulerOutput, keep_probs: bool = False) -> ModelRunnerOutput:
+        """Run one step; sample every request that reached its last token, verifying its proposals.
+        ``keep_probs``: also return the distribution each request's token was drawn from (a draft
+        model's proposals need them)."""
         bs = self.config.block_size
         # Single-token queries first: the attention batches them in one call.
         entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
@@ -145,7 +153,8 @@ class ModelRunner:
         decode_tables = np.zeros((num_decodes, max_blocks), dtype=np.int64)
         decode_lens = np.zeros(num_decodes, dtype=np.int64)
         sample_rows: list[int] = []
-        samplers: list[Request] = []
+        samplers: list[Request | SampleRow] = []
+        owners: list[tuple[Request, int, int]] = []  # (request, its first sampler index, proposals)
         prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
         row = 0
         # With the CPU kernels every row, decode or prefill, is one query over the paged cache (K/V are
@@ -158,7 +167,9 @@ class ModelRunner:
             token_tables = np.zeros((len(entries), width), dtype=np.int64)
         for i, s in enumerate(entries):
             end = s.start + s.num_new_tokens
-            input_ids += s.request.token_ids_slice(s.start, end)
+            input_ids += s.request.token_ids_slice(s.start, end - s.num_spec)
+            spec = s.request.spec_token_ids[: s.num_spec]
+            input_ids += spec
             pos = np.arange(s.start, end, dtype=np.int64)
             table = np.asarray(s.block_ids, dtype=np.int64)
             positions.append(pos)
@@ -181,8 +192,11 @@ class ModelRunner:
                     prompt_lp.append((s.request, row + first - 1 - s.start, first, count))
             row += s.num_new_tokens
             if s.samples:
-                sample_rows.append(row - 1)
-                samplers.append(s.request)
+                # Row j of the last 1 + num_spec predicts the token after proposals 1..j.
+                owners.append((s.request, len(samplers), s.num_spec))
+                for j in range(s.num_spec + 1):
+                    sample_rows.append(row - 1 - s.num_spec + j)
+                    samplers.append(s.request if j == 0 else SampleRow.of(s.request, spec[:j]))
 
         dev = self.device
         flat_positions = np.concatenate(positions)
@@ -217,12 +231,48 @@ class ModelRunner:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         batch = SamplingBatch.build(samplers, self.vocab_size, dev)
-        sampled = sample(logits, batch, self.generator)
+        speculating = any(k for _, _, k in owners)
+        sampled = sample(logits, batch, self.generator, keep_probs=keep_probs or speculating)
         tokens = sampled.tokens.tolist()  # the one host copy per step (more only when logprobs are asked)
-        result.sampled = {r.request_id: t for r, t in zip(samplers, tokens, strict=True)}
+        emitted: list[tuple[Request, int, list[int]]] = []  # (request, first sampler index, new tokens)
+        replaced = False
+        for request, i, k in owners:
+            new = tokens[i : i + 1]
+            if k:
+                params = request.sampling_params
+                new = verify(
+                    tokens[i : i + k + 1],
+                    request.spec_token_ids[:k],
+                    params.greedy,
+                    sampled.probs[i : i + k + 1] if sampled.probs is not None else None,
+                    request.spec_probs,
+                    self._verify_generator(request),
+                )
+                result.num_accepted[request.request_id] = len(new) - 1
+                if new != tokens[i : i + len(new)]:
+                    tokens[i : i + len(new)] = new
+                    replaced = True
+            emitted.append((request, i, new))
+            result.sampled[request.request_id] = new
+            if keep_probs:
+                last = i + len(new) - 1
+                greedy = sampled.probs is None or request.sampling_params.greedy
+                result.probs[request.request_id] = (
+                    _one_hot(tokens[last], logits) if greedy else sampled.probs[last]
+                )
+        if replaced:  # logprobs follow the tokens verification chose
+            sampled = sampled.with_tokens(torch.tensor(tokens, device=dev))
         if sampled.logprob is not None:
-            result.logprobs = _token_logprobs(samplers, tokens, sampled)
+            result.logprobs = _token_logprobs(emitted, samplers, sampled)
         return result
+
+    def _verify_generator(self, request: Request) -> torch.Generator:
+        """Seeded requests draw their acceptance tests from their own generator (keyed like their
+        samples), so a seeded request's output does not depend on the batch."""
+        if request.sampling_params.seed is None:
+            return self.generator
+        key = hash((request.sampling_params.seed, request.index, request.num_output_tokens, "verify"))
+        return torch.Generator(self.device).manual_seed(key & ((1 << 63) - 1))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, pos: int) -> list[TokenLogprobs]:
         """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per hidden row."""
@@ -245,21 +295,28 @@ class ModelRunner:
         ]
 
 
+def _one_hot(token: int, logits: torch.Tensor) -> torch.Tensor:
+    probs = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+    probs[token] = 1.0
+    return probs
+
+
 def _token_logprobs(
-    requests: list[Request], tokens: list[int], out: SamplerOutput
-) -> dict[str, TokenLogprobs]:
+    emitted: list[tuple[Request, int, list[int]]], rows: list[Request | SampleRow], out: SamplerOutput
+) -> dict[str, list[TokenLogprobs]]:
+    """Logprobs of each request's new tokens (rows i, i + 1, ... of the sampled ones)."""
+    logprob, rank = out.logprob.tolist(), out.rank.tolist()
+    top_ids, top_lps = out.top_ids.tolist(), out.top_logprobs.tolist()
     result = {}
-    for r, t, lp, rank, ids, lps in zip(
-        requests,
-        tokens,
-        out.logprob.tolist(),
-        out.rank.tolist(),
-        out.top_ids.tolist(),
-        out.top_logprobs.tolist(),
-        strict=True,
-    ):
-        params = r.sampling_params
-        if params.needs_sampled_logprob:
-            k = params.logprobs or 0
-            result[r.request_id] = TokenLogprobs(t, lp, rank, list(zip(ids[:k], lps[:k], strict=True)))
+    for request, i, tokens in emitted:
+        params = request.sampling_params
+        if not params.needs_sampled_logprob:
+            continue
+        n = params.logprobs or 0
+        result[request.request_id] = [
+            TokenLogprobs(
+                t, logprob[i + j], rank[i + j], list(zip(top_ids[i + j][:n], top_lps[i + j][:n], strict=True))
+            )
+            for j, t in enumerate(tokens)
+        ]
     return result

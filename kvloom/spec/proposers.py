@@ -1,0 +1,318 @@
+"""Proposers for speculative decoding, and how many tokens each request speculates.
+
+Before every step the engine asks the proposer for tokens that follow each decoding request
+(``request.spec_token_ids``); the scheduler schedules them as extra tokens of the request and the model
+runner verifies them (kvloom/spec/verify.py). Two proposers:
+
+- ``ngram`` (prompt lookup): the last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are
+  looked up in the request's own prompt and output; the tokens that followed their latest earlier
+  occurrence are proposed. Free to compute; strong when the output copies its input (edits, summaries,
+  code refactoring).
+- ``draft``: a smaller model with the same vocabulary (a separate checkpoint, or the target itself with
+  int4 weights) runs k single-token steps per engine step on its own paged KV cache. Its KV cache keeps
+  what it computed for tokens the target accepted, so each step only catches up on the new ones.
+
+How many tokens to propose is decided per request from its recent acceptance rate a and the measured
+cost of a proposal: k maximizes the expected tokens per step, (1 - a^(k+1)) / (1 - a), divided by the cost
+of the step, 1 + k (c_draft + c_row) (c_draft: one draft pass relative to a target step, measured;
+c_row: one more verified row, a constant). When no k > 0 is expected to gain at least 5%, the request
+does not speculate, and proposes one token every ``_PROBE_EVERY`` steps to notice when it would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from kvloom.core.kv_cache_manager import KVCacheManager
+from kvloom.core.scheduler import ScheduledRequest, SchedulerOutput
+from kvloom.logger import init_logger
+from kvloom.request import Request, RequestStatus
+from kvloom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvloom.config import EngineConfig
+    from kvloom.worker.model_runner import ModelRunnerOutput
+
+logger = init_logger(__name__)
+
+SPECULATIVE_METHODS = ("ngram", "draft")
+_DECAY = 0.8  # weight of the older acceptance observations per verification
+_ROW_COST = 0.02  # one more verified row, as a fraction of a decode step (bandwidth-bound: rows are cheap)
+_PROBE_EVERY = 8
+_MIN_GAIN = 0.05  # speculate only where the expected speed-up is at least this (estimates are rough)
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Counters since start: verification steps with proposals, tokens proposed and accepted, and
+    accepted tokens by position (index j: proposal j + 1 was accepted)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_per_draft": self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0,
+            "acceptance_per_position": [
+                n / self.num_drafts if self.num_drafts else 0.0 for n in self.accepted_per_position
+            ],
+        }
+
+
+def expected_tokens(rate: float, k: int) -> float:
+    """Tokens per verification step when each proposal is accepted with probability ``rate``."""
+    return float(k + 1) if rate >= 1.0 else (1.0 - rate ** (k + 1)) / (1.0 - rate)
+
+
+class Proposer:
+    """Chooses k per request and fills ``spec_token_ids``; subclasses say what the tokens are."""
+
+    draft_cost = 0.0  # one proposal pass, as a fraction of a target step
+    _step_time = 0.0  # the last target step, seconds
+
+    def __init__(self, num_speculative_tokens: int, max_model_len: int, adaptive: bool = True) -> None:
+        self.k = num_speculative_tokens
+        self.max_model_len = max_model_len
+        self.adaptive = adaptive
+        self.stats = SpecStats(accepted_per_position=[0] * num_speculative_tokens)
+        self._accepted: dict[str, tuple[float, float]] = {}  # request id -> decayed (accepted, trials)
+        self._idle: dict[str, int] = {}  # request id -> steps without speculating
+
+    def num_tokens_for(self, request: Request) -> int:
+        """How many tokens to propose for a decoding request (0: not this step)."""
+        params = request.sampling_params
+        # Never propose past max_tokens (the step emits up to k + 1) or past max_model_len.
+        limit = min(
+            self.k,
+            params.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        if limit <= 0 or not self.adaptive:
+            return max(limit, 0)
+        accepted, trials = self._accepted.get(request.request_id, (0.0, 0.0))
+        rate = (accepted + 1.0) / (trials + 2.0)  # a uniform prior before the first verifications
+        cost = self.draft_cost + _ROW_COST
+        gain = [expected_tokens(rate, k) / (1.0 + k * cost) for k in range(limit + 1)]
+        best = max(range(limit + 1), key=gain.__getitem__)
+        if gain[best] < 1.0 + _MIN_GAIN:
+            best = 0
+        if best == 0:
+            idle = self._idle.get(request.request_id, 0) + 1
+            self._idle[request.request_id] = idle
+            if idle % _PROBE_EVERY == 0:
+                best = 1
+        return best
+
+    def propose(self, running: list[Request]) -> None:
+        """Set ``spec_token_ids`` of every running request that is decoding (one uncomputed token)."""
+        wanted = []
+        for r in running:
+            r.spec_token_ids, r.spec_probs = [], None
+            if r.status == RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1:
+                k = self.num_tokens_for(r)
+                if k > 0:
+                    wanted.append((r, k))
+        self._propose(wanted)
+
+    def _propose(self, wanted: list[tuple[Request, int]]) -> None:
+        raise NotImplementedError
+
+    def record(self, out: SchedulerOutput, result: ModelRunnerOutput, step_time: float) -> None:
+        """Count a step's verifications and update each request's acceptance rate."""
+        for s in out.scheduled:
+            if not s.num_spec:
+                continue
+            rid = s.request.request_id
+            a = result.num_accepted[rid]
+            st = self.stats
+            st.num_drafts += 1
+            st.num_draft_tokens += s.num_spec
+            st.num_accepted_tokens += a
+            for j in range(a):
+                st.accepted_per_position[j] += 1
+            accepted, trials = self._accepted.get(rid, (0.0, 0.0))
+            self._accepted[rid] = (
+                _DECAY * accepted + a,
+                _DECAY * trials + a + (1 if a < s.num_spec else 0),
+            )
+            self._idle.pop(rid, None)
+        self._step_time = step_time
+
+    def forget(self, live: Collection[str]) -> None:
+        """Drop the state of finished requests (``live``: the ids of those not finished)."""
+        for d in (self._accepted, self._idle):
+            for rid in [r for r in d if r not in live]:
+                del d[rid]
+
+
+class NgramProposer(Proposer):
+    def __init__(
+        self, num_speculative_tokens: int, max_model_len: int, min_n: int, max_n: int, adaptive: bool = True
+    ) -> None:
+        super().__init__(num_speculative_tokens, max_model_len, adaptive)
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"prompt_lookup_min/max: need 1 <= min <= max, got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+
+    def _propose(self, wanted: list[tuple[Request, int]]) -> None:
+        for r, k in wanted:
+            tokens = np.asarray(r.prompt_token_ids + r.output_token_ids, dtype=np.int64)
+            r.spec_token_ids = ngram_lookup(tokens, k, self.min_n, self.max_n)
+
+
+def ngram_lookup(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix (max_n down to
+    min_n tokens) found earlier in ``tokens``; [] when none is."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n :]
+        # Windows starting at 0 .. length - n - 1: every earlier occurrence (the suffix itself excluded).
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[: length - 1], n)
+        hits = np.flatnonzero((windows == suffix).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return tokens[start : start + k].tolist()
+    return []
+
+
+class DraftProposer(Proposer):
+    """A draft model on its own ModelRunner and KV pool; each request has a mirror Request there."""
+
+    def __init__(
+        self, draft_config: EngineConfig, num_speculative_tokens: int, adaptive: bool, show_progress: bool
+    ) -> None:
+        from kvloom.worker.model_runner import ModelRunner
+
+        super().__init__(num_speculative_tokens, draft_config.max_model_len, adaptive)
+        self.config = draft_config
+        self.runner = ModelRunner(draft_config, show_progress)
+        self.kv = KVCacheManager(self.runner.num_blocks, draft_config.block_size, enable_prefix_caching=False)
+        self.mirrors: dict[str, Request] = {}
+
+    def forget(self, live: Collection[str]) -> None:
+        """Also free the draft KV blocks of finished requests."""
+        super().forget(live)
+        for rid in [rid for rid in self.mirrors if rid not in live]:
+            self.kv.forget(self.mirrors.pop(rid))
+
+    def _propose(self, wanted: list[tuple[Request, int]]) -> None:
+        if not wanted:
+            return
+        t0 = time.perf_counter()
+        active = []
+        for r, k in wanted:
+            m = self.mirrors.get(r.request_id)
+            if m is None:
+                m = self.mirrors[r.request_id] = Request(
+                    r.request_id,
+                    r.prompt_token_ids,
+                    _draft_params(r.sampling_params),
+                    r.eos_token_ids,
+                    index=r.index,
+                )
+            # Its KV holds what it computed for the tokens the target has since accepted (and maybe its
+            # own rejected proposals after them, which are rolled back here).
+            m.num_computed_tokens = min(m.num_computed_tokens, r.num_computed_tokens)
+            m.output_token_ids = list(r.output_token_ids)
+            self.kv.truncate(m, m.num_computed_tokens)
+            active.append((r, m, k, [], []))
+        num_passes = 0
+        while active:
+            out = SchedulerOutput()
+            for _, m, _, _, _ in active:
+                num_new = m.num_tokens - m.num_computed_tokens
+                if not self.kv.allocate_slots(m, num_new):
+                    continue  # the draft's pool is full: this request stops proposing for now
+                out.scheduled.append(
+                    ScheduledRequest(
+                        m, m.num_computed_tokens, num_new, self.kv.get_block_ids(m.request_id), True
+                    )
+                )
+            if out.is_empty:
+                break
+            result = self.runner.execute(out, keep_probs=True)
+            num_passes += 1
+            scheduled = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+            still = []
+            for r, m, k, tokens, probs in active:
+                if m.request_id not in scheduled:
+                    continue
+                m.num_computed_tokens += scheduled[m.request_id]
+                token = result.sampled[m.request_id][0]
+                m.output_token_ids.append(token)
+                tokens.append(token)
+                probs.append(result.probs[m.request_id])
+                r.spec_token_ids = list(tokens)
+                r.spec_probs = None if r.sampling_params.greedy else torch.stack(probs)
+                if len(tokens) < k:
+                    still.append((r, m, k, tokens, probs))
+            active = still
+        if num_passes and self._step_time > 0:
+            # NOTE: the first passes of a request include its prompt (the draft's prefill), which makes
+            # the estimate high for a while; it is an average of recent steps.
+            per_pass = (time.perf_counter() - t0) / num_passes / self._step_time
+            self.draft_cost = per_pass if self.draft_cost == 0.0 else 0.8 * self.draft_cost + 0.2 * per_pass
+
+
+def _draft_params(params: SamplingParams) -> SamplingParams:
+    """The request's sampling rule for the draft, without the outputs only the target reports. A seeded
+    request's draft draws use a seed of their own, so they are independent of the target's."""
+    seed = None if params.seed is None else hash((params.seed, "draft")) & ((1 << 63) - 1)
+    return dataclasses.replace(params, n=1, best_of=None, logprobs=None, prompt_logprobs=None, seed=seed)
+
+
+def build_proposer(config: EngineConfig, vocab_size: int, show_progress: bool = True) -> Proposer | None:
+    """The proposer the config asks for (None without speculation)."""
+    method = config.speculative_method
+    if method is None:
+        return None
+    if method == "ngram":
+        return NgramProposer(
+            config.num_speculative_tokens,
+            config.max_model_len,
+            config.prompt_lookup_min,
+            config.prompt_lookup_max,
+            config.adaptive_speculation,
+        )
+    from kvloom.config import EngineConfig
+
+    draft_config = EngineConfig.create(
+        config.speculative_model or str(config.checkpoint.path),
+        dtype=config.dtype,
+        device=config.device,
+        max_model_len=config.max_model_len,
+        block_size=config.block_size,
+        kv_cache_memory=config.kv_cache_memory,
+        num_kv_blocks=config.num_kv_blocks,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        seed=config.seed,
+        enable_prefix_caching=False,
+        cpu_kernels=config.cpu_kernels,
+        quantization=config.speculative_quantization,
+    )
+    proposer = DraftProposer(
+        draft_config, config.num_speculative_tokens, config.adaptive_speculation, show_progress
+    )
+    if proposer.runner.vocab_size != vocab_size:
+        raise ValueError(
+            f"speculative_model: the draft's vocabulary has {proposer.runner.vocab_size} tokens, the "
+            f"target's {vocab_size}; a draft must share the target's tokenizer"
+        )
+    return proposer
