@@ -16,7 +16,8 @@ How many tokens to propose is decided per request from its recent acceptance rat
 cost of a proposal: k maximizes the expected tokens per step, (1 - a^(k+1)) / (1 - a), divided by the cost
 of the step, 1 + k (c_draft + c_row) (c_draft: one draft pass relative to a target step, measured;
 c_row: one more verified row, a constant). When no k > 0 is expected to gain at least 5%, the request
-does not speculate, and proposes one token every ``_PROBE_EVERY`` steps to notice when it would.
+does not speculate, and probes with one token after 8 steps, then 16, ..., 128 while the probes show no
+gain, to notice when it would.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ logger = init_logger(__name__)
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 _DECAY = 0.8  # weight of the older acceptance observations per verification
-_ROW_COST = 0.02  # one more verified row, as a fraction of a decode step (bandwidth-bound: rows are cheap)
-_PROBE_EVERY = 8
+_ROW_COST = 0.05  # one more verified row, as a fraction of a decode step, until it is measured
+# Paused requests probe with one token after 8 steps, then 16, ... 128 while probes show no gain (each
+# probe first catches the draft up on the tokens since the last one).
+_FIRST_PAUSE, _MAX_PAUSE = 8, 128
 _MIN_GAIN = 0.05  # speculate only where the expected speed-up is at least this (estimates are rough)
 
 
@@ -83,8 +86,7 @@ def expected_tokens(rate: float, k: int) -> float:
 class Proposer:
     """Chooses k per request and fills ``spec_token_ids``; subclasses say what the tokens are."""
 
-    draft_cost = 0.0  # one proposal pass, as a fraction of a target step
-    _step_time = 0.0  # the last target step, seconds
+    _pass_time = 0.0  # one proposal pass, seconds (recent average; 0 for free proposals)
 
     def __init__(self, num_speculative_tokens: int, max_model_len: int, adaptive: bool = True) -> None:
         self.k = num_speculative_tokens
@@ -92,7 +94,15 @@ class Proposer:
         self.adaptive = adaptive
         self.stats = SpecStats(accepted_per_position=[0] * num_speculative_tokens)
         self._accepted: dict[str, tuple[float, float]] = {}  # request id -> decayed (accepted, trials)
-        self._idle: dict[str, int] = {}  # request id -> steps without speculating
+        # request id -> (steps paused, pause before the next probe): pauses double while probes fail
+        self._paused: dict[str, tuple[int, int]] = {}
+        self.step_cost = StepCost()
+
+    @property
+    def draft_cost(self) -> float:
+        """One proposal pass as a fraction of a target decode step."""
+        base = self.step_cost.base()
+        return self._pass_time / base if base else 0.0
 
     def num_tokens_for(self, request: Request) -> int:
         """How many tokens to propose for a decoding request (0: not this step)."""
@@ -107,17 +117,19 @@ class Proposer:
             return max(limit, 0)
         accepted, trials = self._accepted.get(request.request_id, (0.0, 0.0))
         rate = (accepted + 1.0) / (trials + 2.0)  # a uniform prior before the first verifications
-        cost = self.draft_cost + _ROW_COST
+        cost = self.draft_cost + self.step_cost.row_cost()
         gain = [expected_tokens(rate, k) / (1.0 + k * cost) for k in range(limit + 1)]
         best = max(range(limit + 1), key=gain.__getitem__)
-        if gain[best] < 1.0 + _MIN_GAIN:
-            best = 0
-        if best == 0:
-            idle = self._idle.get(request.request_id, 0) + 1
-            self._idle[request.request_id] = idle
-            if idle % _PROBE_EVERY == 0:
-                best = 1
-        return best
+        rid = request.request_id
+        if gain[best] >= 1.0 + _MIN_GAIN:
+            self._paused.pop(rid, None)
+            return best
+        idle, pause = self._paused.get(rid, (0, _FIRST_PAUSE))
+        if idle + 1 < pause:
+            self._paused[rid] = (idle + 1, pause)
+            return 0
+        self._paused[rid] = (0, min(2 * pause, _MAX_PAUSE))  # probe with one token
+        return 1
 
     def propose(self, running: list[Request]) -> None:
         """Set ``spec_token_ids`` of every running request that is decoding (one uncomputed token)."""
@@ -151,14 +163,51 @@ class Proposer:
                 _DECAY * accepted + a,
                 _DECAY * trials + a + (1 if a < s.num_spec else 0),
             )
-            self._idle.pop(rid, None)
-        self._step_time = step_time
+        # Steps of decodes and verifications only: prefill steps say nothing about a verified row.
+        if out.scheduled and all(s.num_new_tokens == 1 + s.num_spec for s in out.scheduled):
+            self.step_cost.add(out.num_scheduled_tokens / len(out.scheduled), step_time)
 
     def forget(self, live: Collection[str]) -> None:
         """Drop the state of finished requests (``live``: the ids of those not finished)."""
-        for d in (self._accepted, self._idle):
+        for d in (self._accepted, self._paused):
             for rid in [r for r in d if r not in live]:
                 del d[rid]
+
+
+class StepCost:
+    """The target's step time as a + b x, x = rows per request (1 + proposals), fitted by least squares
+    over recent decode steps (exponentially decayed sums)."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
+        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
+
+    def _fit(self) -> tuple[float, float] | None:
+        """(a, b), or None while x has hardly varied."""
+        var = self.sxx * self.w - self.sx * self.sx
+        if self.w < 4 or var < 0.5 * self.w * self.w:
+            return None
+        b = (self.sxy * self.w - self.sx * self.sy) / var
+        return (self.sy - b * self.sx) / self.w, b
+
+    def base(self) -> float:
+        """Seconds of a step with one row per request."""
+        fit = self._fit()
+        if fit is None:  # the mean step, less the default cost of its extra rows
+            return self.sy / (self.w + _ROW_COST * (self.sx - self.w)) if self.w else 0.0
+        return max(fit[0] + fit[1], 1e-9)
+
+    def row_cost(self) -> float:
+        """One more row per request, as a fraction of base()."""
+        fit = self._fit()
+        if fit is None:
+            return _ROW_COST
+        return min(max(fit[1] / (fit[0] + fit[1]), 0.0), 1.0)
 
 
 class NgramProposer(Proposer):
@@ -214,7 +263,6 @@ class DraftProposer(Proposer):
     def _propose(self, wanted: list[tuple[Request, int]]) -> None:
         if not wanted:
             return
-        t0 = time.perf_counter()
         active = []
         for r, k in wanted:
             m = self.mirrors.get(r.request_id)
@@ -232,7 +280,7 @@ class DraftProposer(Proposer):
             m.output_token_ids = list(r.output_token_ids)
             self.kv.truncate(m, m.num_computed_tokens)
             active.append((r, m, k, [], []))
-        num_passes = 0
+        pass_times = []
         while active:
             out = SchedulerOutput()
             for _, m, _, _, _ in active:
@@ -246,8 +294,12 @@ class DraftProposer(Proposer):
                 )
             if out.is_empty:
                 break
+            t0 = time.perf_counter()
             result = self.runner.execute(out, keep_probs=True)
-            num_passes += 1
+            # NOTE: a pass that catches up on more than the two tokens of steady speculation (the whole
+            # prompt the first time, or the tokens of a pause) is not timed as a proposal pass.
+            if max(s.num_new_tokens for s in out.scheduled) <= 2:
+                pass_times.append(time.perf_counter() - t0)
             scheduled = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
             still = []
             for r, m, k, tokens, probs in active:
@@ -263,11 +315,8 @@ class DraftProposer(Proposer):
                 if len(tokens) < k:
                     still.append((r, m, k, tokens, probs))
             active = still
-        if num_passes and self._step_time > 0:
-            # NOTE: the first passes of a request include its prompt (the draft's prefill), which makes
-            # the estimate high for a while; it is an average of recent steps.
-            per_pass = (time.perf_counter() - t0) / num_passes / self._step_time
-            self.draft_cost = per_pass if self.draft_cost == 0.0 else 0.8 * self.draft_cost + 0.2 * per_pass
+        for t in pass_times:
+            self._pass_time = t if self._pass_time == 0.0 else 0.9 * self._pass_time + 0.1 * t
 
 
 def _draft_params(params: SamplingParams) -> SamplingParams:

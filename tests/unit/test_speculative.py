@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kvloom.spec.proposers import NgramProposer, expected_tokens, ngram_lookup
+from kvloom.spec.proposers import NgramProposer, StepCost, expected_tokens, ngram_lookup
 from kvloom.spec.verify import verify
 
 from .helpers import make_request, make_scheduler
@@ -80,19 +80,31 @@ def test_adaptive_k_follows_acceptance():
     p._accepted["a"] = (40.0, 40.0)
     assert p.num_tokens_for(r) == 5  # everything accepted: propose all
     p._accepted["a"] = (0.0, 40.0)  # nothing accepted for a long time
-    ks = [p.num_tokens_for(r) for _ in range(16)]
-    assert ks.count(0) == 14 and ks.count(1) == 2  # paused, with a probe every 8 steps
-    p.draft_cost = 0.3  # a draft pass costs 30% of a target step
+    ks = [p.num_tokens_for(r) for _ in range(40)]
+    assert [i for i, k in enumerate(ks) if k] == [7, 23]  # paused; probes after 8 steps, then 16
+    assert set(ks) == {0, 1}
+    for _ in range(5):
+        p.step_cost.add(1.0, 0.010)  # 10 ms decode steps
+    p._pass_time = 0.003  # a draft pass costs 30% of a target step
     p._accepted["a"] = (20.0, 30.0)
     assert 1 <= p.num_tokens_for(r) < 5  # 2/3 accepted: a few tokens pay, five do not
     p._accepted["a"] = (40.0, 41.0)
     assert p.num_tokens_for(r) == 5
-    p.draft_cost = 0.9  # as dear as the target: even 95% acceptance gains less than 5%
+    p._pass_time = 0.009  # as dear as the target: even 95% acceptance gains less than 5%
     assert p.num_tokens_for(r) == 0
     # never past max_tokens (the step emits up to k + 1) or max_model_len
     r.output_token_ids = [7] * 97
     assert NgramProposer(5, 1000, 1, 3).num_tokens_for(r) == 2
     assert NgramProposer(5, r.num_tokens + 2, 1, 3).num_tokens_for(r) == 1
+
+
+def test_step_cost_fit():
+    c = StepCost()
+    assert c.row_cost() == pytest.approx(0.05)  # nothing measured: the default
+    for x in [1, 4, 2, 6, 1, 3]:
+        c.add(x, 0.010 + 0.001 * x)  # 11 ms with one row per request, +1 ms per row
+    assert c.base() == pytest.approx(0.011)
+    assert c.row_cost() == pytest.approx(1 / 11)
 
 
 def test_scheduler_verifies_proposals_and_rolls_back_rejected_ones():
