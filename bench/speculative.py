@@ -15,7 +15,6 @@ Run it alone on the machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import sys
@@ -29,7 +28,8 @@ COPY_PROMPTS = [
     "out on the sea a captain was looking for his light.",
     "Rename the variable `tmp` to `total` in this Python function and return the full function:\n\n"
     "```python\ndef sum_prices(items):\n    tmp = 0\n    for item in items:\n        if item.price > 0:\n"
-    "            tmp = tmp + item.price * item.quantity\n        else:\n            print('skipping', item.name)\n"
+    "            tmp = tmp + item.price * item.quantity\n        else:\n"
+    "            print('skipping', item.name)\n"
     "    if tmp > 1000:\n        tmp = tmp * 0.9\n    return round(tmp, 2)\n```",
     "Rewrite this shopping list with every item in capital letters, one item per line:\n\n"
     "apples\nbread\nmilk\ntwo dozen eggs\norange juice\nbutter\nrice\nfresh basil\ntomatoes\nolive oil\n"
@@ -50,6 +50,7 @@ WORKLOADS = {"copy": (COPY_PROMPTS, 256), "chat": (CHAT_PROMPTS, 160)}
 
 def run_variant(args, name: str, spec: dict) -> dict:
     from kvloom import LLM, SamplingParams
+    from kvloom.spec.proposers import SpecStats
 
     llm = LLM(
         args.model,
@@ -64,10 +65,8 @@ def run_variant(args, name: str, spec: dict) -> dict:
     proposer = llm.engine.proposer
     results = {}
     for workload, (prompts, max_tokens) in WORKLOADS.items():
-        if proposer is not None:
-            k = len(proposer.stats.accepted_per_position)
-            proposer.stats = dataclasses.replace(proposer.stats, accepted_per_position=[0] * k)
-            proposer.stats.num_drafts = proposer.stats.num_draft_tokens = proposer.stats.num_accepted_tokens = 0
+        if proposer is not None:  # counters per workload
+            proposer.stats = SpecStats(accepted_per_position=[0] * len(proposer.stats.accepted_per_position))
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
         tokens, seconds, outputs = 0, 0.0, []
         for text in prompts:
@@ -111,7 +110,8 @@ def main() -> int:
 
     base = results[variants[0]]
     print(f"\nbatch-1 decode tok/s, target {args.quantization}, {args.threads} threads, k <= {args.k}")
-    print(f"{'workload':<8} {'variant':<12} {'tok/s':>8} {'vs ' + variants[0]:>9} {'accepted':>9}  per position")
+    vs = "vs " + variants[0]
+    print(f"{'workload':<8} {'variant':<12} {'tok/s':>8} {vs:>9} {'accepted':>9}  per position")
     ok = True
     for workload in WORKLOADS:
         for v in variants:

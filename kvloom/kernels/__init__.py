@@ -72,7 +72,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 class KvLin(ctypes.Structure):
     """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 8 = quantized)."""
 
-    _fields_ = [("kind", _I), ("w", _P), ("scale", _P), ("mins", _P), ("group", _I), ("bias", _P)]
+    _fields_ = [("kind", _I), ("w", _P), ("has_min", _I), ("group", _I), ("bias", _P)]
 
 
 _SIGNATURES = {
@@ -121,12 +121,12 @@ class CpuKernels:
     def linear_desc(
         packed: torch.Tensor | tuple, bias: torch.Tensor | None, kind: int = 0, group: int = 0
     ) -> KvLin:
-        """The C descriptor of a packed layer: a packed bf16 weight, or (q, scale, min) of a quantized one.
-        NOTE: it holds raw addresses; the caller keeps the tensors alive."""
+        """The C descriptor of a packed layer: a packed bf16 weight, or (bytes, has_min) of a quantized one
+        (QuantizedWeight.pack). NOTE: it holds raw addresses; the caller keeps the tensors alive."""
         if kind == 0:
-            return KvLin(0, _ptr(packed), None, None, 0, _ptr(bias))
-        q, scale, mins = packed
-        return KvLin(kind, _ptr(q), _ptr(scale), _ptr(mins), group, _ptr(bias))
+            return KvLin(0, _ptr(packed), 0, 0, _ptr(bias))
+        buf, has_min = packed
+        return KvLin(kind, _ptr(buf), int(has_min), group, _ptr(bias))
 
     def run_linear(self, desc: KvLin, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         """x [M, K] bf16 (rows may be strided) through a packed layer -> [M, out_features] bf16."""

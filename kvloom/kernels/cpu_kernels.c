@@ -86,6 +86,7 @@ INLINE void store_tile(const float *acc, int64_t row_stride, int mm, int nb, int
     for (int i = 0; i < mm; i++)
         for (int b = 0; b < nb; b++) {
             const int64_t n0 = (b0 + b) * 16;
+            if (n0 >= N) continue; /* a padding block */
             __m512 v = _mm512_loadu_ps(acc + i * row_stride + b * 16);
             const __mmask16 m = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
             if (bias) v = _mm512_add_ps(v, load16_mask(bias + n0, m));
@@ -350,26 +351,39 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
  *   y[m, n] = bf16(sum_g (scale[n, g] * sum_{k in g} x[m, k] q[n, k] + min[n, g] * sum_{k in g} x[m, k]) + b[n])
  * The integer q are exact in bf16, so the inner sums run on vdpbf16ps like the bf16 kernel, and the
  * scales apply in fp32 once per group: no weight is ever rounded, and the result does not depend on M.
- * Layouts, per block of 16 outputs (N padded to 16):
- *   kind 4: q [N/16, K/4, 32] bytes: byte l of row kp/2 holds lane l of pair kp (low nibble) and of pair
- *           kp + 1 (high nibble), where lane 2j + e of a pair is output j's k = 2 kp + e (unsigned 0..15)
- *   kind 8: q [N/16, K/2, 16, 2] int8
- *   scale, min: [N/16, K/GS, 16] fp32
+ *
+ * Layout (kvloom/layers/quantization.py, QuantizedWeight.pack). Work items are 32 outputs (two blocks of 16;
+ * N padded to 32). Everything an item needs for one group of GS inputs lies together, items and groups in
+ * order, so each thread reads one sequential stream (separate q / scale / min arrays read at 12 GB/s,
+ * this at about the bf16 kernel's bandwidth). Per (item, group), with lane 2j + e of a k pair holding
+ * output j's k = 2 kp + e:
+ *   q:     kind 4: [GS / 8 chunks][2 blocks][32] uint16, nibble i (bits 4i..4i+3) of a lane = pair 4c + i,
+ *                  unsigned 0..15. A nibble becomes a bf16 operand in one bit operation: 0x4300 | q is the
+ *                  bf16 of 128 + q, so the sums are of x (128 + q) and the stored min is min - 128 scale,
+ *                  which takes the 128 back out.
+ *          kind 8: [GS / 2 pairs][2 blocks][32] int8
+ *   scale: [2 blocks][16] fp32;  min (when has_min): [2 blocks][16] fp32
  * Up to 4 rows the weights are expanded to bf16 in registers as they stream in; above that, each thread
- * expands its 32-output panel once into a buffer and every tile of 4 rows reads it from L2.
+ * expands its item once into a buffer and every tile of 4 rows reads it from L2.
  */
 #define QGROUP 2 /* blocks of 16 outputs per work item: 32 outputs */
+#ifndef QPF_AHEAD
+#define QPF_AHEAD 4096
+#endif
 
-/* bf16 bit patterns of 0..15, indexed by a nibble in each 16-bit lane (vpermw) */
-#define Q4_TABLE                                                                                          \
-    _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x4170, 0x4160, 0x4150, 0x4140, 0x4130,  \
-                     0x4120, 0x4110, 0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000)
+INLINE int64_t q_group_bytes(int kind, int64_t GS, int has_min) {
+    return (kind == 4 ? GS / 8 * QGROUP * 64 : GS / 2 * QGROUP * 32) + (has_min ? 2 : 1) * QGROUP * 64;
+}
 
-/* Two k pairs of one 16-output block: 32 bytes, low nibbles = pair kp, high nibbles = pair kp + 1. */
-INLINE void q4_pairs2(const uint8_t *p, __m512i *w0, __m512i *w1) {
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    *w0 = _mm512_permutexvar_epi16(_mm512_and_si512(v, _mm512_set1_epi16(15)), Q4_TABLE);
-    *w1 = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), Q4_TABLE);
+/* Four k pairs of one 16-output block: 64 bytes, nibble i of each 16-bit lane = pair 4c + i, each
+ * turned into the bf16 of 128 + q by (v >> 4i) & 15 | 0x4300 (one vpternlogd: 0xEA = (a & b) | c). */
+INLINE void q4_pairs4(const uint8_t *p, __m512i w[4]) {
+    const __m512i v = _mm512_loadu_si512(p);
+    const __m512i nib = _mm512_set1_epi16(15), one28 = _mm512_set1_epi16(0x4300);
+    w[0] = _mm512_ternarylogic_epi32(v, nib, one28, 0xEA);
+    w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, one28, 0xEA);
+    w[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, one28, 0xEA);
+    w[3] = _mm512_or_si512(_mm512_srli_epi16(v, 12), one28);
 }
 
 /* One k pair of a block: 32 int8 (output j's two k at bytes 2j, 2j + 1) -> 32 bf16, exact. */
@@ -379,79 +393,83 @@ INLINE __m512i q8_pairs(const int8_t *p) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
 }
 
-/* Weights of pairs kp and kp + 1 (kp even) of a block, as bf16 dot-product operands. */
-INLINE void qpairs2(int kind, const void *q, int64_t block, int64_t kp, int64_t K, __m512i *w0, __m512i *w1) {
+/* Pairs 4c .. 4c + 3 of a group of block b, as bf16 dot-product operands (gq: the group's q). */
+INLINE void qpairs4(int kind, const uint8_t *gq, int64_t c, int b, __m512i w[4]) {
     if (kind == 4) {
-        q4_pairs2((const uint8_t *)q + (block * (K / 4) + kp / 2) * 32, w0, w1);
+        q4_pairs4(gq + (c * QGROUP + b) * 64, w);
     } else {
-        *w0 = q8_pairs((const int8_t *)q + (block * (K / 2) + kp) * 32);
-        *w1 = q8_pairs((const int8_t *)q + (block * (K / 2) + kp + 1) * 32);
+        for (int i = 0; i < 4; i++) w[i] = q8_pairs((const int8_t *)gq + ((4 * c + i) * QGROUP + b) * 32);
     }
 }
 
-INLINE void qlinear_tile(int MM, int NB, int kind, int panel, const bf16 *x, int64_t ldx, const void *q,
-                         const bf16 *pbuf, int64_t b0, const float *scale, const float *mins, const float *xsum,
-                         int64_t K, int64_t GS, float out[4][QGROUP][16]) {
-    const int64_t ngroups = K / GS;
+/* One work item (32 outputs) times MM rows of x. `item`: the item's first group; pbuf: the item expanded
+ * to bf16 pairs ([2 blocks][K / 2][32]) when `panel`. */
+INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x, int64_t ldx, const uint8_t *item,
+                         const bf16 *pbuf, const float *xsum, int64_t K, int64_t GS, float out[4][QGROUP][16]) {
+    const int64_t ngroups = K / GS, gbytes = q_group_bytes(kind, GS, has_min);
+    const int64_t qbytes = kind == 4 ? GS / 8 * QGROUP * 64 : GS / 2 * QGROUP * 32;
     __m512 y[4][QGROUP];
     for (int i = 0; i < MM; i++)
         for (int b = 0; b < QGROUP; b++) y[i][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ngroups; g++) {
+        const uint8_t *gq = item + g * gbytes;
+        if (!panel) /* the hardware prefetcher alone reaches about half the bandwidth here */
+            for (int64_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)gq + QPF_AHEAD + off, _MM_HINT_T0);
         __m512 acc[4][QGROUP], acc2[4][QGROUP]; /* even and odd k pairs: two dependency chains */
         for (int i = 0; i < MM; i++)
             for (int b = 0; b < QGROUP; b++) acc[i][b] = acc2[i][b] = _mm512_setzero_ps();
-        for (int64_t kp = g * GS / 2; kp < (g + 1) * GS / 2; kp += 2) {
-            __m512i w0[QGROUP], w1[QGROUP];
-            for (int b = 0; b < NB; b++) {
+        for (int64_t c = 0; c < GS / 8; c++) {
+            const int64_t kp = g * GS / 2 + 4 * c;
+            __m512i w[QGROUP][4];
+            for (int b = 0; b < QGROUP; b++) {
                 if (panel) {
-                    w0[b] = _mm512_loadu_si512(pbuf + (b * (K / 2) + kp) * 32);
-                    w1[b] = _mm512_loadu_si512(pbuf + (b * (K / 2) + kp + 1) * 32);
+                    for (int j = 0; j < 4; j++) w[b][j] = _mm512_loadu_si512(pbuf + (b * (K / 2) + kp + j) * 32);
                 } else {
-                    qpairs2(kind, q, b0 + b, kp, K, &w0[b], &w1[b]);
+                    qpairs4(kind, gq, c, b, w[b]);
                 }
             }
             for (int i = 0; i < MM; i++) {
-                const __m512bh x0 = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp));
-                const __m512bh x1 = (__m512bh)_mm512_set1_epi32(*(const int32_t *)(x + i * ldx + 2 * kp + 2));
-                for (int b = 0; b < NB; b++) {
-                    acc[i][b] = _mm512_dpbf16_ps(acc[i][b], x0, (__m512bh)w0[b]);
-                    acc2[i][b] = _mm512_dpbf16_ps(acc2[i][b], x1, (__m512bh)w1[b]);
+                const int32_t *xp = (const int32_t *)(x + i * ldx + 2 * kp);
+                for (int j = 0; j < 4; j += 2) {
+                    const __m512bh x0 = (__m512bh)_mm512_set1_epi32(xp[j]);
+                    const __m512bh x1 = (__m512bh)_mm512_set1_epi32(xp[j + 1]);
+                    for (int b = 0; b < QGROUP; b++) {
+                        acc[i][b] = _mm512_dpbf16_ps(acc[i][b], x0, (__m512bh)w[b][j]);
+                        acc2[i][b] = _mm512_dpbf16_ps(acc2[i][b], x1, (__m512bh)w[b][j + 1]);
+                    }
                 }
             }
         }
-        for (int i = 0; i < MM; i++)
-            for (int b = 0; b < NB; b++) acc[i][b] = _mm512_add_ps(acc[i][b], acc2[i][b]);
-        for (int b = 0; b < NB; b++) {
-            const __m512 s = _mm512_loadu_ps(scale + ((b0 + b) * ngroups + g) * 16);
-            for (int i = 0; i < MM; i++) y[i][b] = _mm512_fmadd_ps(acc[i][b], s, y[i][b]);
-            if (mins) {
-                const __m512 mn = _mm512_loadu_ps(mins + ((b0 + b) * ngroups + g) * 16);
+        const float *scale = (const float *)(gq + qbytes), *mins = scale + QGROUP * 16;
+        for (int b = 0; b < QGROUP; b++) {
+            const __m512 s = _mm512_loadu_ps(scale + b * 16);
+            for (int i = 0; i < MM; i++) y[i][b] = _mm512_fmadd_ps(_mm512_add_ps(acc[i][b], acc2[i][b]), s, y[i][b]);
+            if (has_min) {
+                const __m512 mn = _mm512_loadu_ps(mins + b * 16);
                 for (int i = 0; i < MM; i++)
                     y[i][b] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[i * ngroups + g]), y[i][b]);
             }
         }
     }
     for (int i = 0; i < MM; i++)
-        for (int b = 0; b < NB; b++) _mm512_storeu_ps(out[i][b], y[i][b]);
+        for (int b = 0; b < QGROUP; b++) _mm512_storeu_ps(out[i][b], y[i][b]);
 }
 
-#define QTILES(KIND, PANEL)                                                                              \
+#define QTILES(KIND, PANEL, HAS_MIN)                                                                     \
     switch (mm) {                                                                                       \
-    case 1: QTILE(1, KIND, PANEL); break;                                                               \
-    case 2: QTILE(2, KIND, PANEL); break;                                                               \
-    case 3: QTILE(3, KIND, PANEL); break;                                                               \
-    default: QTILE(4, KIND, PANEL); break;                                                              \
+    case 1: QTILE(1, KIND, PANEL, HAS_MIN); break;                                                      \
+    case 2: QTILE(2, KIND, PANEL, HAS_MIN); break;                                                      \
+    case 3: QTILE(3, KIND, PANEL, HAS_MIN); break;                                                      \
+    default: QTILE(4, KIND, PANEL, HAS_MIN); break;                                                     \
     }
-#define QTILE(MM, KIND, PANEL) qlinear_tile(MM, QGROUP, KIND, PANEL, xt, ldx, q, pbuf, b0, scale, mins, xs, K, GS, acc)
+#define QTILE(MM, KIND, PANEL, HAS_MIN) qlinear_tile(MM, KIND, PANEL, HAS_MIN, xt, ldx, item, pbuf, xs, K, GS, acc)
 
-static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const void *q, const float *scale,
-                              const float *mins, int64_t GS, const bf16 *bias, bf16 *y, int64_t ldy, int64_t M,
-                              int64_t N, int64_t K, float *xsum) {
-    const int64_t nblocks = (N + 15) / 16;
-    const int64_t nitems = (nblocks + QGROUP - 1) / QGROUP;
-    const int64_t ngroups = K / GS;
+static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
+                              const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *xsum) {
+    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
+    const int64_t ngroups = K / GS, item_bytes = ngroups * q_group_bytes(kind, GS, has_min);
     /* per-row group sums of x, for the min terms (every thread needs all of them) */
-    if (mins) {
+    if (has_min) {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++)
             for (int64_t g = 0; g < ngroups; g++) {
@@ -464,48 +482,46 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const void *
     bf16 *pbuf = panel ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K) : NULL;
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nitems; it++) {
-        const int64_t b0 = it * QGROUP;
-        const int nb = nblocks - b0 < QGROUP ? (int)(nblocks - b0) : QGROUP;
+        const uint8_t *item = w + it * item_bytes;
         if (panel)
-            for (int b = 0; b < nb; b++)
-                for (int64_t kp = 0; kp < K / 2; kp += 2) {
-                    __m512i w0, w1;
-                    qpairs2(kind, q, b0 + b, kp, K, &w0, &w1);
-                    _mm512_storeu_si512(pbuf + (b * (K / 2) + kp) * 32, w0);
-                    _mm512_storeu_si512(pbuf + (b * (K / 2) + kp + 1) * 32, w1);
-                }
+            for (int64_t g = 0; g < ngroups; g++)
+                for (int64_t c = 0; c < GS / 8; c++)
+                    for (int b = 0; b < QGROUP; b++) {
+                        __m512i v[4];
+                        qpairs4(kind, item + g * q_group_bytes(kind, GS, has_min), c, b, v);
+                        for (int j = 0; j < 4; j++)
+                            _mm512_storeu_si512(pbuf + (b * (K / 2) + g * GS / 2 + 4 * c + j) * 32, v[j]);
+                    }
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
             const bf16 *xt = x + m0 * ldx;
             const float *xs = xsum + m0 * ngroups;
             float acc[4][QGROUP][16];
-            if (nb == QGROUP) { /* constant kind, panel and MM: no branches in the inner loops */
-                if (kind == 4 && panel) {
-                    QTILES(4, 1)
-                } else if (kind == 4) {
-                    QTILES(4, 0)
-                } else if (panel) {
-                    QTILES(8, 1)
-                } else {
-                    QTILES(8, 0)
-                }
+            /* constant kind, panel, min and MM: no branches in the inner loops */
+            if (kind == 4 && panel) {
+                QTILES(4, 1, 1)
+            } else if (kind == 4) {
+                QTILES(4, 0, 1)
+            } else if (panel && has_min) {
+                QTILES(8, 1, 1)
+            } else if (panel) {
+                QTILES(8, 1, 0)
+            } else if (has_min) {
+                QTILES(8, 0, 1)
             } else {
-                for (int i = 0; i < mm; i++)
-                    qlinear_tile(1, nb, kind, panel, xt + i * ldx, ldx, q, pbuf, b0, scale, mins,
-                                 xs + i * ngroups, K, GS, acc + i);
+                QTILES(8, 0, 0)
             }
-            store_tile(&acc[0][0][0], QGROUP * 16, mm, nb, b0, bias, y, ldy, m0, N);
+            store_tile(&acc[0][0][0], QGROUP * 16, mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
         }
     }
     free(pbuf);
 }
 
-/* A linear layer as the kernels see it: kind 0 = packed bf16 (w), 4 / 8 = quantized (w = q). */
+/* A linear layer as the kernels see it: kind 0 = packed bf16, 4 / 8 = quantized (w: the item stream above). */
 typedef struct {
     int64_t kind;
     const void *w;
-    const float *scale;
-    const float *mins;
+    int64_t has_min;
     int64_t group;
     const bf16 *bias;
 } kv_lin;
@@ -515,7 +531,8 @@ static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64
     if (L->kind == 0)
         linear_bf16_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
     else
-        qlinear_bf16_body((int)L->kind, x, ldx, L->w, L->scale, L->mins, L->group, L->bias, y, ldy, M, N, K, xsum);
+        qlinear_bf16_body((int)L->kind, x, ldx, (const uint8_t *)L->w, (int)L->has_min, L->group, L->bias, y, ldy, M,
+                          N, K, xsum);
 }
 
 void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,

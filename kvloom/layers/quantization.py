@@ -71,26 +71,34 @@ class QuantizedWeight:
 
         return QuantizedWeight(self.kind, apply(self.q), apply(self.scale), apply(self.min), self.group)
 
-    def pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): 16-output blocks of k pairs."""
+    def pack(self) -> tuple[torch.Tensor, bool]:
+        """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
+        group of inputs, its q, scales and mins together, so a thread reads one sequential stream.
+        Returns (bytes, has_min)."""
         n, k = self.q.shape
-        pad = -n % 16
+        pad = -n % 32
+        g = k // self.group
+        items = (n + pad) // 32
 
-        def blocks(t: torch.Tensor) -> torch.Tensor:
+        def rows(t: torch.Tensor) -> torch.Tensor:
             return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
 
-        q = blocks(self.q).view(-1, 16, k // 2, 2).permute(0, 2, 1, 3)  # [N/16, K/2, 16, 2]
-        if self.kind == 4:  # two k pairs per 32 bytes: pair kp in the low nibbles, kp + 1 in the high
-            q = q.reshape(q.shape[0], k // 4, 2, 32)
-            q = (q[:, :, 0] | (q[:, :, 1] << 4)).contiguous()  # [N/16, K/4, 32] bytes
-        else:
-            q = q.contiguous()  # [N/16, K/2, 16, 2] int8
-        g = k // self.group
-
-        def per_block(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else blocks(t).view(-1, 16, g).transpose(1, 2).contiguous()
-
-        return q, per_block(self.scale), per_block(self.min)
+        # [items, blocks, outputs j, k pairs, e] -> [items, groups, pairs in group, blocks, 32 lanes (2j + e)]
+        q = rows(self.q).view(items, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)
+        q = q.reshape(items, g, self.group // 2, 2, 32)
+        mins = self.min
+        if self.kind == 4:  # four pairs per 16-bit lane: pair 4c + i in nibble i
+            q = q.reshape(items, g, self.group // 8, 4, 2, 32).transpose(3, 4).to(torch.int32)
+            q = q[..., 0, :] | (q[..., 1, :] << 4) | (q[..., 2, :] << 8) | (q[..., 3, :] << 12)
+            q = torch.from_numpy(q.numpy().astype(np.uint16))  # [items, g, chunks, blocks, 32]
+            # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
+            mins = (0.0 if mins is None else mins) - 128.0 * self.scale
+        parts = [q.reshape(items, g, -1).view(torch.uint8)]
+        for t in (self.scale, mins):
+            if t is not None:  # [N, g] -> [items, g, blocks x 16]
+                t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
+                parts.append(t.view(torch.uint8))
+        return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), mins is not None
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedWeight:
