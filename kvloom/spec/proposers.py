@@ -12,17 +12,19 @@ runner verifies them (kvloom/spec/verify.py). Two proposers:
   int4 weights) runs k single-token steps per engine step on its own paged KV cache. Its KV cache keeps
   what it computed for tokens the target accepted, so each step only catches up on the new ones.
 
-How many tokens to propose is decided per request from its recent acceptance rate a and the measured
-cost of a proposal: k maximizes the expected tokens per step, (1 - a^(k+1)) / (1 - a), divided by the cost
-of the step, 1 + k (c_draft + c_row) (c_draft: one draft pass relative to a target step, measured;
-c_row: one more verified row, a constant). When no k > 0 is expected to gain at least 5%, the request
-does not speculate, and probes with one token after 8 steps, then 16, ..., 128 while the probes show no
-gain, to notice when it would.
+How many tokens to propose is decided per request from its recent acceptance rate a (a new request starts
+from the rate over all requests) and the measured cost of a proposal: k maximizes the expected tokens per
+step, (1 - a^(k+1)) / (1 - a), divided by the cost of the step, 1 + k (c_draft + c_row) (c_draft: one
+draft pass relative to a target step; c_row: one more verified row; both measured, as medians of recent
+steps). When no k > 0 is expected to gain at least 5%, the request does not speculate, and probes with two
+tokens after 8 steps, then 16, ..., 128 while the probes show no gain, to notice when it would.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import statistics
 import time
 from collections.abc import Collection
 from typing import TYPE_CHECKING
@@ -44,8 +46,9 @@ logger = init_logger(__name__)
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 _DECAY = 0.8  # weight of the older acceptance observations per verification
+_DECAY_ALL = 0.98  # the same for the rate over all requests (a new request's prior)
 _ROW_COST = 0.05  # one more verified row, as a fraction of a decode step, until it is measured
-# Paused requests probe with one token after 8 steps, then 16, ... 128 while probes show no gain (each
+# Paused requests probe with two tokens after 8 steps, then 16, ... 128 while probes show no gain (each
 # probe first catches the draft up on the tokens since the last one).
 _FIRST_PAUSE, _MAX_PAUSE = 8, 128
 _MIN_GAIN = 0.05  # speculate only where the expected speed-up is at least this (estimates are rough)
@@ -86,7 +89,7 @@ def expected_tokens(rate: float, k: int) -> float:
 class Proposer:
     """Chooses k per request and fills ``spec_token_ids``; subclasses say what the tokens are."""
 
-    _pass_time = 0.0  # one proposal pass, seconds (recent average; 0 for free proposals)
+    _pass_time = 0.0  # one proposal pass, seconds (median of recent ones; 0 for free proposals)
 
     def __init__(self, num_speculative_tokens: int, max_model_len: int, adaptive: bool = True) -> None:
         self.k = num_speculative_tokens
@@ -94,6 +97,7 @@ class Proposer:
         self.adaptive = adaptive
         self.stats = SpecStats(accepted_per_position=[0] * num_speculative_tokens)
         self._accepted: dict[str, tuple[float, float]] = {}  # request id -> decayed (accepted, trials)
+        self._all = (0.0, 0.0)  # the same over all requests
         # request id -> (steps paused, pause before the next probe): pauses double while probes fail
         self._paused: dict[str, tuple[int, int]] = {}
         self.step_cost = StepCost()
@@ -116,7 +120,9 @@ class Proposer:
         if limit <= 0 or not self.adaptive:
             return max(limit, 0)
         accepted, trials = self._accepted.get(request.request_id, (0.0, 0.0))
-        rate = (accepted + 1.0) / (trials + 2.0)  # a uniform prior before the first verifications
+        # The prior: two observations at the rate of all requests so far (a new request starts from it).
+        ga, gt = self._all
+        rate = (accepted + 2.0 * (ga + 1.0) / (gt + 2.0)) / (trials + 2.0)
         cost = self.draft_cost + self.step_cost.row_cost()
         gain = [expected_tokens(rate, k) / (1.0 + k * cost) for k in range(limit + 1)]
         best = max(range(limit + 1), key=gain.__getitem__)
@@ -128,8 +134,9 @@ class Proposer:
         if idle + 1 < pause:
             self._paused[rid] = (idle + 1, pause)
             return 0
-        self._paused[rid] = (0, min(2 * pause, _MAX_PAUSE))  # probe with one token
-        return 1
+        # Probe with two tokens: the second pass is the one that measures the draft's cost.
+        self._paused[rid] = (0, min(2 * pause, _MAX_PAUSE))
+        return min(2, limit)
 
     def propose(self, running: list[Request]) -> None:
         """Set ``spec_token_ids`` of every running request that is decoding (one uncomputed token)."""
@@ -159,10 +166,9 @@ class Proposer:
             for j in range(a):
                 st.accepted_per_position[j] += 1
             accepted, trials = self._accepted.get(rid, (0.0, 0.0))
-            self._accepted[rid] = (
-                _DECAY * accepted + a,
-                _DECAY * trials + a + (1 if a < s.num_spec else 0),
-            )
+            n = a + (1 if a < s.num_spec else 0)  # proposals judged: the accepted ones and the first rejected
+            self._accepted[rid] = (_DECAY * accepted + a, _DECAY * trials + n)
+            self._all = (_DECAY_ALL * self._all[0] + a, _DECAY_ALL * self._all[1] + n)
         # Steps of decodes and verifications only: prefill steps say nothing about a verified row.
         if out.scheduled and all(s.num_new_tokens == 1 + s.num_spec for s in out.scheduled):
             self.step_cost.add(out.num_scheduled_tokens / len(out.scheduled), step_time)
@@ -175,39 +181,33 @@ class Proposer:
 
 
 class StepCost:
-    """The target's step time as a + b x, x = rows per request (1 + proposals), fitted by least squares
-    over recent decode steps (exponentially decayed sums)."""
+    """The target's step time against x, the rows per request (1 + proposals), over recent decode steps:
+    medians, so the odd slow step (page faults, a collection) does not move it."""
 
-    def __init__(self, decay: float = 0.95) -> None:
-        self.decay = decay
-        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+    def __init__(self, window: int = 64) -> None:
+        self.samples: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)
 
     def add(self, x: float, y: float) -> None:
-        d = self.decay
-        self.w, self.sx, self.sy = d * self.w + 1, d * self.sx + x, d * self.sy + y
-        self.sxx, self.sxy = d * self.sxx + x * x, d * self.sxy + x * y
-
-    def _fit(self) -> tuple[float, float] | None:
-        """(a, b), or None while x has hardly varied."""
-        var = self.sxx * self.w - self.sx * self.sx
-        if self.w < 4 or var < 0.5 * self.w * self.w:
-            return None
-        b = (self.sxy * self.w - self.sx * self.sy) / var
-        return (self.sy - b * self.sx) / self.w, b
+        self.samples.append((x, y))
 
     def base(self) -> float:
-        """Seconds of a step with one row per request."""
-        fit = self._fit()
-        if fit is None:  # the mean step, less the default cost of its extra rows
-            return self.sy / (self.w + _ROW_COST * (self.sx - self.w)) if self.w else 0.0
-        return max(fit[0] + fit[1], 1e-9)
+        """Seconds of a step with one row per request (before such steps are seen: the default row cost
+        taken out of the others)."""
+        plain = [y for x, y in self.samples if x == 1]
+        if len(plain) >= 3:
+            return statistics.median(plain)
+        if not self.samples:
+            return 0.0
+        return statistics.median(y / (1 + _ROW_COST * (x - 1)) for x, y in self.samples)
 
     def row_cost(self) -> float:
         """One more row per request, as a fraction of base()."""
-        fit = self._fit()
-        if fit is None:
+        plain = sum(1 for x, _ in self.samples if x == 1)
+        extra = [(x, y) for x, y in self.samples if x > 1]
+        if plain < 3 or len(extra) < 3:
             return _ROW_COST
-        return min(max(fit[1] / (fit[0] + fit[1]), 0.0), 1.0)
+        base = self.base()
+        return min(max(statistics.median((y / base - 1) / (x - 1) for x, y in extra), 0.0), 1.0)
 
 
 class NgramProposer(Proposer):
@@ -253,6 +253,8 @@ class DraftProposer(Proposer):
         self.runner = ModelRunner(draft_config, show_progress)
         self.kv = KVCacheManager(self.runner.num_blocks, draft_config.block_size, enable_prefix_caching=False)
         self.mirrors: dict[str, Request] = {}
+        # Pass times (median: robust to the odd slow pass, such as the first one, which faults in the weights)
+        self._recent_passes: collections.deque[float] = collections.deque(maxlen=15)
 
     def forget(self, live: Collection[str]) -> None:
         """Also free the draft KV blocks of finished requests."""
@@ -316,7 +318,9 @@ class DraftProposer(Proposer):
                     still.append((r, m, k, tokens, probs))
             active = still
         for t in pass_times:
-            self._pass_time = t if self._pass_time == 0.0 else 0.9 * self._pass_time + 0.1 * t
+            self._recent_passes.append(t)
+        if self._recent_passes:
+            self._pass_time = statistics.median(self._recent_passes)
 
 
 def _draft_params(params: SamplingParams) -> SamplingParams:

@@ -82,7 +82,7 @@ def test_adaptive_k_follows_acceptance():
     p._accepted["a"] = (0.0, 40.0)  # nothing accepted for a long time
     ks = [p.num_tokens_for(r) for _ in range(40)]
     assert [i for i, k in enumerate(ks) if k] == [7, 23]  # paused; probes after 8 steps, then 16
-    assert set(ks) == {0, 1}
+    assert set(ks) == {0, 2}
     for _ in range(5):
         p.step_cost.add(1.0, 0.010)  # 10 ms decode steps
     p._pass_time = 0.003  # a draft pass costs 30% of a target step
@@ -101,8 +101,12 @@ def test_adaptive_k_follows_acceptance():
 def test_step_cost_fit():
     c = StepCost()
     assert c.row_cost() == pytest.approx(0.05)  # nothing measured: the default
-    for x in [1, 4, 2, 6, 1, 3]:
+    c.add(3, 0.013)
+    assert c.base() == pytest.approx(0.013 / 1.1)  # no plain step yet: the default row cost taken out
+    for x in [1, 4, 2, 6, 1, 3, 1]:
         c.add(x, 0.010 + 0.001 * x)  # 11 ms with one row per request, +1 ms per row
+    c.add(1, 0.5)  # a stall
+    c.add(5, 0.9)
     assert c.base() == pytest.approx(0.011)
     assert c.row_cost() == pytest.approx(1 / 11)
 
