@@ -66,7 +66,7 @@ def run_variant(args, name: str, spec: dict) -> dict:
     results = {}
     for workload, (prompts, max_tokens) in WORKLOADS.items():
         if proposer is not None:  # counters per workload
-            proposer.stats = SpecStats(accepted_per_position=[0] * len(proposer.stats.accepted_per_position))
+            proposer.stats = SpecStats.empty(len(proposer.stats.accepted_per_position))
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
         tokens, seconds, outputs = 0, 0.0, []
         for text in prompts:

@@ -236,6 +236,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             result = offline.latency(
                 llm, args.batch_size, args.input_len, args.output_len, args.num_iters, args.seed
             )
+        if llm.engine.proposer is not None:
+            result["speculation"] = llm.engine.proposer.stats.summary()
         print(json.dumps(result, indent=2))
     write_json(
         args.output_json,

@@ -72,14 +72,17 @@ class ServerMetrics:
         self.spec_drafts = counter("kvloom:spec_decode_num_drafts", "Verifications of proposed tokens.")
         self.spec_draft_tokens = counter("kvloom:spec_decode_num_draft_tokens", "Tokens proposed.")
         self.spec_accepted = counter("kvloom:spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
-        self._spec_per_pos = Counter(
-            "kvloom:spec_decode_num_accepted_tokens_per_pos",
-            "Proposed tokens accepted, by position in the proposal (0 = first).",
-            ["model_name", "position"],
-            registry=r,
-        )
+        self._spec_per_pos = {
+            kind: Counter(
+                f"kvloom:spec_decode_num_{kind}_tokens_per_pos",
+                f"Tokens {kind}, by position in the proposal (0 = first).",
+                ["model_name", "position"],
+                registry=r,
+            )
+            for kind in ("draft", "accepted")
+        }
         self._spec_last = (0, 0, 0)
-        self._spec_pos_last: list[int] = []
+        self._spec_pos_last: dict[str, list[int]] = {}
         self.ttft = histogram("kvloom:time_to_first_token_seconds", "Arrival to first token.")
         self.tpot = histogram("kvloom:time_per_output_token_seconds", "Mean time between output tokens.")
         self.e2e = histogram("kvloom:e2e_request_latency_seconds", "Arrival to finish.")
@@ -130,10 +133,11 @@ class ServerMetrics:
         now = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens)
         _advance((self.spec_drafts, self.spec_draft_tokens, self.spec_accepted), now, self._spec_last)
         self._spec_last = now
-        per_pos = st.accepted_per_position
-        children = [self._spec_per_pos.labels(self.model_name, str(j)) for j in range(len(per_pos))]
-        _advance(children, per_pos, self._spec_pos_last or [0] * len(per_pos))
-        self._spec_pos_last = list(per_pos)
+        for kind, per_pos in (("draft", st.proposed_per_position), ("accepted", st.accepted_per_position)):
+            counter = self._spec_per_pos[kind]
+            children = [counter.labels(self.model_name, str(j)) for j in range(len(per_pos))]
+            _advance(children, per_pos, self._spec_pos_last.get(kind, [0] * len(per_pos)))
+            self._spec_pos_last[kind] = list(per_pos)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

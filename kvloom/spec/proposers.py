@@ -56,13 +56,18 @@ _MIN_GAIN = 0.05  # speculate only where the expected speed-up is at least this 
 
 @dataclasses.dataclass
 class SpecStats:
-    """Counters since start: verification steps with proposals, tokens proposed and accepted, and
-    accepted tokens by position (index j: proposal j + 1 was accepted)."""
+    """Counters since start: verification steps with proposals, tokens proposed and accepted, and both by
+    position (index j: proposal j + 1 of a step)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = dataclasses.field(default_factory=list)
+    proposed_per_position: list[int] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def empty(cls, k: int) -> SpecStats:
+        return cls(accepted_per_position=[0] * k, proposed_per_position=[0] * k)
 
     @property
     def acceptance_rate(self) -> float:
@@ -75,8 +80,10 @@ class SpecStats:
             "num_accepted_tokens": self.num_accepted_tokens,
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_per_draft": self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0,
+            # of the proposals made at each position, the fraction accepted
             "acceptance_per_position": [
-                n / self.num_drafts if self.num_drafts else 0.0 for n in self.accepted_per_position
+                a / p if p else 0.0
+                for a, p in zip(self.accepted_per_position, self.proposed_per_position, strict=True)
             ],
         }
 
@@ -95,7 +102,7 @@ class Proposer:
         self.k = num_speculative_tokens
         self.max_model_len = max_model_len
         self.adaptive = adaptive
-        self.stats = SpecStats(accepted_per_position=[0] * num_speculative_tokens)
+        self.stats = SpecStats.empty(num_speculative_tokens)
         self._accepted: dict[str, tuple[float, float]] = {}  # request id -> decayed (accepted, trials)
         self._all = (0.0, 0.0)  # the same over all requests
         # request id -> (steps paused, pause before the next probe): pauses double while probes fail
@@ -163,8 +170,9 @@ class Proposer:
             st.num_drafts += 1
             st.num_draft_tokens += s.num_spec
             st.num_accepted_tokens += a
-            for j in range(a):
-                st.accepted_per_position[j] += 1
+            for j in range(s.num_spec):
+                st.proposed_per_position[j] += 1
+                st.accepted_per_position[j] += j < a
             accepted, trials = self._accepted.get(rid, (0.0, 0.0))
             n = a + (1 if a < s.num_spec else 0)  # proposals judged: the accepted ones and the first rejected
             self._accepted[rid] = (_DECAY * accepted + a, _DECAY * trials + n)

@@ -311,3 +311,37 @@ def test_bad_speculative_settings(stories, random_draft, tmp_path):
             speculative_method="draft",
             speculative_model=str(other),
         )
+
+
+def test_prometheus_counters(stories):
+    from kvloom.server.metrics import ServerMetrics
+
+    llm = LLM(
+        str(stories),
+        dtype="float32",
+        show_progress=False,
+        speculative_method="ngram",
+        num_speculative_tokens=3,
+        adaptive_speculation=False,
+    )
+    metrics = ServerMetrics("stories")
+    metrics.observe(llm.engine, [])
+    text = metrics.render().decode()
+    assert 'kvloom:spec_decode_num_draft_tokens_total{model_name="stories"} 0.0' in text
+    llm.generate(PROMPTS[:2], GREEDY)
+    metrics.observe(llm.engine, [])
+    text = metrics.render().decode()
+    st = llm.engine.proposer.stats
+    assert st.num_draft_tokens > 0
+    assert (
+        f'kvloom:spec_decode_num_draft_tokens_total{{model_name="stories"}} {float(st.num_draft_tokens)}'
+        in text
+    )
+    name = 'model_name="stories"'
+    assert f"kvloom:spec_decode_num_accepted_tokens_total{{{name}}} {float(st.num_accepted_tokens)}" in text
+    assert f"kvloom:spec_decode_num_drafts_total{{{name}}} {float(st.num_drafts)}" in text
+    for kind, per_pos in (("draft", st.proposed_per_position), ("accepted", st.accepted_per_position)):
+        for j, n in enumerate(per_pos):
+            line = f'kvloom:spec_decode_num_{kind}_tokens_per_pos_total{{{name},position="{j}"}} {float(n)}'
+            assert line in text
+    assert "speculation:" in llm.engine.stats_line()

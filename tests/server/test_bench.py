@@ -110,3 +110,26 @@ def test_offline_throughput_and_latency(stories):
     lat = offline.latency(llm, batch_size=4, input_len=16, output_len=6, num_iters=2)
     assert lat["batch_size"] == 4 and lat["prefill_s"]["p50"] > 0 and lat["decode_step_s"]["p50"] > 0
     assert lat["e2e_s"]["p50"] >= lat["prefill_s"]["p50"]
+
+
+def test_bench_latency_cli_reports_speculation(stories, tmp_path):
+    """With the target as its own draft every proposal is accepted: more tokens than steps, and the
+    acceptance counters in the output."""
+    out = tmp_path / "latency.json"
+    args = ["--model", str(stories), "--dtype", "float32", "--batch-size", "2", "--input-len", "16"]
+    args += ["--output-len", "24", "--num-iters", "1", "--output-json", str(out)]
+    spec = ["--speculative-method", "draft", "--speculative-quantization", "none"]
+    spec += ["--num-speculative-tokens", "3", "--no-adaptive-speculation"]
+    r = subprocess.run(
+        [sys.executable, "-m", "kvloom.cli", "bench", "latency", *args, *spec],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())["result"]
+    spec_stats = result["speculation"]
+    assert spec_stats["num_draft_tokens"] > 0 and spec_stats["acceptance_rate"] == 1.0
+    assert spec_stats["acceptance_per_position"] == [1.0, 1.0, 1.0]
+    # about four tokens per request per decode step
+    assert result["decode_tok_s"] > 2.5 * 2 / result["decode_step_s"]["p50"]
