@@ -6,9 +6,12 @@
 Two workloads, each prompt run alone (batch 1), greedy:
 - copy: edits of a given text, code refactoring and list rewriting (the output repeats the input);
 - chat: open questions (little to copy).
-Variants: no speculation; ngram (prompt lookup); draft = the target itself with int4 weights. k adapts
-per request unless --fixed-k. Decode tok/s is (tokens - 1) / (finish - first token), so prefill is left
-out. Greedy outputs must be equal across variants: the script checks it.
+Variants: no speculation; ngram (prompt lookup); draft-int4 = the target itself with int4 weights;
+draft-random = a tiny random-weight model with the target's vocabulary (acceptance near zero: the floor
+that adaptive k must keep above 0.95x). k adapts per request unless --fixed-k; a "-fixed" suffix on a
+variant (draft-random-fixed) turns adaptation off for that variant only. Decode tok/s is
+(tokens - 1) / (finish - first token), so prefill is left out. Greedy outputs must be equal across
+variants: the script checks it.
 Run it alone on the machine.
 """
 
@@ -48,6 +51,31 @@ CHAT_PROMPTS = [
 WORKLOADS = {"copy": (COPY_PROMPTS, 256), "chat": (CHAT_PROMPTS, 160)}
 
 
+def random_draft(model: str | None) -> str:
+    """A 1-layer random-weight Llama with the target's vocabulary, saved once under the cache dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from kvloom.kernels import cache_dir
+    from kvloom.loader import resolve_checkpoint
+
+    vocab = resolve_checkpoint(model).hf_config.vocab_size
+    folder = cache_dir() / "bench" / "models" / f"random-draft-{vocab}"
+    if not (folder / "config.json").is_file():
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=8192,
+        )
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(folder)
+    return str(folder)
+
+
 def run_variant(args, name: str, spec: dict) -> dict:
     from kvloom import LLM, SamplingParams
     from kvloom.spec.proposers import SpecStats
@@ -58,7 +86,7 @@ def run_variant(args, name: str, spec: dict) -> dict:
         quantization=args.quantization,
         num_threads=args.threads,
         show_progress=False,
-        adaptive_speculation=not args.fixed_k,
+        adaptive_speculation=not (args.fixed_k or name.endswith("-fixed")),
         **spec,
     )
     llm.generate("Hello", SamplingParams(max_tokens=8, temperature=0))  # warm-up
@@ -106,7 +134,14 @@ def main() -> int:
         ),
     }
     variants = args.variants.split(",")
-    results = {v: run_variant(args, v, specs[v]) for v in variants}
+    if any(v.startswith("draft-random") for v in variants):
+        specs["draft-random"] = dict(
+            speculative_method="draft",
+            num_speculative_tokens=args.k,
+            speculative_model=random_draft(args.model),
+            speculative_quantization="none",
+        )
+    results = {v: run_variant(args, v, specs[v.removesuffix("-fixed")]) for v in variants}
 
     base = results[variants[0]]
     print(f"\nbatch-1 decode tok/s, target {args.quantization}, {args.threads} threads, k <= {args.k}")

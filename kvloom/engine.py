@@ -195,6 +195,8 @@ class LLMEngine:
             self.step()
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.kv_cache_manager.num_queried_tokens = self.kv_cache_manager.num_hit_tokens = 0
+        if self.proposer is not None:
+            self.proposer.reset_stats()
         return time.perf_counter() - t0
 
     def abort(self, request_ids: str | list[str]) -> None:

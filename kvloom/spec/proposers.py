@@ -109,6 +109,12 @@ class Proposer:
         self._paused: dict[str, tuple[int, int]] = {}
         self.step_cost = StepCost()
 
+    def reset_stats(self) -> None:
+        """Forget the counters and the acceptance over all requests (after a warm-up); the measured
+        costs stay."""
+        self.stats = SpecStats.empty(self.k)
+        self._all = (0.0, 0.0)
+
     @property
     def draft_cost(self) -> float:
         """One proposal pass as a fraction of a target decode step."""

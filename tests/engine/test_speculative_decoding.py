@@ -345,3 +345,28 @@ def test_prometheus_counters(stories):
             line = f'kvloom:spec_decode_num_{kind}_tokens_per_pos_total{{{name},position="{j}"}} {float(n)}'
             assert line in text
     assert "speculation:" in llm.engine.stats_line()
+
+
+def test_samples_of_one_request_and_warm_up(stories, random_draft):
+    """n > 1 samples fork after the prompt and speculate on their own; warm-up leaves no counters."""
+    engine = LLMEngine.from_args(
+        str(stories),
+        dtype="float32",
+        show_progress=False,
+        speculative_method="draft",
+        speculative_model=str(random_draft),
+        num_speculative_tokens=2,
+        adaptive_speculation=False,
+    )
+    engine.warm_up(num_requests=2, prompt_len=20, max_tokens=6)
+    assert engine.proposer.stats.num_drafts == 0 and not engine.proposer.mirrors
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    engine.add_request("r", PROMPTS[0], params)
+    out = None
+    while engine.has_unfinished_requests():
+        out = engine.step() or out
+    (final,) = out
+    assert final.finished and len(final.outputs) == 3
+    assert all(len(c.token_ids) == 12 for c in final.outputs)
+    assert engine.proposer.stats.num_drafts > 0
+    _assert_no_leak(engine)
