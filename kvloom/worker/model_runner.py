@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from numpy._core.multiarray import _set_madvise_hugepage
 from tqdm.auto import tqdm
 
 from kvloom.config import EngineConfig
@@ -33,6 +34,20 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Give the meta-device parameters and buffers uninitialized storage on ``device`` (the weights are
+    loaded next). NOTE: ``Module.to_empty`` does this through ``empty_like`` on meta tensors, whose
+    decomposition imports sympy: 0.5 s of start-up."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_meta:
+                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    store[name] = (
+                        torch.nn.Parameter(new, requires_grad=False) if store is module._parameters else new
+                    )
 
 
 @dataclass
@@ -76,7 +91,7 @@ class ModelRunner:
         model_cls = get_model_class(config.model_type)
         with torch.device("meta"), _default_dtype(config.dtype):
             model = model_cls(hf, config.max_model_len, config.dtype, self.device)
-        model.to_empty(device=self.device)
+        _materialize(model, self.device)
         ckpt = config.checkpoint
         self.kernels = None
         if config.cpu_kernels and config.dtype == torch.bfloat16 and self.device.type == "cpu":
@@ -128,8 +143,14 @@ class ModelRunner:
         )
         if self.device.type == "cpu":
             # numpy's zeros come from calloc: the OS maps zero pages as they are first touched, instead of
-            # torch.zeros writing the whole pool up front (3 s for 2 GiB here).
-            raw = np.zeros(int(np.prod(shape)) * config.dtype.itemsize, dtype=np.uint8)
+            # torch.zeros writing the whole pool up front (3 s for 2 GiB here). NOTE: without numpy's
+            # MADV_HUGEPAGE: the first token of each (layer, K/V, head) region would fault in and zero a
+            # whole 2 MB page, 360 MB for SmolLM2, which took the first step 0.6-1 s here.
+            hugepages = _set_madvise_hugepage(False)
+            try:
+                raw = np.zeros(int(np.prod(shape)) * config.dtype.itemsize, dtype=np.uint8)
+            finally:
+                _set_madvise_hugepage(hugepages)
             self.kv_cache = torch.from_numpy(raw).view(config.dtype).view(shape)
         else:
             self.kv_cache = torch.zeros(shape, dtype=config.dtype, device=self.device)
