@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 # GGUF architecture -> transformers model_type
@@ -55,10 +56,11 @@ class TensorInfo:
 class GGUFFile:
     """A GGUF file: architecture, config, tensor table and tokenizer.
 
-    Parsing a GGUF header with the gguf package takes seconds (every tokenizer string is a numpy view), and
-    so does transformers' tokenizer conversion. Both results are kept under $KVLOOM_CACHE_DIR/gguf, keyed
-    by the file's path, size and mtime: a later start reads the tensor table from meta.json, memory-maps
-    the data itself, and loads the converted tokenizer from disk.
+    The header is read by ``read_header`` (the gguf package's GGUFReader takes 5 s on the default model:
+    every tokenizer string becomes a numpy view). The results, and transformers' tokenizer conversion
+    (2-3 s), are kept under $KVLOOM_CACHE_DIR/gguf, keyed by the file's path, size and mtime: a later
+    start reads the tensor table from meta.json, memory-maps the data itself, and loads the converted
+    tokenizer from disk.
     """
 
     def __init__(self, path: Path) -> None:
@@ -74,23 +76,13 @@ class GGUFFile:
             self.arch, self._config = m["arch"], m["config"]
             self.tensors = [TensorInfo(**t) for t in m["tensors"]]
             return
-        reader = GGUFReader(path)
-        self.arch = _field(reader, "general.architecture")
+        metadata, self.tensors = read_header(path)
+        self.arch = metadata.get("general.architecture")
         if self.arch not in _ARCHS:
             raise ValueError(
                 f"model: unsupported GGUF architecture {self.arch!r} (supported: {', '.join(_ARCHS)})"
             )
-        self._config = _config_kwargs(reader, self.arch)
-        self.tensors = [
-            TensorInfo(
-                t.name,
-                int(t.tensor_type),
-                [int(d) for d in reversed(t.shape)],
-                int(t.data_offset),
-                int(t.n_bytes),
-            )
-            for t in reader.tensors
-        ]
+        self._config = _config_kwargs(metadata, {t.name for t in self.tensors}, self.arch)
         _write_atomic(
             meta,
             json.dumps(
@@ -118,12 +110,14 @@ class GGUFFile:
         return AutoConfig.for_model(_ARCHS[self.arch], **self._config)
 
     def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         saved = self.cache / "tokenizer"
         if (saved / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(saved)
-        tok = AutoTokenizer.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        # NOTE: the class AutoTokenizer picks for a GGUF file, without its detour through the model config
+        # (which parses the whole header with GGUFReader again: 5 s). Tested to encode alike.
+        tok = PreTrainedTokenizerFast.from_pretrained(self.path.parent, gguf_file=self.path.name)
         self.cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
             tok.save_pretrained(tmp)
@@ -180,21 +174,99 @@ class GGUFFile:
             yield name, torch.from_numpy(array).to(dtype)
 
 
-def _field(reader: GGUFReader, key: str, default=None):  # noqa: ANN001, ANN202 - str/int/float/list
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+# GGUF metadata value types: the fixed-size ones (struct format), 8 = string, 9 = array
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_STRING, _ARRAY = 8, 9
+_SMALL_ARRAY = 64  # longer arrays (the vocabulary, merges) are read as their length only
 
 
-def _config_kwargs(reader: GGUFReader, a: str) -> dict:
+def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """A GGUF file's metadata and tensor table, straight from the header (GGUF v2/v3).
+
+    Arrays of more than 64 values are given as ``{"length": n}``: kvloom needs only the vocabulary's size
+    from them (the tokenizer is converted by transformers).
+    """
+    with open(path, "rb") as f:
+        mm = np.memmap(f, dtype=np.uint8, mode="r")
+    buf = memoryview(mm)
+    if bytes(buf[:4]) != b"GGUF":
+        raise ValueError(f"model: {path} is not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version not in (2, 3):
+        raise ValueError(f"model: GGUF version {version} is not supported (2 and 3 are)")
+    pos = 24
+
+    def string(pos: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+
+    def value(kind: int, pos: int) -> tuple[object, int]:
+        if kind == _STRING:
+            return string(pos)
+        if kind == _ARRAY:
+            item, n = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if n > _SMALL_ARRAY:
+                if item == _STRING:
+                    for _ in range(n):
+                        pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+                else:
+                    pos += n * struct.calcsize(_SCALARS[item])
+                return {"length": n}, pos
+            values = []
+            for _ in range(n):
+                v, pos = value(item, pos)
+                values.append(v)
+            return values, pos
+        fmt = _SCALARS[kind]
+        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+
+    metadata = {}
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = struct.unpack_from("<I", buf, pos)
+        metadata[key], pos = value(kind, pos + 4)
+    entries = []
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        qtype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        entries.append((name, [int(d) for d in reversed(dims)], qtype, offset))
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-pos // alignment) * alignment
+    tensors = []
+    for name, shape, qtype, offset in entries:
+        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        tensors.append(
+            TensorInfo(name, qtype, shape, data_start + offset, int(np.prod(shape)) // block * type_size)
+        )
+    return metadata, tensors
+
+
+def _config_kwargs(metadata: dict, tensor_names: set[str], a: str) -> dict:
     """transformers config arguments from the GGUF metadata (JSON-serializable: cached in meta.json)."""
-    n_heads = _field(reader, f"{a}.attention.head_count")
-    hidden = _field(reader, f"{a}.embedding_length")
-    tensor_names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{a}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
-    rope: dict = {"rope_type": "default", "rope_theta": float(_field(reader, f"{a}.rope.freq_base", 10000.0))}
-    scaling = _field(reader, f"{a}.rope.scaling.type")
+    get = metadata.get
+    n_heads = get(f"{a}.attention.head_count")
+    hidden = get(f"{a}.embedding_length")
+    vocab = get(f"{a}.vocab_size") or metadata["tokenizer.ggml.tokens"]["length"]
+    rope: dict = {"rope_type": "default", "rope_theta": float(get(f"{a}.rope.freq_base", 10000.0))}
+    scaling = get(f"{a}.rope.scaling.type")
     if scaling == "linear":
-        rope.update(rope_type="linear", factor=float(_field(reader, f"{a}.rope.scaling.factor")))
+        rope.update(rope_type="linear", factor=float(get(f"{a}.rope.scaling.factor")))
     elif scaling not in (None, "none"):
         raise ValueError(f"model: GGUF rope scaling {scaling!r} is not supported yet")
     if "rope_freqs.weight" in tensor_names:
@@ -202,20 +274,20 @@ def _config_kwargs(reader: GGUFReader, a: str) -> dict:
     kwargs = dict(
         vocab_size=int(vocab),
         hidden_size=int(hidden),
-        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
-        num_hidden_layers=int(_field(reader, f"{a}.block_count")),
+        intermediate_size=int(get(f"{a}.feed_forward_length")),
+        num_hidden_layers=int(get(f"{a}.block_count")),
         num_attention_heads=int(n_heads),
-        num_key_value_heads=int(_field(reader, f"{a}.attention.head_count_kv", n_heads)),
-        head_dim=int(_field(reader, f"{a}.attention.key_length", hidden // n_heads)),
-        max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
-        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        num_key_value_heads=int(get(f"{a}.attention.head_count_kv", n_heads)),
+        head_dim=int(get(f"{a}.attention.key_length", hidden // n_heads)),
+        max_position_embeddings=int(get(f"{a}.context_length", 2048)),
+        rms_norm_eps=float(get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
         rope_parameters=rope,
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        bos_token_id=get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=get("tokenizer.ggml.eos_token_id"),
     )
-    if _field(reader, f"{a}.attention.sliding_window") is not None:
-        kwargs["sliding_window"] = int(_field(reader, f"{a}.attention.sliding_window"))
+    if get(f"{a}.attention.sliding_window") is not None:
+        kwargs["sliding_window"] = int(get(f"{a}.attention.sliding_window"))
     return kwargs
 
 
