@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import Scheduler
@@ -42,6 +44,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
         t0 = time.perf_counter()
+        if config.cpu_kernels and config.dtype == torch.bfloat16 and config.device == "cpu":
+            from kvloom.kernels import prebuild_cpu_kernels
+
+            prebuild_cpu_kernels()  # a first start compiles them while the tokenizer is converted
         self.tokenizer = config.checkpoint.load_tokenizer()
         self.runner = ModelRunner(config, show_progress)
         self.kv_cache_manager = KVCacheManager(

@@ -18,6 +18,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -366,19 +367,47 @@ class FusedDecodeLayers:
         return h, residual
 
 
+def _unsupported() -> str | None:
+    """Why the kernels cannot run here, or None."""
+    if os.environ.get("KVLOOM_CPU_KERNELS", "1") == "0":
+        return "KVLOOM_CPU_KERNELS=0"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return f"they are written for x86-64, this is {platform.machine()}"
+    missing = _REQUIRED_FLAGS - _cpu_flags()
+    if missing:
+        return f"the CPU lacks {', '.join(sorted(missing))}"
+    return None
+
+
+_background_build: threading.Thread | None = None
+
+
+def prebuild_cpu_kernels() -> None:
+    """Start compiling the kernels in a background thread (the compiler runs as its own process), so that
+    on a first start the compile (3-4 s) overlaps the tokenizer conversion; load_cpu_kernels() waits for
+    it. Does nothing where the kernels cannot run or are built already."""
+    global _background_build
+    if _background_build is None and load_cpu_kernels.cache_info().currsize == 0 and _unsupported() is None:
+
+        def build() -> None:
+            try:
+                _build()
+            except (RuntimeError, OSError):
+                pass  # load_cpu_kernels() builds again and reports the error
+
+        _background_build = threading.Thread(target=build, name="kvloom-kernel-build", daemon=True)
+        _background_build.start()
+
+
 @functools.cache
 def load_cpu_kernels() -> CpuKernels | None:
     """The kernels, or None (with the reason logged once) when they cannot run on this machine."""
-    if os.environ.get("KVLOOM_CPU_KERNELS", "1") == "0":
-        logger.info("CPU kernels off (KVLOOM_CPU_KERNELS=0)")
+    reason = _unsupported()
+    if reason is not None:
+        logger.info("CPU kernels off: %s", reason)
         return None
-    if platform.machine() not in ("x86_64", "AMD64"):
-        logger.info("CPU kernels off: they are written for x86-64, this is %s", platform.machine())
-        return None
-    missing = _REQUIRED_FLAGS - _cpu_flags()
-    if missing:
-        logger.info("CPU kernels off: the CPU lacks %s", ", ".join(sorted(missing)))
-        return None
+    if _background_build is not None:
+        _background_build.join()
     try:
         return CpuKernels(_build())
     except (RuntimeError, OSError) as e:
