@@ -30,19 +30,21 @@ GREEDY = SamplingParams(temperature=0, max_tokens=40)
 def random_draft(tmp_path_factory, stories):
     """A random model with stories260K's vocabulary: a draft that is almost always wrong."""
     folder = tmp_path_factory.mktemp("draft")
-    cfg = LlamaConfig(
-        vocab_size=512,
+    save_random_model(_tiny_llama(512, bos_token_id=1, eos_token_id=2), folder, stories, seed=3)
+    return folder
+
+
+def _tiny_llama(vocab_size: int, **overrides) -> LlamaConfig:
+    """A one-layer Llama small enough to be a draft (or a target) in these tests."""
+    shape = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
     )
-    save_random_model(cfg, folder, stories, seed=3)
-    return folder
+    return LlamaConfig(vocab_size=vocab_size, **{**shape, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +117,10 @@ def _chi2_critical(df: int, z: float = 3.09) -> float:
 def test_sampling_keeps_the_target_distribution(tmp_path, stories):
     """A 16-token model and a random draft that disagrees with it: the second and third tokens after
     speculation follow the target's exact marginals."""
-    shape = dict(
-        vocab_size=16,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.3,  # peaked distributions, so target and draft differ a lot
-    )
-    save_random_model(LlamaConfig(**shape), tmp_path / "target", stories, seed=1)
-    save_random_model(LlamaConfig(**shape), tmp_path / "draft", stories, seed=2)
+    # peaked distributions (a wide init), so target and draft differ a lot
+    cfg = _tiny_llama(16, num_hidden_layers=2, max_position_embeddings=64, initializer_range=0.3)
+    save_random_model(cfg, tmp_path / "target", stories, seed=1)
+    save_random_model(cfg, tmp_path / "draft", stories, seed=2)
     prompt = [3, 7, 5]
     V = 16
 
@@ -293,16 +287,7 @@ def test_bad_speculative_settings(stories, random_draft, tmp_path):
         with pytest.raises(ValueError, match=field):
             LLM(str(stories), dtype="float32", show_progress=False, **kw)
     other = tmp_path / "other-vocab"
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    save_random_model(cfg, other, stories)
+    save_random_model(_tiny_llama(256), other, stories)
     with pytest.raises(ValueError, match="vocabulary"):
         LLM(
             str(stories),
