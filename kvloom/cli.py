@@ -160,18 +160,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from kvloom.async_engine import AsyncEngine
+    from kvloom.config import EngineConfig
     from kvloom.engine import LLMEngine
     from kvloom.logger import init_logger
     from kvloom.server.api import build_app
     from kvloom.server.metrics import ServerMetrics
 
     logger = init_logger("kvloom.serve")
-    engine = LLMEngine.from_args(args.model, show_progress=True, **engine_kwargs(args))
-    logger.info("Warmed up in %.1fs", engine.warm_up())
-    name = args.served_model_name or engine.config.checkpoint.path.stem
+    config = EngineConfig.create(args.model, **engine_kwargs(args))
+
+    def build() -> LLMEngine:
+        engine = LLMEngine(config, show_progress=True)
+        logger.info("Warmed up in %.1fs", engine.warm_up())
+        return engine
+
+    name = args.served_model_name or config.checkpoint.path.stem
     metrics = ServerMetrics(name)
+    # NOTE: the engine is loaded, warmed up and stepped on one thread (see kvloom/async_engine.py).
+    async_engine = AsyncEngine(build, observer=metrics.observe)
+    async_engine.start()
     app = build_app(
-        AsyncEngine(engine, observer=metrics.observe),
+        async_engine,
         name,
         api_key=args.api_key or os.environ.get("KVLOOM_API_KEY"),
         max_body_bytes=args.max_body_mb << 20,

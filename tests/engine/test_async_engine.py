@@ -1,0 +1,45 @@
+"""AsyncEngine built from a factory on its own thread (how `kvloom serve` runs it)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from kvloom import SamplingParams
+from kvloom.async_engine import AsyncEngine
+from kvloom.engine import LLMEngine
+
+
+def test_factory_builds_on_the_engine_thread_and_serves(stories):
+    built_on = []
+
+    def build() -> LLMEngine:
+        built_on.append(threading.current_thread().name)
+        return LLMEngine.from_args(str(stories), dtype="float32", show_progress=False)
+
+    engine = AsyncEngine(build)
+    assert engine.engine is None
+    engine.start()
+    try:
+        assert built_on == ["kvloom-engine"] and engine.engine is not None
+
+        async def run() -> list[int]:
+            params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+            outs = [o async for o in engine.generate("r", "Once upon a time", params)]
+            return outs[-1].outputs[0].token_ids
+
+        assert len(asyncio.run(run())) == 5
+    finally:
+        engine.shutdown()
+
+
+def test_factory_errors_reach_start():
+    def build() -> LLMEngine:
+        raise ValueError("model: no such file")
+
+    engine = AsyncEngine(build)
+    with pytest.raises(ValueError, match="no such file"):
+        engine.start()
+    assert not engine.is_running
