@@ -205,6 +205,11 @@ class EngineConfig:
         )
 
     @property
+    def wants_cpu_kernels(self) -> bool:
+        """Whether the model runs on kvloom's CPU kernels where the machine has them (bf16 on the CPU)."""
+        return self.cpu_kernels and self.dtype == torch.bfloat16 and self.device == "cpu"
+
+    @property
     def model_type(self) -> str:
         return self.hf_config.model_type
 

@@ -6,8 +6,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import Scheduler
@@ -44,7 +42,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
         t0 = time.perf_counter()
-        if config.cpu_kernels and config.dtype == torch.bfloat16 and config.device == "cpu":
+        if config.wants_cpu_kernels:
             from kvloom.kernels import prebuild_cpu_kernels
 
             prebuild_cpu_kernels()  # a first start compiles them while the tokenizer is converted

@@ -121,8 +121,14 @@ class Proposer:
         base = self.step_cost.base()
         return self._pass_time / base if base else 0.0
 
-    def num_tokens_for(self, request: Request) -> int:
-        """How many tokens to propose for a decoding request (0: not this step)."""
+    def proposal_cost(self) -> float:
+        """One more proposed token, as a fraction of a target decode step: a draft pass plus a verified
+        row."""
+        return self.draft_cost + self.step_cost.row_cost()
+
+    def num_tokens_for(self, request: Request, cost: float | None = None) -> int:
+        """How many tokens to propose for a decoding request (0: not this step). ``cost``: this step's
+        ``proposal_cost()``, computed once for all requests (medians over recent steps)."""
         params = request.sampling_params
         # Never propose past max_tokens (the step emits up to k + 1) or past max_model_len.
         limit = min(
@@ -136,7 +142,8 @@ class Proposer:
         # The prior: two observations at the rate of all requests so far (a new request starts from it).
         ga, gt = self._all
         rate = (accepted + 2.0 * (ga + 1.0) / (gt + 2.0)) / (trials + 2.0)
-        cost = self.draft_cost + self.step_cost.row_cost()
+        if cost is None:
+            cost = self.proposal_cost()
         gain = [expected_tokens(rate, k) / (1.0 + k * cost) for k in range(limit + 1)]
         best = max(range(limit + 1), key=gain.__getitem__)
         rid = request.request_id
@@ -154,10 +161,11 @@ class Proposer:
     def propose(self, running: list[Request]) -> None:
         """Set ``spec_token_ids`` of every running request that is decoding (one uncomputed token)."""
         wanted = []
+        cost = self.proposal_cost() if self.adaptive else 0.0
         for r in running:
             r.spec_token_ids, r.spec_probs = [], None
             if r.status == RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1:
-                k = self.num_tokens_for(r)
+                k = self.num_tokens_for(r, cost)
                 if k > 0:
                     wanted.append((r, k))
         self._propose(wanted)
@@ -229,9 +237,7 @@ class NgramProposer(Proposer):
         self, num_speculative_tokens: int, max_model_len: int, min_n: int, max_n: int, adaptive: bool = True
     ) -> None:
         super().__init__(num_speculative_tokens, max_model_len, adaptive)
-        if not 1 <= min_n <= max_n:
-            raise ValueError(f"prompt_lookup_min/max: need 1 <= min <= max, got {min_n}, {max_n}")
-        self.min_n, self.max_n = min_n, max_n
+        self.min_n, self.max_n = min_n, max_n  # 1 <= min_n <= max_n: EngineConfig.create checks it
 
     def _propose(self, wanted: list[tuple[Request, int]]) -> None:
         for r, k in wanted:
@@ -296,7 +302,7 @@ class DraftProposer(Proposer):
             m.output_token_ids = list(r.output_token_ids)
             self.kv.truncate(m, m.num_computed_tokens)
             active.append((r, m, k, [], []))
-        pass_times = []
+        proposals = list(active)  # (request, mirror, k, tokens, distributions), filled pass by pass
         while active:
             out = SchedulerOutput()
             for _, m, _, _, _ in active:
@@ -315,7 +321,7 @@ class DraftProposer(Proposer):
             # NOTE: a pass that catches up on more than the two tokens of steady speculation (the whole
             # prompt the first time, or the tokens of a pause) is not timed as a proposal pass.
             if max(s.num_new_tokens for s in out.scheduled) <= 2:
-                pass_times.append(time.perf_counter() - t0)
+                self._recent_passes.append(time.perf_counter() - t0)
             scheduled = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
             still = []
             for r, m, k, tokens, probs in active:
@@ -325,14 +331,13 @@ class DraftProposer(Proposer):
                 token = result.sampled[m.request_id][0]
                 m.output_token_ids.append(token)
                 tokens.append(token)
-                probs.append(result.probs[m.request_id])
-                r.spec_token_ids = list(tokens)
-                r.spec_probs = None if r.sampling_params.greedy else torch.stack(probs)
+                if m.request_id in result.probs:  # sampled (temperature > 0): the rejection rule needs q
+                    probs.append(result.probs[m.request_id])
                 if len(tokens) < k:
                     still.append((r, m, k, tokens, probs))
             active = still
-        for t in pass_times:
-            self._recent_passes.append(t)
+        for r, _, _, tokens, probs in proposals:
+            r.spec_token_ids, r.spec_probs = tokens, torch.stack(probs) if probs else None
         if self._recent_passes:
             self._pass_time = statistics.median(self._recent_passes)
 

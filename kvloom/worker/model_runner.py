@@ -57,7 +57,8 @@ class ModelRunnerOutput:
     logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # one per new token
     # Speculating requests: how many of their proposals were accepted.
     num_accepted: dict[str, int] = field(default_factory=dict)
-    # With keep_probs: the distribution each sampling request's last token was drawn from ([vocab]).
+    # With keep_probs: the distribution each sampled (temperature > 0) request's last token was drawn from
+    # ([vocab]); greedy requests have none (their proposals are judged by the argmax alone).
     probs: dict[str, torch.Tensor] = field(default_factory=dict)
     # New prompt logprobs per request, for consecutive positions after those it already has.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
@@ -94,7 +95,7 @@ class ModelRunner:
         _materialize(model, self.device)
         ckpt = config.checkpoint
         self.kernels = None
-        if config.cpu_kernels and config.dtype == torch.bfloat16 and self.device.type == "cpu":
+        if config.wants_cpu_kernels:
             from kvloom.kernels import load_cpu_kernels
 
             self.kernels = load_cpu_kernels()
@@ -275,16 +276,12 @@ class ModelRunner:
                     replaced = True
             emitted.append((request, i, new))
             result.sampled[request.request_id] = new
-            if keep_probs:
-                last = i + len(new) - 1
-                greedy = sampled.probs is None or request.sampling_params.greedy
-                result.probs[request.request_id] = (
-                    _one_hot(tokens[last], logits) if greedy else sampled.probs[last]
-                )
+            if keep_probs and not request.sampling_params.greedy:
+                result.probs[request.request_id] = sampled.probs[i + len(new) - 1]
         if replaced:  # logprobs follow the tokens verification chose
             sampled = sampled.with_tokens(torch.tensor(tokens, device=dev))
         if sampled.logprob is not None:
-            result.logprobs = _token_logprobs(emitted, samplers, sampled)
+            result.logprobs = _token_logprobs(emitted, sampled)
         return result
 
     def _verify_generator(self, request: Request) -> torch.Generator:
@@ -316,14 +313,8 @@ class ModelRunner:
         ]
 
 
-def _one_hot(token: int, logits: torch.Tensor) -> torch.Tensor:
-    probs = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-    probs[token] = 1.0
-    return probs
-
-
 def _token_logprobs(
-    emitted: list[tuple[Request, int, list[int]]], rows: list[Request | SampleRow], out: SamplerOutput
+    emitted: list[tuple[Request, int, list[int]]], out: SamplerOutput
 ) -> dict[str, list[TokenLogprobs]]:
     """Logprobs of each request's new tokens (rows i, i + 1, ... of the sampled ones)."""
     logprob, rank = out.logprob.tolist(), out.rank.tolist()
