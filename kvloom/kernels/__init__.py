@@ -80,10 +80,31 @@ _SIGNATURES = {
     "kv_lin_forward": [ctypes.POINTER(KvLin), _P, _I, _P, _I, _I, _I, _I],
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
-    "kv_rope_cache_bf16": [_P, _P, _P, _I, _P, _P, _P, _I, _I, _I, _I, _P, _P, _P, _I, ctypes.c_int],
+    # q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, caches, slots, num_blocks, block_size, rope
+    "kv_rope_cache_bf16": [
+        _P,
+        _I,
+        _P,
+        _I,
+        _P,
+        _I,
+        _P,
+        _P,
+        _P,
+        _I,
+        _I,
+        _I,
+        _I,
+        _P,
+        _P,
+        _P,
+        _I,
+        _I,
+        ctypes.c_int,
+    ],
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
     # h, residual, h_out, S, E, I, H, KVH, D, eps, 2 norms, 4 kv_lin, positions, cos, sin, caches,
-    # slots, tables, max_blocks, ctx_lens, num_blocks, block_size, scale, window, 5 scratch buffers
+    # slots, tables, row tables, max_blocks, ctx_lens, num_blocks, block_size, scale, window, 5 buffers
     "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 6, *[_P] * 8, _I, _P]
     + [_I, _I, _F, _I, *[_P] * 5],
 }
@@ -180,6 +201,39 @@ class CpuKernels:
         return out
 
     # -- rotary + KV cache write -----------------------------------------------------------------------
+    # The kernels keep the KV cache in a layout of their own (cpu_kernels.c, "KV cache layout"): within each
+    # block, K as [D / 2, block_size, 2] and V as [block_size / 2, D, 2]. The pool's shape is unchanged;
+    # only the kernels write and read it (the model runner picks this layout with kernel_attention_ok).
+    @staticmethod
+    def kernel_attention_ok(
+        dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
+    ) -> bool:
+        """Whether a model's attention runs on the kernels (cache in their layout) for every step."""
+        return (
+            dtype == torch.bfloat16
+            and head_dim % 16 == 0
+            and head_dim <= 256
+            and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= 16
+            and block_size % 16 == 0
+        )
+
+    @staticmethod
+    def to_kernel_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[KVH, num_blocks, block_size, D] caches in the usual layout -> the same in the kernels' layout."""
+        kvh, nb, bs, d = k_cache.shape
+        k = k_cache.view(kvh, nb, bs, d // 2, 2).permute(0, 1, 3, 2, 4).contiguous().view(kvh, nb, bs, d)
+        v = v_cache.view(kvh, nb, bs // 2, 2, d).permute(0, 1, 2, 4, 3).contiguous().view(kvh, nb, bs, d)
+        return k, v
+
+    @staticmethod
+    def from_kernel_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of to_kernel_layout."""
+        kvh, nb, bs, d = k_cache.shape
+        k = k_cache.view(kvh, nb, d // 2, bs, 2).permute(0, 1, 3, 2, 4).contiguous().view(kvh, nb, bs, d)
+        v = v_cache.view(kvh, nb, bs // 2, d, 2).permute(0, 1, 2, 4, 3).contiguous().view(kvh, nb, bs, d)
+        return k, v
+
     def rope_and_cache(
         self,
         qkv: torch.Tensor,  # [tokens, (H + 2 * KVH) * D], rotated in place
@@ -189,7 +243,7 @@ class CpuKernels:
         positions: torch.Tensor,
         cos: torch.Tensor | None,  # None: no rotary (write the cache only)
         sin: torch.Tensor | None,
-        k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D]
+        k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D], the kernels' layout
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
@@ -200,7 +254,9 @@ class CpuKernels:
         v_off = (num_heads + num_kv_heads) * head_dim * el
         self._lib.kv_rope_cache_bf16(
             base,
+            ld,
             base + k_off,
+            ld,
             base + v_off,
             ld,
             _ptr(positions),
@@ -213,27 +269,52 @@ class CpuKernels:
             _ptr(k_cache),
             _ptr(v_cache),
             _ptr(slot_mapping),
-            k_cache.shape[1] * k_cache.shape[2],
+            k_cache.shape[1],
+            k_cache.shape[2],
             int(cos is not None),
         )
 
-    # -- decode attention ------------------------------------------------------------------------------
-    @staticmethod
-    def decode_attention_ok(q: torch.Tensor, num_kv_heads: int) -> bool:
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        return (
-            q.dtype == torch.bfloat16
-            and head_dim % 16 == 0
-            and head_dim <= 256
-            and num_heads // num_kv_heads <= 16
-            and q.stride(2) == 1
-            and q.stride(1) == head_dim
+    def write_cache(
+        self,
+        k: torch.Tensor,  # [tokens, KVH, D] (rows may be strided; heads contiguous)
+        v: torch.Tensor,
+        k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D], the kernels' layout
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write K/V rows to their slots (models whose q/k are normalized before the rotary)."""
+        t, kvh, d = k.shape
+        if k.stride(1) != d or k.stride(2) != 1:
+            k = k.contiguous()
+        if v.stride(1) != d or v.stride(2) != 1:
+            v = v.contiguous()
+        self._lib.kv_rope_cache_bf16(
+            None,
+            0,
+            _ptr(k),
+            k.stride(0),
+            _ptr(v),
+            v.stride(0),
+            None,
+            None,
+            None,
+            t,
+            0,
+            kvh,
+            d,
+            _ptr(k_cache),
+            _ptr(v_cache),
+            _ptr(slot_mapping),
+            k_cache.shape[1],
+            k_cache.shape[2],
+            0,
         )
 
+    # -- decode attention ------------------------------------------------------------------------------
     def decode_attention(
         self,
-        q: torch.Tensor,  # [num_seqs, H, D]
-        k_cache: torch.Tensor,
+        q: torch.Tensor,  # [num_seqs, H, D], heads contiguous
+        k_cache: torch.Tensor,  # the kernels' layout
         v_cache: torch.Tensor,
         block_tables: torch.Tensor,  # [num_seqs, max_blocks] int64
         context_lens: torch.Tensor,  # [num_seqs] int64
@@ -245,6 +326,8 @@ class CpuKernels:
         """One query row per entry of context_lens, attending positions [0, context_len) of its table (the
         last `window` of them): decodes, and prefill rows too once their K/V are in the cache."""
         s, h, d = q.shape
+        if q.stride(2) != 1 or q.stride(1) != d:
+            q = q.contiguous()
         kvh, num_blocks, block_size, _ = k_cache.shape
         self._lib.kv_decode_attention_bf16(
             _ptr(q),

@@ -9,6 +9,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -94,12 +95,14 @@ INLINE void store_tile(const float *acc, int64_t row_stride, int mm, int nb, int
         }
 }
 
-INLINE void linear_tile(int MM, int NB, const bf16 *x, int64_t ldx, const bf16 *wp, int64_t K, float acc_out[4][LIN_GROUP][16]) {
+INLINE void linear_tile(int MM, int NB, const bf16 *x, int64_t ldx, const bf16 *wp, int64_t K, float acc_out[4][LIN_GROUP][16],
+                        const char *pf, int64_t pf_lines) {
     __m512 acc[4][LIN_GROUP];
     for (int i = 0; i < MM; i++)
         for (int b = 0; b < NB; b++) acc[i][b] = _mm512_setzero_ps();
     const int64_t block_stride = K * 16;
     for (int64_t kp = 0; kp < K / 2; kp++) {
+        if (kp < pf_lines) _mm_prefetch(pf + kp * 64, _MM_HINT_T0);
         __m512bh wv[LIN_GROUP];
         for (int b = 0; b < NB; b++) wv[b] = (__m512bh)_mm512_loadu_si512(wp + b * block_stride + kp * 32);
         for (int i = 0; i < MM; i++) {
@@ -111,34 +114,48 @@ INLINE void linear_tile(int MM, int NB, const bf16 *x, int64_t ldx, const bf16 *
         for (int b = 0; b < NB; b++) _mm512_storeu_ps(acc_out[i][b], acc[i][b]);
 }
 
-#define TILE(MM, NB) linear_tile(MM, NB, xt, ldx, w, K, acc)
+#define TILE(MM, NB) linear_tile(MM, NB, xt, ldx, w, K, acc, pf, pf_lines)
+#define TILES(NB)                                                                                                \
+    switch (mm) {                                                                                                \
+    case 1: TILE(1, NB); break;                                                                                  \
+    case 2: TILE(2, NB); break;                                                                                  \
+    case 3: TILE(3, NB); break;                                                                                  \
+    default: TILE(4, NB); break;                                                                                 \
+    }
 
+/* Each thread takes an equal, contiguous share of the 16-output blocks (an uneven split of groups of 4
+ * left one thread idle for up to a quarter of the small layers, e.g. 9 groups of N = 576), in groups of up
+ * to LIN_GROUP blocks; must be called by every thread of the team (it ends with a barrier).
+ * With more than one tile of rows, the tiles of a group also prefetch the next group's weights (which
+ * follow in memory), a share each: otherwise every group's first tile waits on memory, which measured
+ * 15-30% of the time of the MLP and output layers at 32 rows. */
 static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y, int64_t ldy,
-                    int64_t M, int64_t N, int64_t K) {
+                             int64_t M, int64_t N, int64_t K) {
     const int64_t nblocks = (N + 15) / 16;
-    const int64_t ngroups = (nblocks + LIN_GROUP - 1) / LIN_GROUP;
-#pragma omp for schedule(static)
-    for (int64_t g = 0; g < ngroups; g++) {
-        const int64_t b0 = g * LIN_GROUP;
-        const int nb = nblocks - b0 < LIN_GROUP ? (int)(nblocks - b0) : LIN_GROUP;
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t b_hi = nblocks * (t + 1) / nt;
+    for (int64_t b0 = nblocks * t / nt; b0 < b_hi; b0 += LIN_GROUP) {
+        const int nb = b_hi - b0 < LIN_GROUP ? (int)(b_hi - b0) : LIN_GROUP;
         const bf16 *w = wp + b0 * 16 * K;
+        const int64_t ntiles = (M + 3) / 4, next = b0 + nb < b_hi ? (b_hi - b0 - nb < LIN_GROUP ? b_hi - b0 - nb : LIN_GROUP) : 0;
+        /* lines of the next group per tile (each tile issues at most one per k pair) */
+        int64_t pf_lines = ntiles > 1 ? (next * 16 * K * 2 / 64 + ntiles - 1) / ntiles : 0;
+        if (pf_lines > K / 2) pf_lines = K / 2;
         for (int64_t m0 = 0; m0 < M; m0 += 4) {
             const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
             const bf16 *xt = x + m0 * ldx;
+            const char *pf = (const char *)(w + nb * 16 * K) + m0 / 4 * pf_lines * 64;
             float acc[4][LIN_GROUP][16];
-            if (nb == LIN_GROUP) {
-                switch (mm) {
-                case 1: TILE(1, LIN_GROUP); break;
-                case 2: TILE(2, LIN_GROUP); break;
-                case 3: TILE(3, LIN_GROUP); break;
-                default: TILE(4, LIN_GROUP); break;
-                }
-            } else {
-                for (int i = 0; i < mm; i++) linear_tile(1, nb, xt + i * ldx, ldx, w, K, acc + i);
+            switch (nb) {
+            case 1: TILES(1); break;
+            case 2: TILES(2); break;
+            case 3: TILES(3); break;
+            default: TILES(LIN_GROUP); break;
             }
             store_tile(&acc[0][0][0], LIN_GROUP * 16, mm, nb, b0, bias, y, ldy, m0, N);
         }
     }
+#pragma omp barrier
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -197,13 +214,48 @@ void kv_silu_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Rotary embedding (rotate-half form) applied in place to q and k, then k and v written to their cache
- * slots. q/k/v rows of a token are `ld` elements apart (views into the fused qkv output); cos/sin are
- * [max_positions, D] tables; caches are [kv_heads, num_slots, D]. The arithmetic mirrors
+ * KV cache layout of the kernels (block_size a multiple of 16), per (KV head, block) of bs * D elements:
+ *   K: [D / 2][bs][2]   position p, dim d at ((d / 2) * bs + p) * 2 + d % 2
+ *   V: [bs / 2][D][2]   position p, dim d at ((p / 2) * D + d) * 2 + p % 2
+ * so that attention runs on vdpbf16ps without horizontal sums: one instruction adds a broadcast pair of
+ * query dims times a pair of key dims into the scores of 16 positions, and a broadcast pair of
+ * probabilities times two positions' values into 16 output dims. Caches are [KVH, num_blocks, bs, D].
+ */
+INLINE void cache_write_row(bf16 *k_cache, bf16 *v_cache, const bf16 *k, const bf16 *v, int64_t h, int64_t slot,
+                            int64_t num_blocks, int64_t bs, int64_t D) {
+    const int64_t b = slot / bs, p = slot % bs;
+    bf16 *kb = k_cache + (h * num_blocks + b) * bs * D, *vb = v_cache + (h * num_blocks + b) * bs * D;
+    for (int64_t i = 0; i < D / 2; i++) memcpy(kb + (i * bs + p) * 2, k + 2 * i, 2 * sizeof(bf16));
+    /* V: 16 dims at a time, each widened to a 32-bit lane and stored to the half of the pair that is p's. */
+    bf16 *vrow = vb + (p / 2) * D * 2;
+    const __mmask32 half = (p & 1) ? 0xAAAAAAAAu : 0x55555555u;
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + d)));
+        if (p & 1) w = _mm512_slli_epi32(w, 16);
+        _mm512_mask_storeu_epi16(vrow + 2 * d, half, w);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Rotary embedding (rotate-half form) applied in place to q and k (when `rope`), then k and v written to
+ * their cache slots in the layout above. Rows of a token are ldq / ldk / ldv elements apart (views into the
+ * fused qkv output, or separate tensors); cos/sin are [max_positions, D] tables. The arithmetic mirrors
  * `q * cos + rotate_half(q) * sin` in bf16: each product rounded, then the sum rounded.
  */
 INLINE void rope_row(bf16 *x, const bf16 *cos, const bf16 *sin, int64_t D) {
     const int64_t half = D / 2;
+    if (half % 16 == 0) { /* 16 dims of each half at a time, the same roundings as below */
+        for (int64_t d = 0; d < half; d += 16) {
+            const __m512 x1 = load16(x + d), x2 = load16(x + d + half);
+            const __m512 lo = _mm512_add_ps(round16(_mm512_mul_ps(x1, load16(cos + d))),
+                                            round16(_mm512_mul_ps(_mm512_xor_ps(x2, _mm512_set1_ps(-0.0f)), load16(sin + d))));
+            const __m512 hi = _mm512_add_ps(round16(_mm512_mul_ps(x2, load16(cos + d + half))),
+                                            round16(_mm512_mul_ps(x1, load16(sin + d + half))));
+            store16(x + d, lo);
+            store16(x + d + half, hi);
+        }
+        return;
+    }
     float tmp[512];
     for (int64_t d = 0; d < D; d++) {
         const float rot = d < half ? -b2f(x[d + half]) : b2f(x[d - half]);
@@ -214,94 +266,128 @@ INLINE void rope_row(bf16 *x, const bf16 *cos, const bf16 *sin, int64_t D) {
     for (int64_t d = 0; d < D; d++) x[d] = f2b(tmp[d]);
 }
 
-static void rope_cache_bf16_body(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64_t *positions,
-                        const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH, int64_t D,
-                        bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_slots, int rope) {
+static void rope_cache_bf16_body(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *v, int64_t ldv,
+                                 const int64_t *positions, const bf16 *cos, const bf16 *sin, int64_t T, int64_t H,
+                                 int64_t KVH, int64_t D, bf16 *k_cache, bf16 *v_cache, const int64_t *slots,
+                                 int64_t num_blocks, int64_t bs, int rope) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        const bf16 *c = cos + positions[t] * D, *s = sin + positions[t] * D;
         if (rope) {
-            for (int64_t h = 0; h < H; h++) rope_row(q + t * ld + h * D, c, s, D);
-            for (int64_t h = 0; h < KVH; h++) rope_row(k + t * ld + h * D, c, s, D);
+            const bf16 *c = cos + positions[t] * D, *s = sin + positions[t] * D;
+            for (int64_t h = 0; h < H; h++) rope_row(q + t * ldq + h * D, c, s, D);
+            for (int64_t h = 0; h < KVH; h++) rope_row(k + t * ldk + h * D, c, s, D);
         }
-        for (int64_t h = 0; h < KVH; h++) {
-            memcpy(k_cache + (h * num_slots + slots[t]) * D, k + t * ld + h * D, D * sizeof(bf16));
-            memcpy(v_cache + (h * num_slots + slots[t]) * D, v + t * ld + h * D, D * sizeof(bf16));
-        }
+        for (int64_t h = 0; h < KVH; h++)
+            cache_write_row(k_cache, v_cache, k + t * ldk + h * D, v + t * ldv + h * D, h, slots[t], num_blocks, bs, D);
     }
 }
 
-void kv_rope_cache_bf16(bf16 *q, bf16 *k, const bf16 *v, int64_t ld, const int64_t *positions,
-                        const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH, int64_t D,
-                        bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_slots, int rope) {
+void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *v, int64_t ldv,
+                        const int64_t *positions, const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH,
+                        int64_t D, bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_blocks, int64_t bs,
+                        int rope) {
 #pragma omp parallel if (T > 16)
-    rope_cache_bf16_body(q, k, v, ld, positions, cos, sin, T, H, KVH, D, k_cache, v_cache, slots, num_slots, rope);
+    rope_cache_bf16_body(q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, k_cache, v_cache, slots,
+                         num_blocks, bs, rope);
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Decode attention over the paged cache, one query token per sequence, read in place (no gather).
- * q, out: [num_seqs, H, D] rows ld_q / ld_o apart; caches [KVH, num_blocks, block_size, D];
- * tables [num_seqs, max_blocks]; ctx_lens [num_seqs]; window 0 = full attention, else the last `window`
- * positions (the query's own included). Work items are (sequence, KV head); the G = H / KVH query heads
- * of a KV head share each K/V row they read. Scores, softmax and the weighted sum stay in fp32.
+ * Attention of single query rows over the paged cache (layout above), read in place: decodes, and prefill
+ * rows once their K/V are in the cache (row r attends positions [0, ctx_lens[r]) of its sequence, the
+ * last `window` of them when window > 0). q, out: [rows, H, D], rows ld_q / ld_o apart; tables
+ * [num_seqs, max_blocks], row_table[r] the table of row r (NULL: row r uses table r).
+ * Work items are (row, KV head): the G = H / KVH query heads of a KV head share every K/V load.
+ * Per 16 positions: scores = q . k on vdpbf16ps (fp32 sums) times scale, kept in an fp32 buffer; then
+ * probabilities exp(s - max) (fp32, summed in fp32) rounded to bf16 as transformers' bf16 attention rounds
+ * them, times V on vdpbf16ps, and one division by the sum at the end.
  */
+#ifndef ATTN_PF
+#define ATTN_PF 4
+#endif
+
+/* K of the 16 positions from p (a multiple of 16) into L1: D / 2 rows of 64 bytes, bs * 4 bytes apart. */
+INLINE void attn_prefetch_k(const bf16 *kbase, const int64_t *table, int64_t p, int64_t bs, int64_t D) {
+    const char *k = (const char *)(kbase + table[p / bs] * bs * D + p % bs * 2);
+    for (int64_t i = 0; i < D / 2; i++) _mm_prefetch(k + i * bs * 4, _MM_HINT_T0);
+}
+
 INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf16 *kbase, const bf16 *vbase,
-                      const int64_t *table, int64_t lo, int64_t ctx, int64_t block_size, float scale, bf16 *out,
+                      const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out,
                       float *scores) {
-    /* G query heads over one KV head; q and out point at the first of them ([G, DC * 16] rows). With G and
-     * DC compile-time constants (see the dispatch below) the accumulators live in registers. */
-    const int64_t D = DC * 16, L = ctx - lo;
-    __m512 qv[16][16];
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < DC; c++) qv[g][c] = _mm512_mul_ps(load16(q + g * D + c * 16), _mm512_set1_ps(scale));
-    for (int64_t p = lo; p < ctx; p++) {
-        const bf16 *kr = kbase + (table[p / block_size] * block_size + p % block_size) * D;
-        __m512 acc[16];
-        for (int64_t g = 0; g < G; g++) acc[g] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < DC; c++) {
-            const __m512 kk = load16(kr + c * 16);
-            for (int64_t g = 0; g < G; g++) acc[g] = _mm512_fmadd_ps(qv[g][c], kk, acc[g]);
+    const int64_t D = DC * 16, KP = D / 2; /* KP: pairs of dims */
+    const int64_t first = lo & ~(int64_t)15, nsub = (ctx - first + 15) / 16, L = nsub * 16;
+    const int32_t *qp = (const int32_t *)q; /* head g's pair i at qp[g * KP + i] */
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 mx[16];
+    for (int64_t g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t sb = 0; sb < nsub; sb++) {
+        const int64_t p0 = first + 16 * sb;
+        const bf16 *kb = kbase + table[p0 / bs] * bs * D + p0 % bs * 2; /* pair i of these 16 at kb + i * bs * 2 */
+        /* The cache is read once per step, from memory: prefetch the K of ATTN_PF sub-blocks ahead and this
+         * sub-block's V (read by the second pass), so that several streams are in flight. */
+#ifndef ATTN_NOPF
+        if (sb == 0)
+            for (int64_t a = 1; a < ATTN_PF && a < nsub; a++) attn_prefetch_k(kbase, table, first + 16 * a, bs, D);
+        if (sb + ATTN_PF < nsub) attn_prefetch_k(kbase, table, p0 + 16 * ATTN_PF, bs, D);
+#endif
+#ifndef ATTN_NOVPF
+        {
+            const char *vb = (const char *)(vbase + table[p0 / bs] * bs * D + p0 % bs * D);
+            for (int64_t i = 0; i < 16 * D * 2; i += 64) _mm_prefetch(vb + i, _MM_HINT_T0);
         }
-        for (int64_t g = 0; g < G; g++) scores[g * L + (p - lo)] = _mm512_reduce_add_ps(acc[g]);
+#endif
+        __m512 a0[16], a1[16];
+        for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < KP; i += 2) {
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + i * bs * 2);
+            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + (i + 1) * bs * 2);
+            for (int64_t g = 0; g < G; g++) {
+                a0[g] = _mm512_dpbf16_ps(a0[g], (__m512bh)_mm512_set1_epi32(qp[g * KP + i]), k0);
+                a1[g] = _mm512_dpbf16_ps(a1[g], (__m512bh)_mm512_set1_epi32(qp[g * KP + i + 1]), k1);
+            }
+        }
+        const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)p0));
+        const __mmask16 valid = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((int32_t)lo)) &
+                                _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32((int32_t)ctx));
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
+                                                _mm512_mul_ps(_mm512_add_ps(a0[g], a1[g]), _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(scores + g * L + 16 * sb, s);
+            mx[g] = _mm512_max_ps(mx[g], s);
+        }
     }
-    float inv_sum[16];
+    __m512 mv[16], sum[16], ov[16][16];
     for (int64_t g = 0; g < G; g++) {
-        float *sg = scores + g * L;
-        __m512 mx16 = _mm512_set1_ps(-INFINITY);
-        int64_t i = 0;
-        for (; i + 16 <= L; i += 16) mx16 = _mm512_max_ps(mx16, _mm512_loadu_ps(sg + i));
-        float mx = _mm512_reduce_max_ps(mx16);
-        for (; i < L; i++) mx = sg[i] > mx ? sg[i] : mx;
-        __m512 sum = _mm512_setzero_ps();
-        const __m512 mv = _mm512_set1_ps(mx);
-        for (i = 0; i + 16 <= L; i += 16) {
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + i), mv));
-            _mm512_storeu_ps(sg + i, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        if (i < L) {
-            const __mmask16 m = (__mmask16)((1u << (L - i)) - 1u);
-            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), mv));
-            _mm512_mask_storeu_ps(sg + i, m, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-        }
-        inv_sum[g] = 1.0f / _mm512_reduce_add_ps(sum);
-    }
-    __m512 ov[16][16];
-    for (int64_t g = 0; g < G; g++)
+        mv[g] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
+        sum[g] = _mm512_setzero_ps();
         for (int64_t c = 0; c < DC; c++) ov[g][c] = _mm512_setzero_ps();
-    for (int64_t p = lo; p < ctx; p++) {
-        const bf16 *vr = vbase + (table[p / block_size] * block_size + p % block_size) * D;
-        __m512 pg[16];
-        for (int64_t g = 0; g < G; g++) pg[g] = _mm512_set1_ps(scores[g * L + (p - lo)]);
-        for (int64_t c = 0; c < DC; c++) {
-            const __m512 vv = load16(vr + c * 16);
-            for (int64_t g = 0; g < G; g++) ov[g][c] = _mm512_fmadd_ps(pg[g], vv, ov[g][c]);
+    }
+    for (int64_t sb = 0; sb < nsub; sb++) {
+        const int64_t p0 = first + 16 * sb;
+        /* the 8 position pairs of these 16 positions: pair j at vb + j * D * 2 */
+        const bf16 *vb = vbase + (table[p0 / bs] * bs + p0 % bs) * D;
+        int32_t pr[16][8]; /* bf16 probability pairs of each head */
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 s = _mm512_loadu_ps(scores + g * L + 16 * sb);
+            /* masked positions hold -inf: exp16 clamps its argument, so zero them explicitly */
+            const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                                 exp16(_mm512_sub_ps(s, mv[g])));
+            sum[g] = _mm512_add_ps(sum[g], e);
+            _mm256_storeu_si256((__m256i *)pr[g], (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        for (int64_t j = 0; j < 8; j++) {
+            const bf16 *vr = vb + j * D * 2;
+            for (int64_t c = 0; c < DC; c++) {
+                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vr + c * 32);
+                for (int64_t g = 0; g < G; g++)
+                    ov[g][c] = _mm512_dpbf16_ps(ov[g][c], (__m512bh)_mm512_set1_epi32(pr[g][j]), vv);
+            }
         }
     }
-    for (int64_t g = 0; g < G; g++)
-        for (int64_t c = 0; c < DC; c++)
-            store16(out + g * D + c * 16, _mm512_mul_ps(ov[g][c], _mm512_set1_ps(inv_sum[g])));
+    for (int64_t g = 0; g < G; g++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[g]));
+        for (int64_t c = 0; c < DC; c++) store16(out + g * D + c * 16, _mm512_mul_ps(ov[g][c], inv));
+    }
 }
 
 #define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
@@ -318,7 +404,7 @@ static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *
         const int64_t ctx = ctx_lens[seq];
         const int64_t lo = window > 0 && ctx > window ? ctx - window : 0;
         const int64_t *table = tables + (row_table ? row_table[seq] : seq) * max_blocks;
-        float *scores = (float *)malloc(sizeof(float) * G * (ctx - lo + 16));
+        float *scores = (float *)malloc(sizeof(float) * G * (ctx - (lo & ~(int64_t)15) + 16));
         const bf16 *qp = q + seq * ld_q + kvh * G * D;
         bf16 *op = out + seq * ld_o + kvh * G * D;
         const bf16 *kbase = k_cache + kvh * num_blocks * block_size * D;
@@ -567,8 +653,8 @@ void kv_decode_layer_bf16(const bf16 *h, bf16 *residual, bf16 *h_out, int64_t S,
     {
         rms_norm_bf16_body(h, E, residual, E, norm_in, x, E, S, E, eps);
         lin_body(l_qkv, x, E, qkv, W, S, W, E, xsum);
-        rope_cache_bf16_body(qkv, qkv + H * D, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
-                             k_cache, v_cache, slots, num_blocks * block_size, cos != 0);
+        rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
+                             k_cache, v_cache, slots, num_blocks, block_size, cos != 0);
         decode_attention_bf16_body(qkv, W, k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, a, H * D, S, H, KVH,
                                    D, num_blocks, block_size, scale, window);
         lin_body(l_o, a, H * D, h_out, E, S, E, H * D, xsum);
@@ -579,4 +665,3 @@ void kv_decode_layer_bf16(const bf16 *h, bf16 *residual, bf16 *h_out, int64_t S,
     }
     free(xsum);
 }
-

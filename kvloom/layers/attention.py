@@ -6,9 +6,11 @@ tables; longer queries (prefill chunks) get one call each, in slices of query ro
 is `_grouped_attention`: two batched matmuls with a boolean mask and an fp32 softmax, which on CPU
 measured faster than SDPA's kernels for every shape we run (see its NOTE).
 
-With kvloom's CPU kernels (bf16), the cache write happens in the fused rope kernel and every row, decode
-or prefill, is one query over its sequence's blocks in the C attention kernel (`meta.token_*` tables);
-the PyTorch path below serves everything else (fp32/fp16, CUDA, shapes the kernel does not take).
+With kvloom's CPU kernels (bf16, shapes they take, block size a multiple of 16: the model runner decides
+once, `CpuKernels.kernel_attention_ok`), the cache is kept in the kernels' own layout, written by them (in
+the fused rope kernel when there is one), and every row, decode or prefill, is one query over its
+sequence's blocks in the C attention kernel (`meta.token_*` tables). The PyTorch path below serves
+everything else (fp32/fp16, CUDA, other shapes) with the usual [KVH, num_blocks, block_size, D] layout.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decodes] long
     prefills: list[PrefillSeq]
     block_size: int
-    # With the CPU kernels, every row of the step as one query over the paged cache (its K/V written
-    # first): block tables of all scheduled sequences, each row's table index and context length
-    # (position + 1). Set by the model runner whenever the kernels run; None on the PyTorch path.
+    # With the CPU kernels' attention, every row of the step as one query over the paged cache (its K/V
+    # written first): block tables of all scheduled sequences, each row's table index and context length
+    # (position + 1). Set by the model runner when the cache is in the kernels' layout; None otherwise.
     token_block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] long
     token_table_index: torch.Tensor | None = None  # [num_tokens] long
     token_context_lens: torch.Tensor | None = None  # [num_tokens] long
@@ -130,19 +132,15 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
-    kernels=None,  # kvloom.kernels.CpuKernels: every row reads the paged cache in place (token tables)
+    kernels=None,  # kvloom.kernels.CpuKernels: needed when meta has token tables (the kernels' cache layout)
     cache_written: bool = False,  # K/V of this step are in the cache already (the fused rope kernel)
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    if not cache_written:
-        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if (
-        kernels is not None
-        and meta.token_context_lens is not None
-        and kernels.decode_attention_ok(q, num_kv_heads)
-    ):
+    if meta.token_context_lens is not None:
+        # The kernels' path: the cache is in their layout (the runner chose it), every row reads it in place.
+        if not cache_written:
+            kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         kernels.decode_attention(
             q,
             k_cache,
@@ -155,6 +153,9 @@ def paged_attention(
             row_table=meta.token_table_index,
         )
         return out
+    if not cache_written:
+        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
     nd = meta.num_decodes
     if nd:

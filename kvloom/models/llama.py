@@ -66,8 +66,9 @@ class Attention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         kern = self.kernels
-        # The kernels rotate q/k in place in the fused qkv output and write K/V to the cache in one pass.
-        fused_rope = kern is not None and not self.qk_norm and qkv.dtype == torch.bfloat16
+        # With the cache in the kernels' layout (token tables set), they rotate q/k in place in the fused qkv
+        # output and write K/V to the cache in one pass.
+        fused_rope = meta.token_context_lens is not None and not self.qk_norm
         if fused_rope:
             kern.rope_and_cache(
                 qkv,

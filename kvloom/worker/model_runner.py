@@ -156,6 +156,11 @@ class ModelRunner:
         else:
             self.kv_cache = torch.zeros(shape, dtype=config.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
+        # The kernels' attention (and their cache layout) for every step, when they take this model.
+        attn0 = model.model.layers[0].self_attn
+        self.kernel_attention = self.kernels is not None and self.kernels.kernel_attention_ok(
+            config.dtype, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, config.block_size
+        )
         self.generator = torch.Generator(self.device).manual_seed(config.seed)
 
     @torch.inference_mode()
@@ -183,7 +188,7 @@ class ModelRunner:
         # written first), so every step runs each layer as one C call. Prefill attention this way
         # measured 2-3x faster than the PyTorch path's batched matmuls: 128 rows 0.35 vs 0.75 ms,
         # 1024 rows 11.6 vs 30.1 ms, 2 x 2048 rows 97 vs 160 ms (per layer, SmolLM2 shapes).
-        use_token_tables = self.kernels is not None
+        use_token_tables = self.kernel_attention
         if use_token_tables:
             width = max(cdiv(s.start + s.num_new_tokens, bs) for s in entries)
             token_tables = np.zeros((len(entries), width), dtype=np.int64)

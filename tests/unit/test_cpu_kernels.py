@@ -74,24 +74,47 @@ def test_rope_and_cache_write_are_bit_exact():
     K.rope_and_cache(qkv, heads, kv_heads, d, positions, rotary.cos, rotary.sin, k_cache, v_cache, slots)
     assert torch.equal(q.reshape(tokens, heads, d), q_ref)
     assert torch.equal(k.reshape(tokens, kv_heads, d), k_ref)
-    assert torch.equal(k_cache.view(kv_heads, -1, d)[:, slots].transpose(0, 1), k_ref)
-    assert torch.equal(v_cache.view(kv_heads, -1, d)[:, slots].transpose(0, 1), v_ref)
+    k_std, v_std = K.from_kernel_layout(k_cache, v_cache)
+    assert torch.equal(k_std.view(kv_heads, -1, d)[:, slots].transpose(0, 1), k_ref)
+    assert torch.equal(v_std.view(kv_heads, -1, d)[:, slots].transpose(0, 1), v_ref)
+    # Nothing but the six slots was written.
+    written = torch.zeros(kv_heads, 64, dtype=torch.bool)
+    written[:, slots] = True
+    assert not k_std.view(kv_heads, 64, d)[~written].any() and not v_std.view(kv_heads, 64, d)[~written].any()
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_write_cache_and_layout_round_trip(bs):
+    """K/V rows from separate (strided) tensors land in their slots; the layout helpers invert each other."""
+    kv_heads, d, tokens, num_blocks = 2, 64, 9, 3
+    g = torch.Generator().manual_seed(bs)
+    k = torch.randn(tokens, kv_heads, 2 * d, generator=g).to(BF)[:, :, :d]  # heads strided
+    v = torch.randn(tokens, kv_heads, d, generator=g).to(BF)
+    slots = torch.randperm(num_blocks * bs, generator=g)[:tokens]
+    k_cache, v_cache = torch.zeros(2, kv_heads, num_blocks, bs, d, dtype=BF)
+    K.write_cache(k, v, k_cache, v_cache, slots)
+    k_std, v_std = K.from_kernel_layout(k_cache, v_cache)
+    assert torch.equal(k_std.view(kv_heads, -1, d)[:, slots].transpose(0, 1), k)
+    assert torch.equal(v_std.view(kv_heads, -1, d)[:, slots].transpose(0, 1), v)
+    again = K.to_kernel_layout(k_std, v_std)
+    assert torch.equal(again[0], k_cache) and torch.equal(again[1], v_cache)
 
 
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "d", "window"),
-    [(9, 3, 64, None), (8, 2, 128, None), (9, 3, 64, 20), (10, 2, 32, None)],  # the last: generic path
-)
-def test_decode_attention_matches_reference(heads, kv_heads, d, window):
+    [(9, 3, 64, None), (8, 2, 128, None), (9, 3, 64, 20), (10, 2, 32, None), (4, 4, 64, 33)],
+)  # (10, 2, 32): the generic path; (4, 4, 64, 33): one head per KV head, a window not a multiple of 16
+@pytest.mark.parametrize("bs", [16, 32])
+def test_decode_attention_matches_reference(heads, kv_heads, d, window, bs):
     g = torch.Generator().manual_seed(heads * d)
-    num_blocks, bs = 40, 16
+    num_blocks = 40
     k_cache = torch.randn(kv_heads, num_blocks, bs, d, generator=g).to(BF)
     v_cache = torch.randn(kv_heads, num_blocks, bs, d, generator=g).to(BF)
     lens = torch.tensor([1, 16, 17, 200, 77])
-    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:13] for _ in lens])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[: -(-200 // bs)] for _ in lens])
     q = torch.randn(len(lens), heads, d, generator=g).to(BF)
     out = torch.empty_like(q)
-    K.decode_attention(q, k_cache, v_cache, tables, lens, out, d**-0.5, window)
+    K.decode_attention(q, *K.to_kernel_layout(k_cache, v_cache), tables, lens, out, d**-0.5, window)
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(1, dtype=torch.long),
         num_decodes=len(lens),
@@ -127,7 +150,9 @@ def test_prefill_rows_attend_causally_through_row_tables():
     lens = torch.tensor([40] + list(range(31, 51)))
     q = torch.randn(21, heads, d, generator=g).to(BF)
     out = torch.empty_like(q)
-    K.decode_attention(q, k_cache, v_cache, tables, lens, out, d**-0.5, None, row_table=row_table)
+    K.decode_attention(
+        q, *K.to_kernel_layout(k_cache, v_cache), tables, lens, out, d**-0.5, None, row_table=row_table
+    )
     for row in range(21):
         seq, n = int(row_table[row]), int(lens[row])
         kp = _gather(k_cache.float(), tables[seq])[:, None, :n]
