@@ -102,12 +102,30 @@ _SIGNATURES = {
         _I,
         ctypes.c_int,
     ],
+    "kv_argmax_bf16": [_P, _I, _I, _I, _P],
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
-    # h, residual, h_out, S, E, I, H, KVH, D, eps, 2 norms, 4 kv_lin, positions, cos, sin, caches,
-    # slots, tables, row tables, max_blocks, ctx_lens, num_blocks, block_size, scale, window, 5 buffers
-    "kv_decode_layer_bf16": [_P, _P, _P, _I, _I, _I, _I, _I, _I, _F, *[_P] * 6, *[_P] * 8, _I, _P]
-    + [_I, _I, _F, _I, *[_P] * 5],
+    # layers, L, h, residual, S, E, I, H, KVH, D, positions, cos, sin, slots, tables, row tables,
+    # max_blocks, ctx_lens, num_blocks, block_size, 5 scratch buffers
+    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _P, _I, _I, *[_P] * 5],
 }
+
+
+class KvLayer(ctypes.Structure):
+    """kv_layer in cpu_kernels.c: what one decoder layer's C call needs beyond the step's tensors."""
+
+    _fields_ = [
+        ("norm_in", _P),
+        ("norm_post", _P),
+        ("qkv", ctypes.POINTER(KvLin)),
+        ("o", ctypes.POINTER(KvLin)),
+        ("gu", ctypes.POINTER(KvLin)),
+        ("down", ctypes.POINTER(KvLin)),
+        ("k_cache", _P),
+        ("v_cache", _P),
+        ("eps", _F),
+        ("scale", _F),
+        ("window", _I),
+    ]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -182,6 +200,17 @@ class CpuKernels:
         self._lib.kv_rms_norm_bf16(
             _ptr(x), x.stride(0), _ptr(residual), ldr, _ptr(weight), _ptr(out), d, t, d, eps
         )
+        return out
+
+    # -- greedy sampling --------------------------------------------------------------------------------
+    @staticmethod
+    def argmax_ok(x: torch.Tensor) -> bool:
+        return x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor:
+        """torch.argmax(x, dim=-1) of a [rows, cols] bf16 tensor (same index on ties and NaN)."""
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        self._lib.kv_argmax_bf16(_ptr(x), x.stride(0), x.shape[0], x.shape[1], _ptr(out))
         return out
 
     # -- SiLU(gate) * up -------------------------------------------------------------------------------
@@ -352,8 +381,8 @@ class CpuKernels:
 
 
 class FusedDecodeLayers:
-    """Whole decoder layers as one C call each (kv_decode_layer_bf16), for every step the kernels run.
-    The weights' addresses are collected once: the parameters never move."""
+    """All decoder layers as one C call per step (kv_decode_layers_bf16), for every step the kernels run.
+    The weights' addresses are collected once (the parameters never move), the caches' on the first call."""
 
     def __init__(self, kernels: CpuKernels, model) -> None:
         cfg = model.config
@@ -361,22 +390,17 @@ class FusedDecodeLayers:
         self.lib = kernels._lib
         self.inter = cfg.intermediate_size
         self.heads, self.kv_heads, self.head_dim = attn0.num_heads, attn0.num_kv_heads, attn0.head_dim
-        self.layers = []
-        for layer in model.model.layers:
+        self.layers = (KvLayer * len(model.model.layers))()
+        self._descs = []  # the KvLin descriptors the array points at
+        for spec, layer in zip(self.layers, model.model.layers, strict=True):
             a, m = layer.self_attn, layer.mlp
-            self.layers.append(
-                (
-                    layer.input_layernorm.eps,
-                    _ptr(layer.input_layernorm.weight),
-                    _ptr(layer.post_attention_layernorm.weight),
-                    ctypes.byref(a.qkv_proj.desc),
-                    ctypes.byref(a.o_proj.desc),
-                    ctypes.byref(m.gate_up_proj.desc),
-                    ctypes.byref(m.down_proj.desc),
-                    a.scale,
-                    a.window or 0,
-                )
-            )
+            descs = [lin.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+            self._descs.append(descs)
+            spec.norm_in = _ptr(layer.input_layernorm.weight)
+            spec.norm_post = _ptr(layer.post_attention_layernorm.weight)
+            spec.qkv, spec.o, spec.gu, spec.down = (ctypes.pointer(d) for d in descs)
+            spec.eps, spec.scale, spec.window = layer.input_layernorm.eps, a.scale, a.window or 0
+        self._caches = None  # data_ptr of the first layer's cache the array holds
         self.cos, self.sin = _ptr(attn0.rotary.cos), _ptr(attn0.rotary.sin)
 
     @staticmethod
@@ -389,12 +413,18 @@ class FusedDecodeLayers:
                 return False
             if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
                 return False
+            if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+                return False
         return cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
 
     def __call__(
         self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [S, hidden] (embeddings; overwritten) -> (h, residual) after the last layer."""
+        if self._caches != kv_caches[0].data_ptr():
+            for spec, kv in zip(self.layers, kv_caches, strict=True):
+                spec.k_cache, spec.v_cache = _ptr(kv[0]), _ptr(kv[1])
+            self._caches = kv_caches[0].data_ptr()
         s, e = h.shape
         H, KVH, D, inter = self.heads, self.kv_heads, self.head_dim, self.inter
         residual = torch.zeros_like(h)
@@ -403,50 +433,35 @@ class FusedDecodeLayers:
         a = torch.empty(s, H * D, dtype=h.dtype)
         gu = torch.empty(s, 2 * inter, dtype=h.dtype)
         act = torch.empty(s, inter, dtype=h.dtype)
-        tables, rows, lens = meta.token_block_tables, meta.token_table_index, meta.token_context_lens
+        tables = meta.token_block_tables
         k0 = kv_caches[0][0]
-        num_blocks, block_size = k0.shape[1], k0.shape[2]
-        hp, rp = _ptr(h), _ptr(residual)
-        step_args = (_ptr(positions), self.cos, self.sin)
-        tail = (
+        self.lib.kv_decode_layers_bf16(
+            self.layers,
+            len(self.layers),
+            _ptr(h),
+            _ptr(residual),
+            s,
+            e,
+            inter,
+            H,
+            KVH,
+            D,
+            _ptr(positions),
+            self.cos,
+            self.sin,
             _ptr(meta.slot_mapping),
             _ptr(tables),
-            _ptr(rows),
+            _ptr(meta.token_table_index),
             tables.shape[1],
-            _ptr(lens),
-            num_blocks,
-            block_size,
+            _ptr(meta.token_context_lens),
+            k0.shape[1],
+            k0.shape[2],
+            _ptr(x),
+            _ptr(qkv),
+            _ptr(a),
+            _ptr(gu),
+            _ptr(act),
         )
-        bufs = (_ptr(x), _ptr(qkv), _ptr(a), _ptr(gu), _ptr(act))
-        fn = self.lib.kv_decode_layer_bf16
-        for (eps, n_in, n_post, l_qkv, l_o, l_gu, l_down, scale, window), kv in zip(
-            self.layers, kv_caches, strict=True
-        ):
-            fn(
-                hp,
-                rp,
-                hp,
-                s,
-                e,
-                inter,
-                H,
-                KVH,
-                D,
-                eps,
-                n_in,
-                n_post,
-                l_qkv,
-                l_o,
-                l_gu,
-                l_down,
-                *step_args,
-                _ptr(kv[0]),
-                _ptr(kv[1]),
-                *tail,
-                scale,
-                window,
-                *bufs,
-            )
         return h, residual
 
 

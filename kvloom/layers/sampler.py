@@ -68,6 +68,11 @@ class SamplingBatch:
     unseeded_rows: torch.Tensor | None  # [num_unseeded] long; None when all rows are unseeded
     num_logprobs: int  # largest top-N asked for; -1 when no row needs logprobs
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the argmax of its logits, at most with banned tokens (min_tokens) at -inf."""
+        return self.all_greedy and self.num_logprobs < 0 and self.bias is None and self.repetition is None
+
     @classmethod
     def build(
         cls, requests: list[Request | SampleRow], vocab_size: int, device: torch.device

@@ -199,7 +199,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h, residual)[0]  # [num_tokens, hidden_size]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [num_seqs, vocab_size]
+        return self.lm_head(hidden)  # [num_seqs, vocab_size], model dtype (the sampler converts)
 
     fused_decode = None  # kvloom.kernels.FusedDecodeLayers: one C call per layer (steps the kernels take)
 

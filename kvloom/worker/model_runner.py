@@ -259,7 +259,15 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
         batch = SamplingBatch.build(samplers, self.vocab_size, dev)
         speculating = any(k for _, _, k in owners)
-        sampled = sample(logits, batch, self.generator, keep_probs=keep_probs or speculating)
+        keep = keep_probs or speculating
+        if batch.plain_greedy and not keep and self.kernels is not None and self.kernels.argmax_ok(logits):
+            # Greedy without logprobs, bias or penalties: the argmax of the model-dtype logits (exact; the
+            # min_tokens ban is -inf in any dtype), one pass in C instead of fp32 conversion + torch.argmax.
+            if batch.banned is not None:
+                logits[batch.banned] = float("-inf")
+            sampled = SamplerOutput(self.kernels.argmax(logits), None, None, None, None)
+        else:
+            sampled = sample(logits.float(), batch, self.generator, keep_probs=keep)
         tokens = sampled.tokens.tolist()  # the one host copy per step (more only when logprobs are asked)
         emitted: list[tuple[Request, int, list[int]]] = []  # (request, first sampler index, new tokens)
         replaced = False
@@ -299,7 +307,7 @@ class ModelRunner:
 
     def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, pos: int) -> list[TokenLogprobs]:
         """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per hidden row."""
-        logprobs = self.model.compute_logits(hidden).log_softmax(dim=-1)  # [rows, vocab]
+        logprobs = self.model.compute_logits(hidden).float().log_softmax(dim=-1)  # [rows, vocab]
         targets = torch.tensor(request.prompt_token_ids[pos : pos + len(logprobs)], device=logprobs.device)
         chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
         ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1

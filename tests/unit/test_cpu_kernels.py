@@ -161,3 +161,19 @@ def test_prefill_rows_attend_causally_through_row_tables():
             q[row : row + 1].float()[None], kp, vp, torch.ones(1, 1, n, dtype=torch.bool), d**-0.5
         )
         assert (out[row].float() - ref[0, 0]).abs().max() < 2e-2
+
+
+def test_argmax_matches_torch_with_ties_nan_and_inf():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 1003, generator=g) * 4).round().to(BF)  # rounded: many ties
+    x[1, 500] = x[1, 7] = 99.0  # a tie between lanes: the first index wins
+    x[2, 1001] = 99.0  # the max in the tail past the last 16
+    x[3] = float("-inf")  # all -inf: index 0
+    x[4, 600] = float("nan")
+    x[4, 900] = float("nan")  # the first NaN wins
+    x[5, 2] = float("inf")
+    x[5, 40] = float("inf")
+    wide = torch.zeros(9, 1100, dtype=BF)
+    wide[:, :1003] = x
+    for t in (x, wide[:, :1003]):  # contiguous and strided rows
+        assert torch.equal(K.argmax(t), t.float().argmax(dim=-1))
