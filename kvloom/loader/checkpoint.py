@@ -71,11 +71,11 @@ class Checkpoint:
                 ids.update(eos if isinstance(eos, list) else [eos])
         return frozenset(ids)
 
-    def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer
-        from transformers import AutoTokenizer
-
+    def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer (kvloom.tokenizer.FastTokenizer for GGUF)
         if self.format == "gguf":
             return self.gguf.load_tokenizer()
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(self.path)
 
     def num_tensors(self) -> int:

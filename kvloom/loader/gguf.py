@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -42,6 +43,13 @@ _GLOBAL_NAMES = {
 
 # Bump when what the cache holds (meta.json, tokenizer files) changes shape.
 _CACHE_VERSION = 1
+
+
+class GGUFConfig(SimpleNamespace):
+    """A GGUF file's model config: the fields of a transformers config that kvloom reads (attributes)."""
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
 
 
 @dataclass(frozen=True)
@@ -90,13 +98,17 @@ class GGUFFile:
             ),
         )
 
-    def hf_config(self):  # noqa: ANN201 - transformers.PretrainedConfig
-        """A plain PretrainedConfig carrying the metadata (and the family's model_type).
+    def hf_config(self):  # noqa: ANN201 - GGUFConfig or transformers.PretrainedConfig
+        """The metadata as a config object with the family's model_type.
 
-        NOTE: not the family's own config class: importing transformers' LlamaConfig costs 2-3 s of start-up
-        (its module pulls in torch.distributed.tensor), and kvloom reads only these fields. Where a
-        transformers model must be built from it (the reference in benchmarks), use `transformers_config`.
+        NOTE: not transformers' config classes: importing transformers costs 1.3-2 s of start-up (3 s more
+        for LlamaConfig, whose module pulls in torch.distributed.tensor), and kvloom's models read only
+        these fields. Rope scalings other than the default go through a plain PretrainedConfig, which
+        transformers' rope functions take. Where a transformers model must be built from it (the
+        reference in tests and benchmarks), use `transformers_config`.
         """
+        if self._config["rope_parameters"]["rope_type"] == "default":
+            return GGUFConfig(model_type=_ARCHS[self.arch], **self._config)
         from transformers import PretrainedConfig
 
         cls = type(
@@ -109,25 +121,39 @@ class GGUFFile:
 
         return AutoConfig.for_model(_ARCHS[self.arch], **self._config)
 
-    def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer
-        from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    def load_tokenizer(self):  # noqa: ANN201 - kvloom.tokenizer.FastTokenizer
+        """The tokenizer, converted by transformers on a first start and saved in the cache; later starts
+        load it without importing transformers (kvloom.tokenizer)."""
+        from kvloom.tokenizer import FastTokenizer
 
         saved = self.cache / "tokenizer"
         if (saved / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(saved)
+            fast = FastTokenizer.load(saved)
+            if fast is not None:
+                return fast
+            from transformers import AutoTokenizer
+
+            return FastTokenizer.wrap(AutoTokenizer.from_pretrained(saved), saved)  # an older cache
+        from transformers import PreTrainedTokenizerFast
+
         # NOTE: the class AutoTokenizer picks for a GGUF file, without its detour through the model config
         # (which parses the whole header with GGUFReader again: 5 s). Tested to encode alike.
         tok = PreTrainedTokenizerFast.from_pretrained(self.path.parent, gguf_file=self.path.name)
         self.cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
             tok.save_pretrained(tmp)
+            FastTokenizer.save(tok, Path(tmp))
             try:
                 os.rename(tmp, saved)
             except OSError:  # another process saved it first
                 pass
             else:
                 os.mkdir(tmp)  # for TemporaryDirectory's clean-up
-        return tok
+        fast = FastTokenizer.load(saved)
+        if fast is None:
+            raise RuntimeError(f"model: the tokenizer saved at {saved} could not be read back")
+        fast._hf = tok
+        return fast
 
     def iter_tensors(self, hf_config, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple]:  # noqa: ANN001
         from kvloom.layers.quantization import GGUF_NATIVE, from_gguf

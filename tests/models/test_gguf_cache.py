@@ -73,7 +73,7 @@ def test_header_reader_matches_gguf_package_and_tokenizer_matches_autotokenizer(
     monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path))
     ours = GGUFFile(path).load_tokenizer()
     ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    assert type(ours) is type(ref)
+    assert type(ours.hf) is type(ref)  # the class behind kvloom's FastTokenizer
     for text in [
         "Hello world!",
         "  two spaces\n\nnew lines\ttab",

@@ -1,0 +1,134 @@
+"""A Hugging Face fast tokenizer's hot path without importing transformers.
+
+Importing transformers costs 1.3-2 s of every start (its package init maps every model module), more than
+a third of `kvloom generate`'s cold start on the default model. `FastTokenizer` encodes and decodes on the
+`tokenizers` backend that transformers' fast tokenizer wraps, saved from that tokenizer once (its
+*effective* backend, after transformers adjusted it at load, so ids match), and hands every other
+attribute (apply_chat_template, ...) to the transformers tokenizer, which it builds on first use.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from tokenizers import Tokenizer
+
+_BACKEND = "kvloom_backend.json"
+_INFO = "kvloom_tokenizer.json"
+_VERSION = 1
+
+
+def _hf_decode_cleans_up(hf: Any) -> bool:
+    """Whether transformers' decode post-processes the backend's text (clean_up_tokenization)."""
+    if not getattr(hf, "clean_up_tokenization_spaces", False):
+        return False
+    bpe = type(hf.backend_tokenizer.model).__name__ == "BPE"
+    return not bpe or bool(
+        getattr(hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    )
+
+
+class FastTokenizer:
+    """encode / __call__ / decode / special token ids natively; anything else from `self.hf`."""
+
+    def __init__(self, path: Path, backend_json: str, info: dict, hf: Any = None) -> None:
+        self.path = path
+        self._json = backend_json
+        self._backend = Tokenizer.from_str(backend_json)
+        self._info = info
+        self._hf = hf
+        self.eos_token_id: int | None = info["eos_token_id"]
+        self.bos_token_id: int | None = info["bos_token_id"]
+        self.pad_token_id: int | None = info["pad_token_id"]
+        self.chat_template: str | None = info["chat_template"]
+        self.all_special_ids: list[int] = info["all_special_ids"]
+        self.name_or_path: str = info["name_or_path"]
+
+    # -- saved beside the transformers tokenizer -----------------------------------------------------
+    @staticmethod
+    def save(hf: Any, path: Path) -> None:
+        """Write what `load` needs, from a transformers fast tokenizer saved (save_pretrained) at path."""
+        info = {
+            "version": _VERSION,
+            "eos_token_id": hf.eos_token_id,
+            "bos_token_id": hf.bos_token_id,
+            "pad_token_id": hf.pad_token_id,
+            "chat_template": hf.chat_template if isinstance(hf.chat_template, str) else None,
+            "all_special_ids": list(hf.all_special_ids),
+            "name_or_path": str(hf.name_or_path),
+            "len": len(hf),
+            "clean_up": _hf_decode_cleans_up(hf),
+        }
+        # The backend first, each file whole (a replace): a reader that finds the info finds the backend.
+        for name, text in ((_BACKEND, hf.backend_tokenizer.to_str()), (_INFO, json.dumps(info))):
+            tmp = path / f".{name}.{os.getpid()}"
+            tmp.write_text(text)
+            os.replace(tmp, path / name)
+
+    @classmethod
+    def load(cls, path: Path) -> FastTokenizer | None:
+        """The tokenizer saved at path, or None when `save` has not written it (or an older version did)."""
+        try:
+            info = json.loads((path / _INFO).read_text())
+            if info.get("version") != _VERSION or isinstance(info.get("chat_template"), dict):
+                return None
+            return cls(path, (path / _BACKEND).read_text(), info)
+        except (OSError, ValueError, KeyError):
+            return None
+        except Exception:  # noqa: BLE001 - tokenizers' parse errors are plain Exceptions
+            return None
+
+    @classmethod
+    def wrap(cls, hf: Any, path: Path) -> FastTokenizer:
+        """A FastTokenizer over an already loaded transformers tokenizer saved at path (no second load)."""
+        cls.save(hf, path)
+        return cls(path, hf.backend_tokenizer.to_str(), json.loads((path / _INFO).read_text()), hf)
+
+    # -- the transformers tokenizer, for everything else --------------------------------------------
+    @property
+    def hf(self) -> Any:
+        if self._hf is None:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(self.path)
+        return self._hf
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.hf, name)
+
+    def __deepcopy__(self, memo: dict) -> FastTokenizer:
+        hf = None if self._hf is None else copy.deepcopy(self._hf, memo)
+        return FastTokenizer(self.path, self._json, self._info, hf)
+
+    # -- the hot path ---------------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+        """Like transformers' tokenizer(text) for one string: `.input_ids` (and `.attention_mask`)."""
+        if not isinstance(text, str):
+            return self.hf(text, add_special_tokens=add_special_tokens)
+        ids = self.encode(text, add_special_tokens)
+        return SimpleNamespace(input_ids=ids, attention_mask=[1] * len(ids))
+
+    def decode(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
+        if kwargs or self._info["clean_up"]:
+            return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        return [self._backend.id_to_token(i) for i in ids]
+
+    def __len__(self) -> int:
+        return self._info["len"]
