@@ -30,6 +30,7 @@ from kvloom.server.protocol import (
     OpenAIError,
     TokenizeRequest,
 )
+from kvloom.tokenizer import FastTokenizer
 
 logger = init_logger(__name__)
 
@@ -95,6 +96,8 @@ def build_app(
     # NOTE: the engine thread owns its tokenizer; handlers use their own copy (fast tokenizers must not be
     # used from two threads at once).
     tokenizer = copy.deepcopy(engine.tokenizer)
+    if isinstance(tokenizer, FastTokenizer) and tokenizer.chat_template:
+        tokenizer.hf  # noqa: B018 - build the chat template's transformers tokenizer now, not in a request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
