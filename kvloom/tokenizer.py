@@ -108,22 +108,26 @@ class FastTokenizer:
         return FastTokenizer(self.path, self._json, self._info, hf)
 
     # -- the hot path ---------------------------------------------------------------------------------
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    # Anything beyond one string / a list of ids and these arguments (batches, tensors, truncation, ...)
+    # goes to the transformers tokenizer.
+    def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
+        if kwargs or not isinstance(text, str):
+            return self.hf.encode(text, add_special_tokens=add_special_tokens, **kwargs)
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def __call__(self, text: str, add_special_tokens: bool = True) -> SimpleNamespace:
+    def __call__(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> Any:
         """Like transformers' tokenizer(text) for one string: `.input_ids` (and `.attention_mask`)."""
-        if not isinstance(text, str):
-            return self.hf(text, add_special_tokens=add_special_tokens)
+        if kwargs or not isinstance(text, str):
+            return self.hf(text, add_special_tokens=add_special_tokens, **kwargs)
         ids = self.encode(text, add_special_tokens)
         return SimpleNamespace(input_ids=ids, attention_mask=[1] * len(ids))
 
     def decode(self, token_ids: int | list[int], skip_special_tokens: bool = False, **kwargs: Any) -> str:
-        if kwargs or self._info["clean_up"]:
-            return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+        if kwargs or self._info["clean_up"] or not isinstance(token_ids, list):
+            return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:
         if isinstance(ids, int):
