@@ -294,16 +294,6 @@ void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *
  * probabilities exp(s - max) (fp32, summed in fp32) rounded to bf16 as transformers' bf16 attention rounds
  * them, times V on vdpbf16ps, and one division by the sum at the end.
  */
-#ifndef ATTN_PF
-#define ATTN_PF 4
-#endif
-
-/* K of the 16 positions from p (a multiple of 16) into L1: D / 2 rows of 64 bytes, bs * 4 bytes apart. */
-INLINE void attn_prefetch_k(const bf16 *kbase, const int64_t *table, int64_t p, int64_t bs, int64_t D) {
-    const char *k = (const char *)(kbase + table[p / bs] * bs * D + p % bs * 2);
-    for (int64_t i = 0; i < D / 2; i++) _mm_prefetch(k + i * bs * 4, _MM_HINT_T0);
-}
-
 INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf16 *kbase, const bf16 *vbase,
                       const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out,
                       float *scores) {
@@ -316,19 +306,6 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     for (int64_t sb = 0; sb < nsub; sb++) {
         const int64_t p0 = first + 16 * sb;
         const bf16 *kb = kbase + table[p0 / bs] * bs * D + p0 % bs * 2; /* pair i of these 16 at kb + i * bs * 2 */
-        /* The cache is read once per step, from memory: prefetch the K of ATTN_PF sub-blocks ahead and this
-         * sub-block's V (read by the second pass), so that several streams are in flight. */
-#ifndef ATTN_NOPF
-        if (sb == 0)
-            for (int64_t a = 1; a < ATTN_PF && a < nsub; a++) attn_prefetch_k(kbase, table, first + 16 * a, bs, D);
-        if (sb + ATTN_PF < nsub) attn_prefetch_k(kbase, table, p0 + 16 * ATTN_PF, bs, D);
-#endif
-#ifndef ATTN_NOVPF
-        {
-            const char *vb = (const char *)(vbase + table[p0 / bs] * bs * D + p0 % bs * D);
-            for (int64_t i = 0; i < 16 * D * 2; i += 64) _mm_prefetch(vb + i, _MM_HINT_T0);
-        }
-#endif
         __m512 a0[16], a1[16];
         for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
         for (int64_t i = 0; i < KP; i += 2) {
