@@ -610,6 +610,30 @@ void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_
  * h [S, E] is updated in place. Scratch buffers come from the caller: x [S, E], qkv [S, (H + 2 KVH) D],
  * a [S, H D], gu [S, 2 I], act [S, I].
  */
+/* Built with -DKV_PROFILE (bench/kernel_ab.py), thread 0 adds the time of each phase, up to the barrier
+ * after it, to kv_prof (TSC ticks; an extra barrier per phase): norm, qkv, rope + cache write, attention, o,
+ * norm, gate/up, silu * up, down. Compiled out otherwise. */
+#ifdef KV_PROFILE
+#include <x86intrin.h>
+uint64_t kv_prof[16];
+static uint64_t kv_t0;
+#define KV_PHASE_START(l)                                                                                          \
+    do {                                                                                                           \
+        if (omp_get_thread_num() == 0 && (l) == 0) kv_t0 = __rdtsc();                                              \
+    } while (0)
+#define KV_PHASE(i)                                                                                                \
+    do {                                                                                                           \
+        _Pragma("omp barrier") if (omp_get_thread_num() == 0) {                                                    \
+            const uint64_t now = __rdtsc();                                                                        \
+            kv_prof[i] += now - kv_t0;                                                                             \
+            kv_t0 = now;                                                                                           \
+        }                                                                                                          \
+    } while (0)
+#else
+#define KV_PHASE_START(l) ((void)0)
+#define KV_PHASE(i) ((void)0)
+#endif
+
 typedef struct {
     const bf16 *norm_in, *norm_post;
     const kv_lin *qkv, *o, *gu, *down;
@@ -629,18 +653,29 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
 #pragma omp parallel
     for (int64_t l = 0; l < L; l++) {
         const kv_layer *ly = layers + l;
+        KV_PHASE_START(l);
         rms_norm_bf16_body(h, E, residual, E, ly->norm_in, x, E, S, E, ly->eps);
+        KV_PHASE(0);
         lin_body(ly->qkv, x, E, qkv, W, S, W, E, xsum);
+        KV_PHASE(1);
         rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
                              ly->k_cache, ly->v_cache, slots, num_blocks, block_size, cos != 0);
+        KV_PHASE(2);
         decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, row_table, max_blocks, ctx_lens, a,
                                    H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window);
+        KV_PHASE(3);
         lin_body(ly->o, a, H * D, h, E, S, E, H * D, xsum);
+        KV_PHASE(4);
         rms_norm_bf16_body(h, E, residual, E, ly->norm_post, x, E, S, E, ly->eps);
+        KV_PHASE(5);
         lin_body(ly->gu, x, E, gu, 2 * I, S, 2 * I, E, xsum);
+        KV_PHASE(6);
         silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
+        KV_PHASE(7);
         lin_body(ly->down, act, I, h, E, S, E, I, xsum);
+        KV_PHASE(8);
     }
+
     free(xsum);
 }
 

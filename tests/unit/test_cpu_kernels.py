@@ -177,3 +177,16 @@ def test_argmax_matches_torch_with_ties_nan_and_inf():
     wide[:, :1003] = x
     for t in (x, wide[:, :1003]):  # contiguous and strided rows
         assert torch.equal(K.argmax(t), t.float().argmax(dim=-1))
+
+
+def test_profile_build_compiles(tmp_path):
+    """bench/kernel_ab.py builds the kernels with -DKV_PROFILE: that variant must keep compiling."""
+    import ctypes
+    import subprocess
+
+    from kvloom.kernels import _SOURCE
+
+    out = tmp_path / "profile.so"
+    cmd = ["cc", "-O1", "-march=native", "-fopenmp", "-shared", "-fPIC", "-DKV_PROFILE", str(_SOURCE)]
+    subprocess.run([*cmd, "-o", str(out), "-lm"], check=True)
+    assert (ctypes.c_uint64 * 16).in_dll(ctypes.CDLL(str(out)), "kv_prof")[0] == 0
