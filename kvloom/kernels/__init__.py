@@ -4,68 +4,29 @@
 no C compiler, or KVLOOM_CPU_KERNELS=0. Every caller keeps its PyTorch path for None, for fp32/fp16 models
 and for shapes a kernel does not take, so the kernels only ever replace work, never add features.
 
-The shared object is cached under $KVLOOM_CACHE_DIR (default ~/.cache/kvloom), keyed by a hash of the source
-and the compiler command, so only the first start on a machine pays the ~1 s build.
+Building and caching the shared object: kvloom/kernel_build.py (standard library only, so the CLI starts
+the compile before it imports torch).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
+from kvloom.kernel_build import (  # noqa: F401 - cache_dir, _SOURCE and prebuild_cpu_kernels are used from here
+    _SOURCE,
+    _build,
+    _unsupported,
+    cache_dir,
+    prebuild_cpu_kernels,
+    wait_for_prebuild,
+)
 from kvloom.logger import init_logger
 
 logger = init_logger(__name__)
-
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
-_REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KVLOOM_CACHE_DIR") or Path.home() / ".cache" / "kvloom")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc/gcc) on PATH")
-    cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
-    target = cache_dir() / f"kvloom_cpu_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent first starts never load a half-written file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run([*cmd, str(_SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(out, target)
-    logger.info("Built CPU kernels: %s", target)
-    return target
-
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -445,38 +406,6 @@ class FusedDecodeLayers:
         return h, residual
 
 
-def _unsupported() -> str | None:
-    """Why the kernels cannot run here, or None."""
-    if os.environ.get("KVLOOM_CPU_KERNELS", "1") == "0":
-        return "KVLOOM_CPU_KERNELS=0"
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return f"they are written for x86-64, this is {platform.machine()}"
-    missing = _REQUIRED_FLAGS - _cpu_flags()
-    if missing:
-        return f"the CPU lacks {', '.join(sorted(missing))}"
-    return None
-
-
-_background_build: threading.Thread | None = None
-
-
-def prebuild_cpu_kernels() -> None:
-    """Start compiling the kernels in a background thread (the compiler runs as its own process), so that
-    on a first start the compile (3-4 s) overlaps the tokenizer conversion; load_cpu_kernels() waits for
-    it. Does nothing where the kernels cannot run or are built already."""
-    global _background_build
-    if _background_build is None and load_cpu_kernels.cache_info().currsize == 0 and _unsupported() is None:
-
-        def build() -> None:
-            try:
-                _build()
-            except (RuntimeError, OSError):
-                pass  # load_cpu_kernels() builds again and reports the error
-
-        _background_build = threading.Thread(target=build, name="kvloom-kernel-build", daemon=True)
-        _background_build.start()
-
-
 @functools.cache
 def load_cpu_kernels() -> CpuKernels | None:
     """The kernels, or None (with the reason logged once) when they cannot run on this machine."""
@@ -484,8 +413,7 @@ def load_cpu_kernels() -> CpuKernels | None:
     if reason is not None:
         logger.info("CPU kernels off: %s", reason)
         return None
-    if _background_build is not None:
-        _background_build.join()
+    wait_for_prebuild()
     try:
         return CpuKernels(_build())
     except (RuntimeError, OSError) as e:

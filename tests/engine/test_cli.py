@@ -29,3 +29,16 @@ def test_generate_reports_bad_input_without_a_traceback(stories):
 def test_help():
     r = run("generate", "--help")
     assert r.returncode == 0 and "--max-tokens" in r.stdout and "--chat" in r.stdout
+
+
+def test_cli_import_leaves_torch_for_later():
+    """`kvloom generate` starts a first start's kernel compile before torch is imported (kvloom.cli and the
+    package itself load without torch; the package's names load on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kvloom.cli, kvloom.kernel_build; assert 'torch' not in sys.modules; "
+        "from kvloom import LLM, SamplingParams; assert 'torch' in sys.modules and LLM.__name__ == 'LLM'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
