@@ -47,10 +47,9 @@ class LLMEngine:
             from kvloom.kernels import prebuild_cpu_kernels
 
             prebuild_cpu_kernels()  # a first start compiles them while the tokenizer is converted
-        # The tokenizer loads on a thread of its own while the weights load: importing transformers'
-        # tokenizer classes and reading the tokenizer take ~1.2 s of a ~5 s start (a first start converts a
-        # GGUF tokenizer: 2-3 s), and the weight loading spends most of its time in numpy/torch with the
-        # GIL released.
+        # The tokenizer loads on a thread of its own while the weights load: a GGUF file's first start
+        # converts it with transformers (2-3 s with the import), HF folders import transformers (1-2 s),
+        # and the weight loading spends much of its time in numpy/torch with the GIL released.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvloom-tokenizer") as pool:
             tokenizer = pool.submit(config.checkpoint.load_tokenizer)
             self.runner = ModelRunner(config, show_progress)

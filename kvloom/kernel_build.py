@@ -10,7 +10,6 @@ unrolling of their register tiles).
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import platform
 import shutil
@@ -19,7 +18,9 @@ import tempfile
 import threading
 from pathlib import Path
 
-logger = logging.getLogger("kvloom.kernels")
+from kvloom.logger import init_logger
+
+logger = init_logger(__name__)
 
 _SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.c"
 _REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}

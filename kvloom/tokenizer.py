@@ -71,13 +71,14 @@ class FastTokenizer:
             os.replace(tmp, path / name)
 
     @classmethod
-    def load(cls, path: Path) -> FastTokenizer | None:
-        """The tokenizer saved at path, or None when `save` has not written it (or an older version did)."""
+    def load(cls, path: Path, hf: Any = None) -> FastTokenizer | None:
+        """The tokenizer saved at path (over `hf`, the transformers tokenizer it was saved from, when the
+        caller has it), or None when `save` has not written it (or an older version did)."""
         try:
             info = json.loads((path / _INFO).read_text())
             if info.get("version") != _VERSION or isinstance(info.get("chat_template"), dict):
                 return None
-            return cls(path, (path / _BACKEND).read_text(), info)
+            return cls(path, (path / _BACKEND).read_text(), info, hf)
         except (OSError, ValueError, KeyError):
             return None
         except Exception:  # noqa: BLE001 - tokenizers' parse errors are plain Exceptions

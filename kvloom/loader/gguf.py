@@ -149,10 +149,9 @@ class GGUFFile:
                 pass
             else:
                 os.mkdir(tmp)  # for TemporaryDirectory's clean-up
-        fast = FastTokenizer.load(saved)
+        fast = FastTokenizer.load(saved, hf=tok)
         if fast is None:
             raise RuntimeError(f"model: the tokenizer saved at {saved} could not be read back")
-        fast._hf = tok
         return fast
 
     def iter_tensors(self, hf_config, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple]:  # noqa: ANN001

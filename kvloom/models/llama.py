@@ -201,7 +201,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [num_seqs, vocab_size], model dtype (the sampler converts)
 
-    fused_decode = None  # kvloom.kernels.FusedDecodeLayers: one C call per layer (steps the kernels take)
+    fused_decode = None  # kvloom.kernels.FusedDecodeLayers: all layers in one C call (steps the kernels take)
 
     def use_kernels(self, kernels, quantization: str = "auto") -> None:
         """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the
