@@ -84,3 +84,16 @@ def test_fused_decode_layers_equal_per_op_kernels(tmp_path, stories):
     for x, y in zip(a, b, strict=True):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         assert x.outputs[0].logprobs == y.outputs[0].logprobs
+
+
+def test_block_size_the_kernel_attention_does_not_take():
+    """block_size 8: the cache keeps the usual layout for the PyTorch attention (the kernels' layout needs
+    multiples of 16) while the other kernels run; greedy text as with block_size 16 and the kernels' cache."""
+    sp = SamplingParams(max_tokens=30, temperature=0)
+    prompts = ["The capital of France is", "def fib(n):"]
+    small = LLM(block_size=8, show_progress=False)
+    usual = LLM(block_size=16, show_progress=False)
+    assert not small.engine.runner.kernel_attention and usual.engine.runner.kernel_attention
+    assert small.engine.runner.kernels is not None
+    a, b = (llm.generate(prompts, sp, use_tqdm=False) for llm in (small, usual))
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
