@@ -51,8 +51,9 @@ class FastTokenizer:
 
     # -- saved beside the transformers tokenizer -----------------------------------------------------
     @staticmethod
-    def save(hf: Any, path: Path) -> None:
-        """Write what `load` needs, from a transformers fast tokenizer saved (save_pretrained) at path."""
+    def save(hf: Any, path: Path) -> tuple[str, dict]:
+        """Write what `load` needs, from a transformers fast tokenizer saved (save_pretrained) at path;
+        returns what it wrote (the backend's JSON, the info)."""
         info = {
             "version": _VERSION,
             "eos_token_id": hf.eos_token_id,
@@ -64,11 +65,13 @@ class FastTokenizer:
             "len": len(hf),
             "clean_up": _hf_decode_cleans_up(hf),
         }
+        backend = hf.backend_tokenizer.to_str()
         # The backend first, each file whole (a replace): a reader that finds the info finds the backend.
-        for name, text in ((_BACKEND, hf.backend_tokenizer.to_str()), (_INFO, json.dumps(info))):
+        for name, text in ((_BACKEND, backend), (_INFO, json.dumps(info))):
             tmp = path / f".{name}.{os.getpid()}"
             tmp.write_text(text)
             os.replace(tmp, path / name)
+        return backend, info
 
     @classmethod
     def load(cls, path: Path, hf: Any = None) -> FastTokenizer | None:
@@ -76,7 +79,7 @@ class FastTokenizer:
         caller has it), or None when `save` has not written it (or an older version did)."""
         try:
             info = json.loads((path / _INFO).read_text())
-            if info.get("version") != _VERSION or isinstance(info.get("chat_template"), dict):
+            if info.get("version") != _VERSION:
                 return None
             return cls(path, (path / _BACKEND).read_text(), info, hf)
         except (OSError, ValueError, KeyError):
@@ -87,8 +90,7 @@ class FastTokenizer:
     @classmethod
     def wrap(cls, hf: Any, path: Path) -> FastTokenizer:
         """A FastTokenizer over an already loaded transformers tokenizer saved at path (no second load)."""
-        cls.save(hf, path)
-        return cls(path, hf.backend_tokenizer.to_str(), json.loads((path / _INFO).read_text()), hf)
+        return cls(path, *cls.save(hf, path), hf)
 
     # -- the transformers tokenizer, for everything else --------------------------------------------
     @property
