@@ -21,7 +21,9 @@ pytestmark = pytest.mark.skipif(K is None, reason="CPU kernels need x86-64 with 
 BF = torch.bfloat16
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 960, 576), (3, 49, 64), (5, 577, 100), (33, 128, 1536)])
+@pytest.mark.parametrize(
+    ("m", "n", "k"), [(1, 960, 576), (3, 49, 64), (5, 577, 100), (33, 128, 1536), (15, 112, 64), (7, 176, 96)]
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_matches_fp32_reference(m, n, k, bias):
     g = torch.Generator().manual_seed(m * n + k)
