@@ -1,10 +1,11 @@
 """Building kvloom's CPU kernels (kvloom/kernels/cpu_kernels.c): standard library only, so that the CLI can
 start the compile before it imports torch.
 
-The shared object is cached under $KVLOOM_CACHE_DIR (default ~/.cache/kvloom), keyed by a hash of the
-source and the compiler command, so only the first start on a machine pays the build (about 5 s of one
-core at -O3; -O2 builds in half the time but runs the linear layers 3x slower: they rely on complete
-unrolling of their register tiles).
+`pip install` builds it (setup.py, build_for_install) beside the source, so that no start pays the build
+(about 5 s of one core at -O3; -O2 builds in half the time but runs the linear layers 3x slower: they
+rely on complete unrolling of their register tiles). Where that build is missing or was made for another
+source, compiler or CPU, the first start builds it into $KVLOOM_CACHE_DIR (default ~/.cache/kvloom).
+Either file is named by a hash of the source, the compiler command and the CPU's flags (-march=native).
 """
 
 from __future__ import annotations
@@ -59,14 +60,20 @@ def _command() -> tuple[list[str], Path]:
     if compiler is None:
         raise RuntimeError("no C compiler (cc/gcc) on PATH")
     cmd = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(cmd).encode()).hexdigest()[:16]
-    return cmd, cache_dir() / f"kvloom_cpu_{key}.so"
+    what = _SOURCE.read_bytes() + " ".join(cmd).encode() + " ".join(sorted(_cpu_flags())).encode()
+    return cmd, cache_dir() / f"kvloom_cpu_{hashlib.sha256(what).hexdigest()[:16]}.so"
 
 
-def _build() -> Path:
-    cmd, target = _command()
-    if target.exists():
-        return target
+def _built() -> Path | None:
+    """The .so for this source, compiler and CPU: pip install's beside the source, else the cache's."""
+    target = _command()[1]
+    for path in (_SOURCE.parent / target.name, target):
+        if path.exists():
+            return path
+    return None
+
+
+def _compile(cmd: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename: concurrent first starts never load a half-written file.
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -75,8 +82,34 @@ def _build() -> Path:
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
         os.replace(out, target)
+
+
+def _build() -> Path:
+    built = _built()
+    if built is not None:
+        return built
+    cmd, target = _command()
+    _compile(cmd, target)
     logger.info("Built CPU kernels: %s", target)
     return target
+
+
+def build_for_install(dest: Path) -> Path | None:
+    """pip install's build (setup.py): the .so into `dest`, the installed kvloom/kernels/ folder, where
+    _built() looks first. Never fails the install: where the kernels cannot run or the compiler fails, it
+    says why and kvloom runs on PyTorch ops (or builds on a later start, once a compiler is there)."""
+    why = _unsupported()
+    if why is not None:
+        logger.warning("Not building the CPU kernels: %s", why)
+        return None
+    try:
+        cmd, target = _command()
+        _compile(cmd, dest / target.name)
+    except (RuntimeError, OSError) as e:
+        logger.warning("Not building the CPU kernels: %s", e)
+        return None
+    logger.info("Built CPU kernels: %s", dest / target.name)
+    return dest / target.name
 
 
 _background_build: threading.Thread | None = None
@@ -91,7 +124,7 @@ def prebuild_cpu_kernels() -> None:
     if _background_build is not None or _unsupported() is not None:
         return
     try:
-        if _command()[1].exists():
+        if _built() is not None:
             return
     except (RuntimeError, OSError):
         return  # load_cpu_kernels() reports it

@@ -55,7 +55,6 @@ class FastTokenizer:
         """Write what `load` needs, from a transformers fast tokenizer saved (save_pretrained) at path;
         returns what it wrote (the backend's JSON, the info)."""
         info = {
-            "version": _VERSION,
             "eos_token_id": hf.eos_token_id,
             "bos_token_id": hf.bos_token_id,
             "pad_token_id": hf.pad_token_id,
@@ -65,7 +64,12 @@ class FastTokenizer:
             "len": len(hf),
             "clean_up": _hf_decode_cleans_up(hf),
         }
-        backend = hf.backend_tokenizer.to_str()
+        return FastTokenizer.write(path, hf.backend_tokenizer.to_str(), info)
+
+    @staticmethod
+    def write(path: Path, backend: str, info: dict) -> tuple[str, dict]:
+        """Write a backend's JSON and its info (save's fields; "version" is added) for `load`."""
+        info = {"version": _VERSION, **info}
         # The backend first, each file whole (a replace): a reader that finds the info finds the backend.
         for name, text in ((_BACKEND, backend), (_INFO, json.dumps(info))):
             tmp = path / f".{name}.{os.getpid()}"

@@ -122,8 +122,9 @@ class GGUFFile:
         return AutoConfig.for_model(_ARCHS[self.arch], **self._config)
 
     def load_tokenizer(self):  # noqa: ANN201 - kvloom.tokenizer.FastTokenizer
-        """The tokenizer, converted by transformers on a first start and saved in the cache; later starts
-        load it without importing transformers (kvloom.tokenizer)."""
+        """The tokenizer, converted on a first start (kvloom.loader.gguf_tokenizer, else transformers) and
+        saved in the cache; later starts load it without importing transformers (kvloom.tokenizer).
+        KVLOOM_GGUF_TOKENIZER=transformers makes transformers convert every file (the tests' reference)."""
         from kvloom.tokenizer import FastTokenizer
 
         saved = self.cache / "tokenizer"
@@ -134,15 +135,32 @@ class GGUFFile:
             from transformers import AutoTokenizer
 
             return FastTokenizer.wrap(AutoTokenizer.from_pretrained(saved), saved)  # an older cache
-        from transformers import PreTrainedTokenizerFast
+        from kvloom.loader.gguf_tokenizer import TOKENIZER_KEYS, convert, save_for_transformers
 
-        # NOTE: the class AutoTokenizer picks for a GGUF file, without its detour through the model config
-        # (which parses the whole header with GGUFReader again: 5 s). Tested to encode alike.
-        tok = PreTrainedTokenizerFast.from_pretrained(self.path.parent, gguf_file=self.path.name)
+        # Byte-level BPE files are converted here (no transformers import: 2-3 s of a first start), the
+        # others by transformers.
+        converted = (
+            None
+            if os.environ.get("KVLOOM_GGUF_TOKENIZER") == "transformers"
+            else convert(read_header(self.path, TOKENIZER_KEYS)[0])
+        )
+        tok = None
+        if converted is None:
+            from transformers import PreTrainedTokenizerFast
+
+            # NOTE: the class AutoTokenizer picks for a GGUF file, without its detour through the model
+            # config (which parses the whole header with GGUFReader again: 5 s). Tested to encode alike.
+            tok = PreTrainedTokenizerFast.from_pretrained(self.path.parent, gguf_file=self.path.name)
         self.cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=self.cache) as tmp:
-            tok.save_pretrained(tmp)
-            FastTokenizer.save(tok, Path(tmp))
+            if converted is not None:
+                backend, info, config = converted
+                save_for_transformers(Path(tmp), backend, config, info["chat_template"])
+                # transformers names a GGUF tokenizer by the file's folder
+                FastTokenizer.write(Path(tmp), backend, info | {"name_or_path": str(self.path.parent)})
+            else:
+                tok.save_pretrained(tmp)
+                FastTokenizer.save(tok, Path(tmp))
             try:
                 os.rename(tmp, saved)
             except OSError:  # another process saved it first
@@ -217,11 +235,12 @@ _STRING, _ARRAY = 8, 9
 _SMALL_ARRAY = 64  # longer arrays (the vocabulary, merges) are read as their length only
 
 
-def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
+def read_header(path: Path, full: frozenset[str] = frozenset()) -> tuple[dict, list[TensorInfo]]:
     """A GGUF file's metadata and tensor table, straight from the header (GGUF v2/v3).
 
-    Arrays of more than 64 values are given as ``{"length": n}``: kvloom needs only the vocabulary's size
-    from them (the tokenizer is converted by transformers).
+    Arrays of more than 64 values are given as ``{"length": n}`` unless their key is in `full`: the
+    config needs only the vocabulary's size, the tokenizer conversion (kvloom.loader.gguf_tokenizer) the
+    vocabulary, token types and merges themselves.
     """
     with open(path, "rb") as f:
         mm = np.memmap(f, dtype=np.uint8, mode="r")
@@ -237,13 +256,17 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
         (n,) = struct.unpack_from("<Q", buf, pos)
         return bytes(buf[pos + 8 : pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
 
-    def value(kind: int, pos: int) -> tuple[object, int]:
+    def value(kind: int, pos: int, whole: bool = False) -> tuple[object, int]:
         if kind == _STRING:
             return string(pos)
         if kind == _ARRAY:
             item, n = struct.unpack_from("<IQ", buf, pos)
             pos += 12
-            if n > _SMALL_ARRAY:
+            if whole and item != _STRING and item != _ARRAY:
+                fmt = _SCALARS[item]
+                values = list(struct.unpack_from(f"<{n}{fmt[1:]}", buf, pos))
+                return values, pos + n * struct.calcsize(fmt)
+            if n > _SMALL_ARRAY and not whole:
                 if item == _STRING:
                     for _ in range(n):
                         pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
@@ -262,7 +285,7 @@ def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
     for _ in range(n_kv):
         key, pos = string(pos)
         (kind,) = struct.unpack_from("<I", buf, pos)
-        metadata[key], pos = value(kind, pos + 4)
+        metadata[key], pos = value(kind, pos + 4, key in full)
     entries = []
     for _ in range(n_tensors):
         name, pos = string(pos)

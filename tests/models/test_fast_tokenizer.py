@@ -1,15 +1,18 @@
-"""kvloom.tokenizer.FastTokenizer (the default model's tokenizer on later starts) against the transformers
-tokenizer it was saved from: the same ids and text, and no transformers import on the way."""
+"""kvloom.tokenizer.FastTokenizer (the default model's tokenizer), converted from the GGUF file by kvloom
+(kvloom.loader.gguf_tokenizer) and saved, against transformers' own conversion of the same file: the same
+ids and text, and no transformers import on the way."""
 
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from kvloom.loader.checkpoint import default_model_path
 from kvloom.loader.gguf import GGUFFile
@@ -37,7 +40,109 @@ def tokenizers(tmp_path_factory):
     finally:
         mp.undo()
     assert isinstance(fast, FastTokenizer) and fast._hf is None
-    return fast, fast.hf
+    path = default_model_path()
+    return fast, PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def test_conversion_equals_transformers(tmp_path, monkeypatch):
+    """kvloom's conversion of the default model's tokenizer writes what transformers' conversion makes:
+    the backend, the ids and template kvloom keeps, the files transformers reloads."""
+    out = {}
+    for how in ("kvloom", "transformers"):
+        monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path / how))
+        monkeypatch.setenv("KVLOOM_GGUF_TOKENIZER", how)
+        out[how] = GGUFFile(default_model_path()).load_tokenizer().path
+    for name in ("kvloom_backend.json", "kvloom_tokenizer.json", "tokenizer.json"):
+        assert json.loads((out["kvloom"] / name).read_text()) == json.loads(
+            (out["transformers"] / name).read_text()
+        )
+    assert (out["kvloom"] / "chat_template.jinja").read_text() == (
+        out["transformers"] / "chat_template.jinja"
+    ).read_text()
+    ours, theirs = (json.loads((out[h] / "tokenizer_config.json").read_text()) for h in out)
+    assert ours == {k: v for k, v in theirs.items() if k not in ("is_local", "local_files_only")}
+
+
+def _gguf_tokenizer(path: Path, tokens: list[str], types: list[int], merges: list[str], **extra) -> Path:
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(extra.pop("pre", "gpt-2"))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(extra.pop("bos", 0))
+    w.add_eos_token_id(1)
+    w.add_add_bos_token(extra.pop("add_bos", False))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_conversion_of_added_and_mislabelled_tokens(tmp_path):
+    """A byte-level vocabulary with what the default model lacks: a user-defined token (added, not
+    special), a control token spelled outside the byte alphabet (a llama.cpp mislabel: left as a plain
+    entry) and a multi-byte token spelled in UTF-8 (respelled in the byte alphabet): encoded as
+    transformers' conversion encodes; files kvloom does not take go to transformers."""
+    from kvloom.loader.gguf import read_header
+    from kvloom.loader.gguf_tokenizer import TOKENIZER_KEYS, convert
+
+    alphabet = (
+        [chr(c) for c in range(33, 127)]
+        + [chr(c) for c in range(161, 173)]
+        + [chr(c) for c in range(174, 256)]
+    )
+    alphabet += [chr(256 + i) for i in range(256 - len(alphabet))]
+    tokens = [
+        "<s>",
+        "</s>",
+        "<think>",
+        "ctrl\u2581x",
+        "日本",
+        *alphabet,
+        "he",
+        "hel",
+        "hell",
+        "hello",
+        "\u0120w",
+        "<|endoftext|>",
+    ]
+    types = [3, 3, 4, 3, 1] + [1] * (len(tokens) - 5)  # <|endoftext|> typed normal: special all the same
+    merges = ["h e", "he l", "hel l", "hell o", "\u0120 w"]
+    path = _gguf_tokenizer(tmp_path / "tiny.gguf", tokens, types, merges)
+    ref = PreTrainedTokenizerFast.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    converted = convert(read_header(path, TOKENIZER_KEYS)[0])
+    assert converted is not None  # kvloom converts this one
+    backend, info, _ = converted
+    ours = FastTokenizer(tmp_path, *FastTokenizer.write(tmp_path, backend, info | {"name_or_path": "tiny"}))
+    assert json.loads(ours._json) == json.loads(ref.backend_tokenizer.to_str())
+    for text in [
+        "hello world",
+        "<think>hello</think>",
+        "<s>hi</s>",
+        "café 日本 ctrl\u2581x",
+        "hello <think> w",
+    ]:
+        for special in (True, False):
+            assert ours.encode(text, add_special_tokens=special) == ref.encode(
+                text, add_special_tokens=special
+            )
+        ids = ref.encode(text)
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+    assert (ours.bos_token_id, ours.eos_token_id, len(ours)) == (ref.bos_token_id, ref.eos_token_id, len(ref))
+    # A file that adds BOS, splits with another regex or lacks <|endoftext|> is transformers' to convert.
+    for name, kw in (
+        ("bos.gguf", {"add_bos": True}),
+        ("qwen.gguf", {"pre": "qwen2"}),
+        ("eot.gguf", {"n": -1}),
+    ):
+        n = kw.pop("n", len(tokens))
+        other = _gguf_tokenizer(tmp_path / name, tokens[:n], types[:n], merges, **kw)
+        assert convert(read_header(other, TOKENIZER_KEYS)[0]) is None
 
 
 def test_encode_matches_transformers(tokenizers):

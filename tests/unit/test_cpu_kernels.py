@@ -192,3 +192,21 @@ def test_profile_build_compiles(tmp_path):
     cmd = ["cc", "-O1", "-march=native", "-fopenmp", "-shared", "-fPIC", "-DKV_PROFILE", str(_SOURCE)]
     subprocess.run([*cmd, "-o", str(out), "-lm"], check=True)
     assert (ctypes.c_uint64 * 16).in_dll(ctypes.CDLL(str(out)), "kv_prof")[0] == 0
+
+
+def test_install_time_build_is_found_before_the_cache(tmp_path, monkeypatch):
+    """setup.py's build (build_for_install, beside the source) is what a start loads: nothing is built
+    into the cache; a changed source (or compiler, or CPU) names another file, which then is built there."""
+    from kvloom import kernel_build
+
+    src = tmp_path / "pkg" / "cpu_kernels.c"
+    src.parent.mkdir()
+    src.write_bytes(kernel_build._SOURCE.read_bytes())
+    monkeypatch.setattr(kernel_build, "_SOURCE", src)
+    monkeypatch.setenv("KVLOOM_CACHE_DIR", str(tmp_path / "cache"))
+    installed = kernel_build.build_for_install(src.parent)
+    assert installed is not None and installed.parent == src.parent
+    assert kernel_build._build() == installed and not (tmp_path / "cache").exists()
+    src.write_text(src.read_text() + "\n/* changed */\n")
+    rebuilt = kernel_build._build()
+    assert rebuilt.parent == tmp_path / "cache" and rebuilt.name != installed.name
