@@ -224,6 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 slo_ttft_ms=args.slo_ttft_ms,
                 slo_tpot_ms=args.slo_tpot_ms,
                 seed=args.seed,
+                num_warmups=args.num_warmups,
             )
         )
         print(serve.format_result(result))
@@ -344,7 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="bearer token for the server")
     sv.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput: TTFT at most this")
     sv.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput: TPOT at most this")
-    sv.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    sv.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="workload seed (default: 0); give each run on one server its own (prefix caching keeps prompts)",
+    )
+    sv.add_argument(
+        "--num-warmups", type=int, default=1, help="untimed requests sent first, one at a time (default: 1)"
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 

@@ -50,6 +50,8 @@ def test_serve_load_generator_against_a_real_server(server):
                 show_progress=False,
             )
         )
+    with pytest.raises(ValueError, match="warm-up request failed: HTTP 401"):  # as vLLM's test prompt
+        asyncio.run(serve.run(server.url, "stories-chat", 2, 4, 2, api_key="wrong", show_progress=False))
     bad = asyncio.run(
         serve.run(
             server.url,
@@ -59,6 +61,7 @@ def test_serve_load_generator_against_a_real_server(server):
             output_len=2,
             vocab_size=512,
             api_key="wrong",
+            num_warmups=0,
             show_progress=False,
         )
     )
