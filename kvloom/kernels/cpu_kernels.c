@@ -79,8 +79,19 @@ INLINE void store16_mask(bf16 *p, __m512 v, __mmask16 m) {
  * stay in L1/L2 while every tile of up to 8 input rows is multiplied with them (8 x 3 = 24 accumulators:
  * 3 weight loads and 8 broadcasts per 24 vdpbf16ps).
  */
-#define LIN_GROUP 3
-#define LIN_ROWS 8
+#define LIN_ROWS 8 /* row tiles of 8, then 4, 2, 1 (TILES below) */
+/* Overridable for A/B builds (bench/kernel_ab.py --variant name=src.c:-DLIN_MC=128): */
+#ifndef LIN_GROUP
+#define LIN_GROUP 3 /* blocks of 16 outputs per group, at most 4 */
+#endif
+#ifndef LIN_MC
+#define LIN_MC 256 /* rows per chunk */
+#endif
+#ifndef LIN_PF_MIN_TILES
+#define LIN_PF_MIN_TILES 2 /* fewer row tiles per group: no prefetch of the next group */
+#endif
+
+INLINE int tile_rows(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
 /* A tile's fp32 sums (rows `row_stride` floats apart, 16 outputs per block) + bias -> bf16 outputs,
  * masking the columns past N. */
@@ -142,18 +153,12 @@ static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const b
     const int64_t nblocks = (N + 15) / 16;
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t b_hi = nblocks * (t + 1) / nt;
-#ifndef LIN_MC
-#define LIN_MC 256
-#endif
-#ifndef LIN_PF_MIN_TILES
-#define LIN_PF_MIN_TILES 2
-#endif
     /* Rows in chunks of LIN_MC, each chunk over all of the thread's groups: a chunk's x stays in L2 while
      * the weights are read once per chunk, instead of all of x (2048 prefill rows: 2.4 MB) per group. */
     for (int64_t c0 = 0; c0 < M; c0 += LIN_MC) {
         const int64_t c1 = M - c0 < LIN_MC ? M : c0 + LIN_MC;
         int64_t ntiles = 0; /* row tiles per group: 8s, then one each of 4, 2, 1 as the remainder needs */
-        for (int64_t m0 = c0; m0 < c1; ntiles++) m0 += c1 - m0 >= 8 ? 8 : c1 - m0 >= 4 ? 4 : c1 - m0 >= 2 ? 2 : 1;
+        for (int64_t m0 = c0; m0 < c1; ntiles++) m0 += tile_rows(c1 - m0);
         for (int64_t b0 = nblocks * t / nt; b0 < b_hi; b0 += LIN_GROUP) {
             const int nb = b_hi - b0 < LIN_GROUP ? (int)(b_hi - b0) : LIN_GROUP;
             const bf16 *w = wp + b0 * 16 * K;
@@ -164,7 +169,7 @@ static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const b
             const int64_t share = (lines + ntiles - 1) / ntiles;
             int64_t tile = 0;
             for (int64_t m0 = c0; m0 < c1; tile++) {
-                const int mm = c1 - m0 >= 8 ? 8 : c1 - m0 >= 4 ? 4 : c1 - m0 >= 2 ? 2 : 1;
+                const int mm = tile_rows(c1 - m0);
                 const bf16 *xt = x + m0 * ldx;
                 const char *pf = (const char *)(wp + next * 16 * K) + tile * share * 64;
                 const int64_t left = lines - tile * share, pf_lines = left < 0 ? 0 : left < share ? left : share;
@@ -172,6 +177,9 @@ static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const b
                 switch (nb) {
                 case 1: TILES(1); break;
                 case 2: TILES(2); break;
+#if LIN_GROUP > 3
+                case 3: TILES(3); break;
+#endif
                 default: TILES(LIN_GROUP); break;
                 }
                 store_tile(&acc[0][0][0], LIN_GROUP * 16, mm, nb, b0, bias, y, ldy, m0, N);

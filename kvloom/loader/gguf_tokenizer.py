@@ -77,6 +77,10 @@ def convert(metadata: dict) -> tuple[str, dict, dict] | None:
     }
     if len(vocab) != len(tokens):
         return None  # duplicate spellings: leave the ambiguity to transformers
+    # transformers' byte-level tokenizer always has GPT-2's <|endoftext|> as a special token (and adds it
+    # to a vocabulary without one: then it is transformers' to convert).
+    if _ENDOFTEXT not in vocab:
+        return None
     tok = Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -92,10 +96,6 @@ def convert(metadata: dict) -> tuple[str, dict, dict] | None:
     # CONTROL tokens spelled outside the byte alphabet are llama.cpp mislabels: adding them would grow the
     # vocabulary past the model's, so they stay plain vocabulary entries.
     control = [t for t, k in zip(tokens, types, strict=True) if k == _CONTROL and set(t) <= alphabet]
-    # transformers' byte-level tokenizer always has GPT-2's <|endoftext|> as a special token (and adds it
-    # to a vocabulary without one: then it is transformers' to convert).
-    if _ENDOFTEXT not in vocab:
-        return None
     if _ENDOFTEXT not in control:
         control.append(_ENDOFTEXT)
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
