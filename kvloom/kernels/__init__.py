@@ -392,7 +392,8 @@ class FusedDecodeLayers:
             self.sin,
             _ptr(meta.slot_mapping),
             _ptr(tables),
-            _ptr(meta.token_table_index),
+            # None in decode steps (a row per sequence): then attention writes each row's K/V itself
+            None if tables.shape[0] == s else _ptr(meta.token_table_index),
             tables.shape[1],
             _ptr(meta.token_context_lens),
             k0.shape[1],

@@ -333,6 +333,20 @@ void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *
  * probabilities exp(s - max) (fp32, summed in fp32) rounded to bf16 as transformers' bf16 attention rounds
  * them, times V on vdpbf16ps, and one division by the sum at the end.
  */
+/* Attention reads the cache in pieces of 2 x 16 D bytes (K and V of 16 positions of one block): streams too
+ * short for the hardware prefetchers, which left decode attention at about a third of the bandwidth. So each
+ * piece is fetched into L2 ATTN_PF + 1 pieces ahead, and a thread's next work item ahead of it. */
+#ifndef ATTN_PF
+#define ATTN_PF 1
+#endif
+INLINE void attn_prefetch(const bf16 *kbase, const bf16 *vbase, const int64_t *table, int64_t p0, int64_t bs,
+                          int64_t D) {
+    const int64_t blk = table[p0 / bs] * bs * D, r = p0 % bs;
+    const char *kp = (const char *)(kbase + blk + r * 2), *vp = (const char *)(vbase + blk + r * D);
+    for (int64_t i = 0; i < D / 2; i++) _mm_prefetch(kp + i * bs * 4, _MM_HINT_T1); /* 16 positions of pair i */
+    for (int64_t i = 0; i < 16 * D * 2; i += 64) _mm_prefetch(vp + i, _MM_HINT_T1);
+}
+
 INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf16 *kbase, const bf16 *vbase,
                       const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out,
                       float *scores) {
@@ -345,6 +359,8 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     for (int64_t sb = 0; sb < nsub; sb++) {
         const int64_t p0 = first + 16 * sb;
         const bf16 *kb = kbase + table[p0 / bs] * bs * D + p0 % bs * 2; /* pair i of these 16 at kb + i * bs * 2 */
+        if (sb + ATTN_PF + 1 < nsub) /* the first ATTN_PF + 1 were fetched before the item (attn_prefetch_item) */
+            attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D);
         __m512 a0[16], a1[16];
         for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
         for (int64_t i = 0; i < KP; i += 2) {
@@ -401,23 +417,87 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
 
 #define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
 
-static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
+/* A row's attention cost (positions read, plus a fixed part), for splitting the work between threads. */
+INLINE int64_t attn_cost(const int64_t *ctx_lens, int64_t row, int64_t window) {
+    const int64_t ctx = ctx_lens[row], lo = window > 0 && ctx > window ? ctx - window : 0;
+    return ctx - (lo & ~(int64_t)15) + 32;
+}
+
+/* The first ATTN_PF + 1 pieces of an item, and the piece its new K/V go to when the item writes them. */
+INLINE void attn_prefetch_item(const bf16 *k_cache, const bf16 *v_cache, const int64_t *tables,
+                               const int64_t *row_table, int64_t max_blocks, const int64_t *ctx_lens, int64_t item,
+                               int64_t KVH, int64_t D, int64_t num_blocks, int64_t bs, int64_t window, int writes) {
+    const int64_t row = item / KVH, kvh = item % KVH, ctx = ctx_lens[row];
+    const int64_t lo = window > 0 && ctx > window ? ctx - window : 0, first = lo & ~(int64_t)15;
+    const int64_t *table = tables + (row_table ? row_table[row] : row) * max_blocks;
+    const bf16 *kbase = k_cache + kvh * num_blocks * bs * D, *vbase = v_cache + kvh * num_blocks * bs * D;
+    for (int64_t p = first; p < ctx && p <= first + 16 * ATTN_PF; p += 16) attn_prefetch(kbase, vbase, table, p, bs, D);
+    if (writes && ctx - 1 > first + 16 * ATTN_PF) attn_prefetch(kbase, vbase, table, (ctx - 1) & ~(int64_t)15, bs, D);
+}
+
+/* This step's K/V rows to write before attending (decode steps: every row its own sequence, so a work item
+ * (row, KV head) is the only reader of what it writes): rotary on the item's query heads and K head, then the
+ * cache write, as rope_cache_bf16_body does for all rows in a phase of its own. The write's cache lines are
+ * the ones the item reads last, so they come in with the item's other reads instead of one by one. */
+typedef struct {
+    bf16 *k;
+    int64_t ldk;
+    const bf16 *v;
+    int64_t ldv;
+    const int64_t *positions, *slots;
+    const bf16 *cos, *sin; /* NULL: no rotary */
+} attn_write;
+
+static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf16 *v_cache,
                               const int64_t *tables, const int64_t *row_table, int64_t max_blocks,
                               const int64_t *ctx_lens, bf16 *out,
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
-                              int64_t block_size, float scale, int64_t window) {
+                              int64_t block_size, float scale, int64_t window, const attn_write *wr) {
     const int64_t G = H / KVH, DC = D / 16;
-#pragma omp for schedule(dynamic, 1)
+    /* Each thread takes a contiguous range of items of about equal cost (an item goes to the thread whose
+     * share holds the middle of its cost), so that it knows its next item and fetches it ahead. */
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    int64_t total = 0, acc = 0, i0 = -1, i1 = S * KVH, longest = 0;
+    for (int64_t r = 0; r < S; r++) total += attn_cost(ctx_lens, r, window) * KVH;
     for (int64_t item = 0; item < S * KVH; item++) {
+        const int64_t c = attn_cost(ctx_lens, item / KVH, window), owner = (2 * acc + c) * nt / (2 * total);
+        if (owner > tid) {
+            i1 = item;
+            break;
+        }
+        if (owner == tid) {
+            if (i0 < 0) i0 = item;
+            if (c > longest) longest = c;
+        }
+        acc += c;
+    }
+    if (i0 < 0) i0 = i1;
+    float *scores = (float *)malloc(sizeof(float) * G * (longest + 16));
+    for (int64_t item = i0; item < i1; item++) {
+        if (item == i0)
+            attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item, KVH, D, num_blocks,
+                               block_size, window, wr != 0);
+        if (item + 1 < i1)
+            attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item + 1, KVH, D,
+                               num_blocks, block_size, window, wr != 0);
         const int64_t seq = item / KVH, kvh = item % KVH;
         const int64_t ctx = ctx_lens[seq];
         const int64_t lo = window > 0 && ctx > window ? ctx - window : 0;
         const int64_t *table = tables + (row_table ? row_table[seq] : seq) * max_blocks;
-        float *scores = (float *)malloc(sizeof(float) * G * (ctx - (lo & ~(int64_t)15) + 16));
-        const bf16 *qp = q + seq * ld_q + kvh * G * D;
+        bf16 *qp = q + seq * ld_q + kvh * G * D;
         bf16 *op = out + seq * ld_o + kvh * G * D;
         const bf16 *kbase = k_cache + kvh * num_blocks * block_size * D;
         const bf16 *vbase = v_cache + kvh * num_blocks * block_size * D;
+        if (wr) {
+            bf16 *kr = wr->k + seq * wr->ldk + kvh * D;
+            if (wr->cos) {
+                const bf16 *c = wr->cos + wr->positions[seq] * D, *s = wr->sin + wr->positions[seq] * D;
+                for (int64_t g = 0; g < G; g++) rope_row(qp + g * D, c, s, D);
+                rope_row(kr, c, s, D);
+            }
+            cache_write_row(k_cache, v_cache, kr, wr->v + seq * wr->ldv + kvh * D, kvh, wr->slots[seq], num_blocks,
+                            block_size, D);
+        }
         /* Constant (G, D) for the common shapes, so that the compiler keeps everything in registers. */
         if (DC == 4 && G == 1) ATTN(1, 4);
         else if (DC == 4 && G == 2) ATTN(2, 4);
@@ -428,8 +508,9 @@ static void decode_attention_bf16_body(const bf16 *q, int64_t ld_q, const bf16 *
         else if (DC == 8 && G == 4) ATTN(4, 8);
         else if (DC == 8 && G == 8) ATTN(8, 8);
         else attn_item(G, DC, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores);
-        free(scores);
     }
+    free(scores);
+#pragma omp barrier
 }
 
 void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
@@ -437,7 +518,8 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
                               int64_t block_size, float scale, int64_t window) {
 #pragma omp parallel
-    decode_attention_bf16_body(q, ld_q, k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window);
+    decode_attention_bf16_body((bf16 *)q, ld_q, (bf16 *)k_cache, (bf16 *)v_cache, tables, row_table, max_blocks,
+                               ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window, NULL);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -689,6 +771,8 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
     const int64_t W = (H + 2 * KVH) * D;
     const int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     float *xsum = (float *)malloc(sizeof(float) * S * (kmax / 16)); /* group sums: groups are >= 16 */
+    /* row_table NULL: row r is sequence r's only row (a decode step), and attention writes the K/V itself */
+    attn_write write = {qkv + H * D, W, qkv + (H + KVH) * D, W, positions, slots, cos, cos ? sin : NULL};
 #pragma omp parallel
     for (int64_t l = 0; l < L; l++) {
         const kv_layer *ly = layers + l;
@@ -697,11 +781,13 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
         KV_PHASE(0);
         lin_body(ly->qkv, x, E, qkv, W, S, W, E, xsum);
         KV_PHASE(1);
-        rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
-                             ly->k_cache, ly->v_cache, slots, num_blocks, block_size, cos != 0);
+        if (row_table) /* rows of one sequence read each other's K/V: all are written first */
+            rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
+                                 ly->k_cache, ly->v_cache, slots, num_blocks, block_size, cos != 0);
         KV_PHASE(2);
         decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, row_table, max_blocks, ctx_lens, a,
-                                   H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window);
+                                   H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window,
+                                   row_table ? NULL : &write);
         KV_PHASE(3);
         lin_body(ly->o, a, H * D, h, E, S, E, H * D, xsum);
         KV_PHASE(4);
