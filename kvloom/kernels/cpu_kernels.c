@@ -472,7 +472,8 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
         acc += c;
     }
     if (i0 < 0) i0 = i1;
-    float *scores = (float *)malloc(sizeof(float) * G * (longest + 16));
+    /* a head's scores start on a cache line (L = 16 nsub); sizes whole lines, as aligned_alloc wants */
+    float *scores = (float *)aligned_alloc(64, sizeof(float) * G * ((longest + 31) & ~(int64_t)15));
     for (int64_t item = i0; item < i1; item++) {
         if (item == i0)
             attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item, KVH, D, num_blocks,
