@@ -47,6 +47,12 @@ def record_schedules(engine: LLMEngine, monkeypatch) -> list:
     return seen
 
 
+def test_kv_pool_is_page_aligned(stories_llm):
+    """The pool is carved page-aligned out of a calloc'd buffer (16 bytes into a page otherwise: cache loads
+    straddled two lines, and block tails sat on the next block's page)."""
+    assert stories_llm.engine.runner.kv_cache.data_ptr() % 4096 == 0
+
+
 def test_batch_invariance_16_mixed_requests(stories_llm):
     prompts = mixed_prompts(16)
     together = tokens(stories_llm.generate(prompts, GREEDY))
