@@ -2,7 +2,8 @@
 own virtual environment, so it imports only that engine (never kvloom, unless it is the engine).
 
 Workloads (token ids come from the driver, identical for every engine; EOS ignored, fixed output length):
-- throughput: all prompts at once, output tokens per second over the whole run;
+- throughput: all prompts at once, output tokens per second over the whole run; then once more for each
+  further prompt set in `more_prompts` (fresh ids: no prefix-cache hits), reporting the best run;
 - decode: one prompt, generated twice (1 token, then N + 1); decode tokens per second is N over the time
   difference, so prefill and start-up cost cancel out.
 """
@@ -143,10 +144,14 @@ def main() -> int:
 
     result = {"engine": args.engine, "load_s": load_s}
     if w["kind"] == "throughput":
-        t = time.perf_counter()
-        generate(prompts, n)
-        elapsed = time.perf_counter() - t
-        result.update(elapsed_s=elapsed, output_tok_s=len(prompts) * n / elapsed)
+        runs = []
+        for batch in [prompts, *w.get("more_prompts", [])]:
+            t = time.perf_counter()
+            generate(batch, n)
+            runs.append(len(batch) * n / (time.perf_counter() - t))
+        best = max(runs)
+        result.update(elapsed_s=len(prompts) * n / best, output_tok_s=best)
+        result["runs_tok_s"] = [round(r, 1) for r in runs]
     else:
         times = {}
         for m in (1, n + 1):
