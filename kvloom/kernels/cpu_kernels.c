@@ -333,9 +333,9 @@ void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *
  * probabilities exp(s - max) (fp32, summed in fp32) rounded to bf16 as transformers' bf16 attention rounds
  * them, times V on vdpbf16ps, and one division by the sum at the end.
  */
-/* Attention reads the cache in pieces of 2 x 16 D bytes (K and V of 16 positions of one block): streams too
- * short for the hardware prefetchers, which left decode attention at about a third of the bandwidth. So each
- * piece is fetched into L2 ATTN_PF + 1 pieces ahead, and a thread's next work item ahead of it. */
+/* Attention reads the cache in pieces of 2 x 16 D bytes (K and V of 16 positions of one block), streams too
+ * short for the hardware prefetchers to follow from one block to the next. So each piece is fetched into L2
+ * ATTN_PF + 1 pieces ahead, and a thread's next work item while it works on the current one. */
 #ifndef ATTN_PF
 #define ATTN_PF 1
 #endif
@@ -417,10 +417,12 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
 
 #define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
 
+/* The first position a row with `ctx` positions attends to (sliding window: the last `window` of them). */
+INLINE int64_t attn_lo(int64_t ctx, int64_t window) { return window > 0 && ctx > window ? ctx - window : 0; }
+
 /* A row's attention cost (positions read, plus a fixed part), for splitting the work between threads. */
 INLINE int64_t attn_cost(const int64_t *ctx_lens, int64_t row, int64_t window) {
-    const int64_t ctx = ctx_lens[row], lo = window > 0 && ctx > window ? ctx - window : 0;
-    return ctx - (lo & ~(int64_t)15) + 32;
+    return ctx_lens[row] - (attn_lo(ctx_lens[row], window) & ~(int64_t)15) + 32;
 }
 
 /* The first ATTN_PF + 1 pieces of an item, and the piece its new K/V go to when the item writes them. */
@@ -428,7 +430,7 @@ INLINE void attn_prefetch_item(const bf16 *k_cache, const bf16 *v_cache, const i
                                const int64_t *row_table, int64_t max_blocks, const int64_t *ctx_lens, int64_t item,
                                int64_t KVH, int64_t D, int64_t num_blocks, int64_t bs, int64_t window, int writes) {
     const int64_t row = item / KVH, kvh = item % KVH, ctx = ctx_lens[row];
-    const int64_t lo = window > 0 && ctx > window ? ctx - window : 0, first = lo & ~(int64_t)15;
+    const int64_t first = attn_lo(ctx, window) & ~(int64_t)15;
     const int64_t *table = tables + (row_table ? row_table[row] : row) * max_blocks;
     const bf16 *kbase = k_cache + kvh * num_blocks * bs * D, *vbase = v_cache + kvh * num_blocks * bs * D;
     for (int64_t p = first; p < ctx && p <= first + 16 * ATTN_PF; p += 16) attn_prefetch(kbase, vbase, table, p, bs, D);
@@ -483,7 +485,7 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
                                num_blocks, block_size, window, wr != 0);
         const int64_t seq = item / KVH, kvh = item % KVH;
         const int64_t ctx = ctx_lens[seq];
-        const int64_t lo = window > 0 && ctx > window ? ctx - window : 0;
+        const int64_t lo = attn_lo(ctx, window);
         const int64_t *table = tables + (row_table ? row_table[seq] : seq) * max_blocks;
         bf16 *qp = q + seq * ld_q + kvh * G * D;
         bf16 *op = out + seq * ld_o + kvh * G * D;
