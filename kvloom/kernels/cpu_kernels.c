@@ -349,7 +349,7 @@ INLINE void attn_prefetch(const bf16 *kbase, const bf16 *vbase, const int64_t *t
 
 INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf16 *kbase, const bf16 *vbase,
                       const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out,
-                      float *scores) {
+                      float *scores, int pf) {
     const int64_t D = DC * 16, KP = D / 2; /* KP: pairs of dims */
     const int64_t first = lo & ~(int64_t)15, nsub = (ctx - first + 15) / 16, L = nsub * 16;
     const int32_t *qp = (const int32_t *)q; /* head g's pair i at qp[g * KP + i] */
@@ -359,7 +359,7 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     for (int64_t sb = 0; sb < nsub; sb++) {
         const int64_t p0 = first + 16 * sb;
         const bf16 *kb = kbase + table[p0 / bs] * bs * D + p0 % bs * 2; /* pair i of these 16 at kb + i * bs * 2 */
-        if (sb + ATTN_PF + 1 < nsub) /* the first ATTN_PF + 1 were fetched before the item (attn_prefetch_item) */
+        if (pf && sb + ATTN_PF + 1 < nsub) /* the first ATTN_PF + 1 came before the item (attn_prefetch_item) */
             attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D);
         __m512 a0[16], a1[16];
         for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
@@ -415,7 +415,7 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     }
 }
 
-#define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores)
+#define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf)
 
 /* The first position a row with `ctx` positions attends to (sliding window: the last `window` of them). */
 INLINE int64_t attn_lo(int64_t ctx, int64_t window) { return window > 0 && ctx > window ? ctx - window : 0; }
@@ -423,6 +423,14 @@ INLINE int64_t attn_lo(int64_t ctx, int64_t window) { return window > 0 && ctx >
 /* A row's attention cost (positions read, plus a fixed part), for splitting the work between threads. */
 INLINE int64_t attn_cost(const int64_t *ctx_lens, int64_t row, int64_t window) {
     return ctx_lens[row] - (attn_lo(ctx_lens[row], window) & ~(int64_t)15) + 32;
+}
+
+/* Whether a row's K/V are likely out of cache, worth prefetching: decode rows (each its own sequence) and the
+ * first row of a sequence in a prefill chunk. The next rows of the chunk read the same K/V, just read (and
+ * just written), from L2: there the prefetch loop only cost instructions (a fifth of a 2000-token
+ * prompt's attention time). */
+INLINE int attn_cold(const int64_t *row_table, int64_t row) {
+    return !row_table || row == 0 || row_table[row] != row_table[row - 1];
 }
 
 /* The first ATTN_PF + 1 pieces of an item, and the piece its new K/V go to when the item writes them. */
@@ -477,14 +485,15 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
     /* a head's scores start on a cache line (L = 16 nsub); sizes whole lines, as aligned_alloc wants */
     float *scores = (float *)aligned_alloc(64, sizeof(float) * G * ((longest + 31) & ~(int64_t)15));
     for (int64_t item = i0; item < i1; item++) {
-        if (item == i0)
+        if (item == i0 && attn_cold(row_table, item / KVH))
             attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item, KVH, D, num_blocks,
                                block_size, window, wr != 0);
-        if (item + 1 < i1)
+        if (item + 1 < i1 && attn_cold(row_table, (item + 1) / KVH))
             attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item + 1, KVH, D,
                                num_blocks, block_size, window, wr != 0);
         const int64_t seq = item / KVH, kvh = item % KVH;
         const int64_t ctx = ctx_lens[seq];
+        const int pf = attn_cold(row_table, seq);
         const int64_t lo = attn_lo(ctx, window);
         const int64_t *table = tables + (row_table ? row_table[seq] : seq) * max_blocks;
         bf16 *qp = q + seq * ld_q + kvh * G * D;
@@ -510,7 +519,7 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
         else if (DC == 8 && G == 2) ATTN(2, 8);
         else if (DC == 8 && G == 4) ATTN(4, 8);
         else if (DC == 8 && G == 8) ATTN(8, 8);
-        else attn_item(G, DC, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores);
+        else attn_item(G, DC, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf);
     }
     free(scores);
 #pragma omp barrier
