@@ -195,6 +195,11 @@ def run_llamacpp_c(name: str, model: Path, workload: Path, args) -> dict | None:
     ids.write_bytes(array.array("i", [t for p in prompts for t in p]).tobytes())
     cmd = [str(llamacpp_driver()), str(model), str(ids), str(len(prompts)), str(len(prompts[0])), str(n)]
     proc = subprocess.run([*cmd, str(args.threads)], capture_output=True, text=True, timeout=args.timeout)
+    return _result(name, proc)
+
+
+def _result(name: str, proc: subprocess.CompletedProcess) -> dict | None:
+    """The RESULT line a worker or the C driver printed, or None (its stderr printed)."""
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return {"name": name, **json.loads(line[len("RESULT ") :])}
@@ -227,11 +232,7 @@ def run_engine(name: str, weights: dict[str, Path], workload: Path, args) -> dic
         cmd += ["--quantization", quantization]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return {"name": name, **json.loads(line[len("RESULT ") :])}
-    print(f"{name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
-    return None
+    return _result(name, proc)
 
 
 def main() -> int:
@@ -280,9 +281,8 @@ def main() -> int:
         more = [random_prompts([args.input_len] * n, vocab, rng) for _ in range(runs - 1)]
         path = cache() / f"workload-{wl}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        w = {"kind": wl, "prompts": prompts, "output_len": args.output_len}
-        if wl == "throughput":
-            w["more_prompts"] = more  # the Python engines' further runs
+        # more_prompts: the Python engines' further throughput runs
+        w = {"kind": wl, "prompts": prompts, "output_len": args.output_len, "more_prompts": more}
         path.write_text(json.dumps(w))
         results[wl] = []
         bandwidth = Bandwidth(args.threads) if wl == "decode" else None

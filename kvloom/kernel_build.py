@@ -64,9 +64,10 @@ def _command() -> tuple[list[str], Path]:
     return cmd, cache_dir() / f"kvloom_cpu_{hashlib.sha256(what).hexdigest()[:16]}.so"
 
 
-def _built() -> Path | None:
-    """The .so for this source, compiler and CPU: pip install's beside the source, else the cache's."""
-    target = _command()[1]
+def _built(target: Path | None = None) -> Path | None:
+    """The .so for this source, compiler and CPU (target: _command()'s, when the caller has it): pip
+    install's beside the source, else the cache's."""
+    target = target or _command()[1]
     for path in (_SOURCE.parent / target.name, target):
         if path.exists():
             return path
@@ -85,10 +86,10 @@ def _compile(cmd: list[str], target: Path) -> None:
 
 
 def _build() -> Path:
-    built = _built()
+    cmd, target = _command()
+    built = _built(target)
     if built is not None:
         return built
-    cmd, target = _command()
     _compile(cmd, target)
     logger.info("Built CPU kernels: %s", target)
     return target
