@@ -46,8 +46,8 @@ _SIGNATURES = {
     "kv_argmax_bf16": [_P, _I, _I, _I, _P],
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
     # layers, L, h, residual, S, E, I, H, KVH, D, positions, cos, sin, slots, tables, row tables,
-    # max_blocks, ctx_lens, num_blocks, block_size, 5 scratch buffers
-    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _P, _I, _I, *[_P] * 5],
+    # max_blocks, ctx_lens, num_blocks, block_size, 5 scratch buffers, output rows, their count
+    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _P, _I, _I, *[_P] * 6, _I],
 }
 
 
@@ -361,7 +361,8 @@ class FusedDecodeLayers:
     def __call__(
         self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h [S, hidden] (embeddings; overwritten) -> (h, residual) after the last layer."""
+        """h [S, hidden] (embeddings; overwritten) -> (h, residual) after the last layer: of the rows
+        meta.output_rows when set (the last layer runs its attention, o and MLP on those alone)."""
         if self._caches != kv_caches[0].data_ptr():
             for spec, kv in zip(self.layers, kv_caches, strict=True):
                 spec.k_cache, spec.v_cache = _ptr(kv[0]), _ptr(kv[1])
@@ -376,6 +377,10 @@ class FusedDecodeLayers:
         act = torch.empty(s, inter, dtype=h.dtype)
         tables = meta.token_block_tables
         k0 = kv_caches[0][0]
+        # decode steps want every row; then attention writes each row's K/V itself (no row table)
+        decode = tables.shape[0] == s
+        out_rows = None if decode else meta.output_rows
+        n_out = s if out_rows is None else out_rows.shape[0]
         self.lib.kv_decode_layers_bf16(
             self.layers,
             len(self.layers),
@@ -392,8 +397,7 @@ class FusedDecodeLayers:
             self.sin,
             _ptr(meta.slot_mapping),
             _ptr(tables),
-            # None in decode steps (a row per sequence): then attention writes each row's K/V itself
-            None if tables.shape[0] == s else _ptr(meta.token_table_index),
+            None if decode else _ptr(meta.token_table_index),
             tables.shape[1],
             _ptr(meta.token_context_lens),
             k0.shape[1],
@@ -403,8 +407,10 @@ class FusedDecodeLayers:
             _ptr(a),
             _ptr(gu),
             _ptr(act),
+            None if out_rows is None else _ptr(out_rows),
+            n_out,
         )
-        return h, residual
+        return h[:n_out], residual[:n_out]
 
 
 @functools.cache

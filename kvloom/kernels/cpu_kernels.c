@@ -775,31 +775,50 @@ typedef struct {
     int64_t window;
 } kv_layer;
 
-void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *residual, int64_t S, int64_t E,
+void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *residual, int64_t S_all, int64_t E,
                            int64_t I, int64_t H, int64_t KVH, int64_t D, const int64_t *positions, const bf16 *cos,
                            const bf16 *sin, const int64_t *slots, const int64_t *tables, const int64_t *row_table,
                            int64_t max_blocks, const int64_t *ctx_lens, int64_t num_blocks, int64_t block_size,
-                           bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act) {
+                           bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act, const int64_t *out_rows,
+                           int64_t n_out) {
     const int64_t W = (H + 2 * KVH) * D;
     const int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
-    float *xsum = (float *)malloc(sizeof(float) * S * (kmax / 16)); /* group sums: groups are >= 16 */
+    float *xsum = (float *)malloc(sizeof(float) * S_all * (kmax / 16)); /* group sums: groups are >= 16 */
     /* row_table NULL: row r is sequence r's only row (a decode step), and attention writes the K/V itself */
     attn_write write = {qkv + H * D, W, qkv + (H + KVH) * D, W, positions, slots, cos, cos ? sin : NULL};
+    /* out_rows (ascending; prefill and mixed steps only): the rows whose hidden state is wanted. The last
+     * layer writes every row's K/V, then moves those rows to the front and runs its attention, o and MLP
+     * on them alone, as their results reach nothing else. */
+    if (!row_table || n_out >= S_all) out_rows = NULL;
+    int64_t *out_ctx = out_rows ? (int64_t *)malloc(sizeof(int64_t) * (2 * n_out + 1)) : NULL;
 #pragma omp parallel
     for (int64_t l = 0; l < L; l++) {
         const kv_layer *ly = layers + l;
+        const int prune = out_rows && l == L - 1;
+        int64_t S = prune ? n_out : S_all; /* the rows from the attention on */
+        const int64_t *rows_table = prune ? out_ctx + n_out : row_table, *rows_ctx = prune ? out_ctx : ctx_lens;
         KV_PHASE_START(l);
-        rms_norm_bf16_body(h, E, residual, E, ly->norm_in, x, E, S, E, ly->eps);
+        rms_norm_bf16_body(h, E, residual, E, ly->norm_in, x, E, S_all, E, ly->eps);
         KV_PHASE(0);
-        lin_body(ly->qkv, x, E, qkv, W, S, W, E, xsum);
+        lin_body(ly->qkv, x, E, qkv, W, S_all, W, E, xsum);
         KV_PHASE(1);
         if (row_table) /* rows of one sequence read each other's K/V: all are written first */
-            rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S, H, KVH, D,
-                                 ly->k_cache, ly->v_cache, slots, num_blocks, block_size, cos != 0);
+            rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S_all, H, KVH,
+                                 D, ly->k_cache, ly->v_cache, slots, num_blocks, block_size, cos != 0);
+        if (prune) {
+#pragma omp single
+            for (int64_t i = 0; i < n_out; i++) { /* ascending, and out_rows[i] >= i: no source is overwritten */
+                const int64_t r = out_rows[i];
+                out_ctx[i] = ctx_lens[r];
+                out_ctx[n_out + i] = row_table[r];
+                memmove(qkv + i * W, qkv + r * W, sizeof(bf16) * H * D);
+                memmove(residual + i * E, residual + r * E, sizeof(bf16) * E);
+            }
+        }
         KV_PHASE(2);
-        decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, row_table, max_blocks, ctx_lens, a,
+        decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, rows_table, max_blocks, rows_ctx, a,
                                    H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window,
-                                   row_table ? NULL : &write);
+                                   rows_table ? NULL : &write);
         KV_PHASE(3);
         lin_body(ly->o, a, H * D, h, E, S, E, H * D, xsum);
         KV_PHASE(4);
@@ -814,6 +833,7 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
     }
 
     free(xsum);
+    free(out_ctx);
 }
 
 /* ---------------------------------------------------------------------------------------------------

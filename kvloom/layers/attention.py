@@ -51,6 +51,8 @@ class AttentionMetadata:
     token_block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] long
     token_table_index: torch.Tensor | None = None  # [num_tokens] long
     token_context_lens: torch.Tensor | None = None  # [num_tokens] long
+    # The rows whose hidden state the step wants (ascending): the model returns those alone. None: all.
+    output_rows: torch.Tensor | None = None  # [num_outputs] long
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None) -> torch.Tensor:

@@ -191,12 +191,15 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         fused = self.fused_decode
         if fused is not None and meta.token_context_lens is not None:
+            # skips the last layer's attention, o and MLP for the rows not in meta.output_rows
             h, residual = fused(h, positions, kv_caches, meta)
             return self.model.norm(h, residual)[0]
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
             h, residual = layer(positions, h, residual, kv_cache, meta)
-        return self.model.norm(h, residual)[0]  # [num_tokens, hidden_size]
+        if meta.output_rows is not None:
+            h, residual = h[meta.output_rows], residual[meta.output_rows]
+        return self.model.norm(h, residual)[0]  # [num_outputs, hidden_size]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [num_seqs, vocab_size], model dtype (the sampler converts)

@@ -235,6 +235,19 @@ class ModelRunner:
 
         dev = self.device
         flat_positions = np.concatenate(positions)
+        # The rows whose hidden state is used (sampled, or prompt logprobs), as llama.cpp's output ids: the
+        # model returns those alone, and the fused layers skip the last layer's attention, o and MLP for
+        # the others (all but 32 rows of a 4096-token prefill step). Indices below are into these rows.
+        wanted = set(sample_rows)
+        for _, first_row, _, count in prompt_lp:
+            wanted.update(range(first_row, first_row + count))
+        output_rows = None
+        if len(wanted) < row:
+            kept = sorted(wanted)
+            output_rows = torch.tensor(kept, dtype=torch.long, device=dev)
+            index = {r: i for i, r in enumerate(kept)}
+            sample_rows = [index[r] for r in sample_rows]
+            prompt_lp = [(req, index[first], pos, count) for req, first, pos, count in prompt_lp]
         token_kwargs = {}
         if use_token_tables:
             lens = np.array([s.num_new_tokens for s in entries])
@@ -250,6 +263,7 @@ class ModelRunner:
             decode_context_lens=torch.from_numpy(decode_lens).to(dev) if num_decodes else None,
             prefills=prefills,
             block_size=bs,
+            output_rows=output_rows,
             **token_kwargs,
         )
         hidden = self.model(

@@ -86,6 +86,30 @@ def test_fused_decode_layers_equal_per_op_kernels(tmp_path, stories):
         assert x.outputs[0].logprobs == y.outputs[0].logprobs
 
 
+def test_last_layer_on_wanted_rows_only_changes_no_bits(tmp_path, stories):
+    """The fused layers run the last layer's attention, o and MLP on the rows a step samples or scores
+    alone; the per-op path runs every row. Chunked prefills (chunks that sample nothing), prompt
+    logprobs beside plain requests, and steps that mix decodes with prefills give the same bits."""
+    save_random_model(CONFIGS["llama"](), tmp_path, stories)
+    prompts = random_prompts(4, [7, 45, 70, 100], 512, seed=5)
+    params = [
+        SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, logprobs=2, prompt_logprobs=2, ignore_eos=True),
+    ]
+    params = [params[i % 2] for i in range(len(prompts))]
+    runs = []
+    for fused in (True, False):
+        llm = LLM(str(tmp_path), dtype="bfloat16", max_num_batched_tokens=32, show_progress=False)
+        if not fused:
+            llm.engine.runner.model.fused_decode = None
+        runs.append(llm.generate(prompts, params, use_tqdm=False))
+    for x, y in zip(*runs, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].logprobs == y.outputs[0].logprobs
+        assert x.prompt_logprobs == y.prompt_logprobs
+    assert runs[0][1].prompt_logprobs is not None and len(runs[0][1].prompt_logprobs) == 45
+
+
 def test_block_size_the_kernel_attention_does_not_take():
     """block_size 8: the cache keeps the usual layout for the PyTorch attention (the kernels' layout needs
     multiples of 16) while the other kernels run; greedy text as with block_size 16 and the kernels' cache."""
