@@ -160,13 +160,67 @@ class Bandwidth:
         return self.big.numel() * 2 / best / 1e9
 
 
-def weight_bytes_per_token(cfg, bytes_per_weight: float = 2.0) -> float:
-    """Bytes of linear weights one decode step reads (every layer's q/k/v/o/gate/up/down + output layer)."""
+class MatmulRate:
+    """bf16 matmul speed in GFLOP/s, best of 5 runs each of two kinds: torch's 2048 x 2048 x 2048 matmul (the
+    issue's "bf16 matmul" figure) and kvloom's packed linear kernel on 1024 rows of a 3072 x 576 layer
+    (SmolLM2's gate/up shape; the kernel that runs kvloom's bf16 linears, a little faster than torch's).
+    Like the bandwidth, it is read just before and just after each engine's throughput run."""
+
+    def __init__(self, threads: int) -> None:
+        import torch
+
+        from kvloom.kernels import load_cpu_kernels
+
+        torch.set_num_threads(threads)
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (torch.randn(2048, 2048, generator=g).bfloat16() for _ in range(2))
+        self.kernels = load_cpu_kernels()
+        if self.kernels is not None:
+            self.x = torch.randn(1024, 576, generator=g).bfloat16()
+            self.w = self.kernels.pack_linear_weight(torch.randn(3072, 576, generator=g).bfloat16())
+
+    def gflops(self) -> float:
+        import time
+
+        runs = [(lambda: self.a @ self.b, 2 * 2048**3)]
+        if self.kernels is not None:
+            runs.append((lambda: self.kernels.linear(self.x, self.w, None, 3072), 2 * 1024 * 3072 * 576))
+        best = 0.0
+        for f, flops in runs:
+            f()
+            for _ in range(5):
+                t = time.perf_counter()
+                f()
+                best = max(best, flops / (time.perf_counter() - t) / 1e9)
+        return best
+
+
+def linear_params(cfg) -> tuple[int, int, int]:
+    """Weights of one layer's linears, of its q/k/v alone, and of the output layer."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     e, i = cfg.hidden_size, cfg.intermediate_size
-    attn = e * head_dim * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    per_layer = attn + 3 * e * i
-    return (cfg.num_hidden_layers * per_layer + cfg.vocab_size * e) * bytes_per_weight
+    qkv = e * head_dim * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    per_layer = qkv + e * head_dim * cfg.num_attention_heads + 3 * e * i
+    return per_layer, qkv, cfg.vocab_size * e
+
+
+def weight_bytes_per_token(cfg, bytes_per_weight: float = 2.0) -> float:
+    """Bytes of linear weights one decode step reads (every layer's q/k/v/o/gate/up/down + output layer)."""
+    per_layer, _, head = linear_params(cfg)
+    return (cfg.num_hidden_layers * per_layer + head) * bytes_per_weight
+
+
+def throughput_linear_flops(cfg, n: int, prompt: int, output: int) -> float:
+    """The fewest linear-layer FLOPs an n x (prompt, output) run can do: each request forwards its prompt
+    and all but its last output token; the rows that are sampled (its last prompt token and the output
+    tokens fed back) go through every layer and the output layer, the other prompt rows through every
+    layer but the last one's o and MLP (only their K/V are needed there)."""
+    per_layer, qkv, head = linear_params(cfg)
+    layers = cfg.num_hidden_layers
+    sampled = output  # per request
+    silent = prompt - 1
+    per_request = sampled * (layers * per_layer + head) + silent * ((layers - 1) * per_layer + qkv)
+    return 2.0 * n * per_request
 
 
 def llamacpp_driver() -> Path:
@@ -285,17 +339,21 @@ def main() -> int:
         w = {"kind": wl, "prompts": prompts, "output_len": args.output_len, "more_prompts": more}
         path.write_text(json.dumps(w))
         results[wl] = []
+        # the decode roofline's bandwidth; the throughput ceiling's matmul speed
         bandwidth = Bandwidth(args.threads) if wl == "decode" else None
+        matmul = MatmulRate(args.threads) if wl == "throughput" else None
         for name in names:
             print(f"[{wl}] {name} ...", flush=True)
-            before = bandwidth.gbs() if bandwidth else None
+            before = bandwidth.gbs() if bandwidth else matmul.gflops()
             r = run_engine(name, weights, path, args)
             if r is not None:
                 if bandwidth:
                     r["bandwidth_gbs"] = [round(before, 1), round(bandwidth.gbs(), 1)]
+                else:
+                    r["matmul_gflops"] = [round(before), round(matmul.gflops())]
                 results[wl].append(r)
                 print("   ", json.dumps(r), flush=True)
-        del bandwidth
+        del bandwidth, matmul
 
     for wl, rows in results.items():
         key, unit = (
@@ -315,6 +373,23 @@ def main() -> int:
                 for k in ("kvloom-bf16", "kvloom-q4_1")
             ]
             print(f"{r['name']:<20}{r[key]:>16.1f}  {ratios[0]}  {ratios[1]}")
+    if "throughput" in results:
+        flops = throughput_linear_flops(ckpt.hf_config, args.num_prompts, args.input_len, args.output_len)
+        tokens = args.num_prompts * args.output_len
+        print(
+            f"\nbf16 compute ceiling: the linear layers alone need {flops / 1e12:.2f} TFLOP; at the bf16 "
+            "matmul speed (the faster of torch's and kvloom's kernel, read just before and just after each "
+            "engine's run; their mean) that caps output tok/s with no attention and no other work at"
+        )
+        for r in results["throughput"]:
+            if r["name"].endswith("-bf16"):
+                rate = sum(r["matmul_gflops"]) / 2
+                ceiling = tokens / (flops / (rate * 1e9))
+                r["compute_ceiling"] = {"matmul_gflops": rate, "linear_flops": flops, "tok_s": ceiling}
+                print(
+                    f"  {r['name']:<20}{r['output_tok_s'] / ceiling * 100:>6.1f}% of {ceiling:.0f} tok/s "
+                    f"({r['matmul_gflops'][0]} / {r['matmul_gflops'][1]} GFLOP/s)"
+                )
     if "decode" in results:
         nbytes = weight_bytes_per_token(ckpt.hf_config)
         print(
