@@ -28,6 +28,7 @@ class RequestResult:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)  # gaps between streamed chunks
     output_tokens: int = 0
+    sent: float = 0.0  # when it was sent, seconds after the first timed request
 
     @property
     def tpot(self) -> float | None:
@@ -126,7 +127,9 @@ async def run(
                 "stream_options": {"include_usage": True},
             }
             async with limit:
+                sent = time.perf_counter() - t0
                 result = await _one(client, url, body, headers)
+                result.sent = sent
             bar.update(1)
             return result
 
@@ -165,6 +168,19 @@ async def run(
         "tpot_ms": ms([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": ms([x for r in ok for x in r.itl]),
         "e2e_ms": ms([r.e2e for r in ok]),
+        # each request, in the order sent: to find what an outlier met (what arrived with it)
+        "requests": [
+            {
+                "sent_s": round(r.sent, 4),
+                "input_tokens": n,
+                "output_tokens": r.output_tokens,
+                "ttft_ms": round(r.ttft * 1000, 2),
+                "e2e_ms": round(r.e2e * 1000, 2),
+                "max_itl_ms": round(max(r.itl, default=0.0) * 1000, 2),
+                "error": r.error,
+            }
+            for r, n in zip(results, in_lens, strict=True)
+        ],
     }
 
 

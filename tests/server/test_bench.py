@@ -38,6 +38,11 @@ def test_serve_load_generator_against_a_real_server(server):
     assert 0 < res["ttft_ms"]["p50"] <= res["ttft_ms"]["p99"] <= res["e2e_ms"]["p99"]
     assert res["tpot_ms"]["mean"] > 0 and res["itl_ms"]["p50"] >= 0
     assert res["goodput"] == 0  # nothing meets a 1 us TPOT
+    reqs = res["requests"]
+    assert len(reqs) == 12 and all(r["output_tokens"] == 8 and not r["error"] for r in reqs)
+    assert [r["sent_s"] for r in reqs] == sorted(r["sent_s"] for r in reqs)
+    ttfts = sorted(r["ttft_ms"] for r in reqs)
+    assert ttfts[0] <= res["ttft_ms"]["p50"] <= res["ttft_ms"]["p99"] <= ttfts[-1] + 0.01
     with pytest.raises(ValueError, match="401"):
         asyncio.run(
             serve.run(
