@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvloom.tokenizer import decoder
+
 # Prompt tokens kept as left context, so a delta gets the leading space a sentencepiece token implies.
 _CONTEXT_TOKENS = 5
 
@@ -26,6 +28,7 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self._decode_ids = decoder(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self.ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0
@@ -37,7 +40,7 @@ class IncrementalDetokenizer:
         self._checked = 0  # text before this index was searched for stop strings
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(ids, self.skip_special_tokens)
 
     def add_token(self, token_id: int) -> str:
         """Append one token; return the text it completes (possibly empty)."""

@@ -49,3 +49,21 @@ def test_special_tokens_skipped_or_kept(tokenizer):
         kept.add_token(t)
     assert tokenizer.eos_token not in skipped.text
     assert kept.text.endswith(tokenizer.eos_token)
+
+
+def test_backend_decoder_gives_what_decode_gives(tokenizer, stories):
+    """The detokenizer decodes on the `tokenizers` backend where the tokenizer's own decode runs just that;
+    with clean-up on (a WordPiece-style tokenizer), or a decode of its own, it keeps tokenizer.decode."""
+    from kvloom.tokenizer import decoder
+
+    ids = tokenizer(" ".join(TEXTS) + " isn't it , yes .", add_special_tokens=False).input_ids
+    ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    dec = decoder(tokenizer)
+    for skip in (True, False):
+        for n in (1, 2, 7, len(ids)):
+            assert dec(ids[:n], skip) == tokenizer.decode(ids[:n], skip_special_tokens=skip)
+    cleaning = AutoTokenizer.from_pretrained(stories, clean_up_tokenization_spaces=True)
+    cleaning.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    text_ids = cleaning("isn't it , yes .", add_special_tokens=False).input_ids
+    assert decoder(cleaning)(text_ids, True) == cleaning.decode(text_ids, skip_special_tokens=True)
+    assert cleaning.decode(text_ids, skip_special_tokens=True) != cleaning.backend_tokenizer.decode(text_ids)
