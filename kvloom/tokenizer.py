@@ -37,9 +37,9 @@ def _hf_decode_cleans_up(hf: Any) -> bool:
 def decoder(tokenizer: Any) -> Callable[[list[int], bool], str]:
     """`(ids, skip_special_tokens) -> text`, as `tokenizer.decode` gives it, on the `tokenizers` backend
     when that is what the tokenizer's decode runs: a transformers fast tokenizer whose decode and _decode
-    are the library's own and that applies no clean-up. Its Python layers around the backend cost about
-    3x the backend's own time, and the detokenizer decodes twice per generated token (~0.4 ms of a 32-row
-    decode step)."""
+    are the library's own and that applies no clean-up. On SmolLM2's tokenizer a call takes 2.7 us this
+    way against 6.0 through transformers, and the detokenizer decodes twice per generated token (~0.2 ms
+    of a 32-row decode step)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if isinstance(tokenizer, FastTokenizer) or not isinstance(backend, Tokenizer):
         return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)

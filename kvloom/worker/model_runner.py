@@ -237,7 +237,7 @@ class ModelRunner:
         flat_positions = np.concatenate(positions)
         # The rows whose hidden state is used (sampled, or prompt logprobs), as llama.cpp's output ids: the
         # model returns those alone, and the fused layers skip the last layer's attention, o and MLP for
-        # the others (all but 32 rows of a 4096-token prefill step). Indices below are into these rows.
+        # the others (all but 16 rows of a 2048-token prefill step). Indices below are into these rows.
         wanted = set(sample_rows)
         for _, first_row, _, count in prompt_lp:
             wanted.update(range(first_row, first_row + count))
