@@ -73,6 +73,20 @@ class SamplingBatch:
         """Every row takes the argmax of its logits, at most with banned tokens (min_tokens) at -inf."""
         return self.all_greedy and self.num_logprobs < 0 and self.bias is None and self.repetition is None
 
+    @staticmethod
+    def argmax_only(requests: list[Request | SampleRow]) -> bool:
+        """Whether the batch of these rows would be plain greedy with nothing banned, known without
+        building it (its tensors cost ~0.25 ms of a 32-row decode step)."""
+        for r in requests:
+            p = r.sampling_params
+            if p.temperature != 0.0 or p.needs_sampled_logprob or p.logit_bias or p.needs_penalties:
+                return False
+            if r.num_output_tokens < p.min_tokens and (
+                p.stop_token_ids or not p.ignore_eos and r.eos_token_ids
+            ):
+                return False  # stop tokens banned until min_tokens
+        return True
+
     @classmethod
     def build(
         cls, requests: list[Request | SampleRow], vocab_size: int, device: torch.device

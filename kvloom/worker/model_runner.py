@@ -279,13 +279,18 @@ class ModelRunner:
         if not sample_rows:
             return result
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
-        batch = SamplingBatch.build(samplers, self.vocab_size, dev)
         speculating = any(k for _, _, k in owners)
         keep = keep_probs or speculating
-        if batch.plain_greedy and not keep and self.kernels is not None and self.kernels.argmax_ok(logits):
+        fast = not keep and self.kernels is not None and self.kernels.argmax_ok(logits)
+        batch = (
+            None
+            if fast and SamplingBatch.argmax_only(samplers)
+            else SamplingBatch.build(samplers, self.vocab_size, dev)
+        )
+        if fast and (batch is None or batch.plain_greedy):
             # Greedy without logprobs, bias or penalties: the argmax of the model-dtype logits (exact; the
             # min_tokens ban is -inf in any dtype), one pass in C instead of fp32 conversion + torch.argmax.
-            if batch.banned is not None:
+            if batch is not None and batch.banned is not None:
                 logits[batch.banned] = float("-inf")
             sampled = SamplerOutput(self.kernels.argmax(logits), None, None, None, None)
         else:

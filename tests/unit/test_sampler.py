@@ -140,3 +140,27 @@ def test_seeded_rows_do_not_depend_on_the_rest_of_the_batch():
     alone = [draw([r], 0)[0] for r in seeded]
     mixed = draw([*requests(other, 2), seeded[2], seeded[0], *requests(other, 1), seeded[1]], 99)
     assert [mixed[3], mixed[5], mixed[2]] == alone
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"logprobs": 0},
+        {"logit_bias": {1: 2.0}},
+        {"repetition_penalty": 1.1},
+        {"presence_penalty": 0.5},
+        {"min_tokens": 3},
+        {"min_tokens": 3, "ignore_eos": True},
+        {"temperature": 0.7},
+        {"n": 1, "best_of": 2, "temperature": 0.7},
+        {"seed": 5},
+    ],
+)
+def test_argmax_only_agrees_with_the_built_batch(kwargs):
+    """The runner skips building the batch when argmax_only says it would be plain greedy with no ban."""
+    params = SamplingParams(**{"temperature": 0.0, **kwargs})
+    for output in ((), (4, 5, 6)):
+        reqs = requests(SamplingParams(temperature=0.0), 2) + requests(params, 1, output=output, eos={2})
+        batch = SamplingBatch.build(reqs, 8, torch.device("cpu"))
+        assert SamplingBatch.argmax_only(reqs) == (batch.plain_greedy and batch.banned is None)
