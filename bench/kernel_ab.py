@@ -11,6 +11,7 @@ layer (norm, qkv, rope + cache write, attention, o, norm, gate/up, silu, down; o
                               --variant try=/tmp/cpu_kernels_try.c
     python bench/kernel_ab.py --variant a=kvloom/kernels/cpu_kernels.c:-DLIN_GROUP=2
 
+`--prefill` times the prefill steps instead (one output token per request).
 A variant is NAME=SOURCE[:EXTRA CFLAGS]; every source must keep this tree's C interface (ctypes
 signatures in kvloom/kernels/__init__.py). The workload: 32 requests x (128 prompt, 128 output tokens) of
 random ids, greedy, the bf16 copy of the default model that bench/compare.py writes (made if missing).
@@ -63,6 +64,11 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="workload repetitions (fresh prompts each)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--prefill",
+        action="store_true",
+        help="time the prefill steps instead (one output token per request, every step counted)",
+    )
     args = p.parse_args()
     src = str(HERE.parent / "kvloom" / "kernels" / "cpu_kernels.c")
     specs = args.variant or [f"a={src}", f"b={src}"]
@@ -84,8 +90,13 @@ def main() -> int:
     hz = tsc_hz()
 
     model = hf_bf16_folder(default_model_path())
-    llm = LLM(
-        str(model), dtype="bfloat16", quantization="none", num_threads=args.threads, show_progress=False
+    llm = LLM(  # the pool written up front: first-write page faults would land in the attention phases
+        str(model),
+        dtype="bfloat16",
+        quantization="none",
+        num_threads=args.threads,
+        show_progress=False,
+        reserve_kv_cache=True,
     )
     engine, net = llm.engine, llm.engine.runner.model
     if net.fused_decode is None:
@@ -97,10 +108,10 @@ def main() -> int:
     names = list(fused)
     ticks = {n: [0] * len(PHASES) for n in names}
     steps: dict[str, list[float]] = {n: [] for n in names}
+    layer_steps: dict[str, list[float]] = {n: [] for n in names}
     rng = random.Random(0)
-    params = SamplingParams(
-        max_tokens=args.output_len, min_tokens=args.output_len, ignore_eos=True, temperature=0
-    )
+    out_len = 1 if args.prefill else args.output_len
+    params = SamplingParams(max_tokens=out_len, min_tokens=out_len, ignore_eos=True, temperature=0)
     print(f"model: {model}; variants: {', '.join(specs)}")
     k = 0
     for rep in range(args.repeats):
@@ -119,18 +130,24 @@ def main() -> int:
             elapsed = time.perf_counter() - t
             running = engine.scheduler.running
             # Full decode steps only: every request past its prompt, none finished yet.
-            if len(running) == args.num_prompts and all(
-                r.num_computed_tokens > r.num_prompt_tokens for r in running
+            if (
+                args.prefill
+                or len(running) == args.num_prompts
+                and all(r.num_computed_tokens > r.num_prompt_tokens for r in running)
             ):
                 steps[name].append(elapsed)
+                layer_steps[name].append(sum(counters[i] for i in range(len(PHASES))) / hz)
                 for i in range(len(PHASES)):
                     ticks[name][i] += counters[i]
-    print(f"\nms per decode step of {args.num_prompts} rows (thread 0's view, up to each phase's barrier)")
+    what = "prefill step" if args.prefill else f"decode step of {args.num_prompts} rows"
+    print(f"\nms per {what} (thread 0's view, up to each phase's barrier)")
     print("phase     " + "".join(f"{n:>12s}" for n in names))
     for i, phase in enumerate(PHASES):
         print(f"{phase:9s} " + "".join(f"{ticks[n][i] / hz * 1e3 / len(steps[n]):12.2f}" for n in names))
     print("layers    " + "".join(f"{sum(ticks[n]) / hz * 1e3 / len(steps[n]):12.2f}" for n in names))
+    print("layers p50" + "".join(f"{statistics.median(layer_steps[n]) * 1e3:12.2f}" for n in names))
     print("step p50  " + "".join(f"{statistics.median(steps[n]) * 1e3:12.2f}" for n in names))
+    print("step mean " + "".join(f"{statistics.mean(steps[n]) * 1e3:12.2f}" for n in names))
     print("steps     " + "".join(f"{len(steps[n]):12d}" for n in names))
     return 0
 

@@ -11,7 +11,7 @@ import time
 from kvloom.sampling_params import SamplingParams
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
+def add_engine_args(p: argparse.ArgumentParser, reserve_kv_cache: bool = False) -> None:
     g = p.add_argument_group("engine")
     g.add_argument(
         "--model",
@@ -26,6 +26,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="KV pool size in GiB (default: 10%% of RAM, at most 2 GiB)",
+    )
+    g.add_argument(
+        "--reserve-kv-cache",
+        action=argparse.BooleanOptionalAction,
+        default=reserve_kv_cache,
+        help="CPU: write the whole KV pool at start-up (memory committed up front, as vLLM and llama.cpp "
+        "do; no page faults on fresh blocks while running) instead of as steps first use it "
+        f"(default: {'on' if reserve_kv_cache else 'off'} for this command)",
     )
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch (default: 256)")
     g.add_argument(
@@ -101,6 +109,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         kv_cache_memory=None if args.kv_cache_memory is None else int(args.kv_cache_memory * (1 << 30)),
+        reserve_kv_cache=args.reserve_kv_cache,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_threads=args.num_threads,
@@ -302,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds SIGTERM waits for requests in flight before aborting them (default: 30)",
     )
     srv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
-    add_engine_args(srv)
+    add_engine_args(srv, reserve_kv_cache=True)
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser(
@@ -326,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=0.0,
             help="lengths uniform in len x [1 - r, 1 + r] (default: 0, fixed)",
         )
-    for b in (tp, lat):
-        add_engine_args(b)
+    for b in (tp, lat):  # steady state, as the peers run it: the KV pool written before the clock starts
+        add_engine_args(b, reserve_kv_cache=True)
     lat.add_argument("--batch-size", type=int, default=1, help="requests in the batch (default: 1)")
     lat.add_argument("--num-iters", type=int, default=5, help="measured iterations (default: 5)")
     sv.add_argument(

@@ -73,6 +73,9 @@ class EngineConfig:
     block_size: int
     kv_cache_memory: int  # bytes for the whole KV pool
     num_kv_blocks: int | None  # overrides kv_cache_memory when set (tests, tight budgets)
+    # CPU: write the whole KV pool at start-up, as vLLM and llama.cpp do, instead of letting the OS map
+    # its pages as the steps first write them (see ModelRunner._reserve_kv_pool)
+    reserve_kv_cache: bool
     max_num_seqs: int
     max_num_batched_tokens: int
     seed: int
@@ -102,6 +105,7 @@ class EngineConfig:
         block_size: int = 16,
         kv_cache_memory: int | None = None,
         num_kv_blocks: int | None = None,
+        reserve_kv_cache: bool = False,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
         seed: int = 0,
@@ -187,6 +191,7 @@ class EngineConfig:
             block_size=block_size,
             kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else _default_kv_cache_memory(),
             num_kv_blocks=num_kv_blocks,
+            reserve_kv_cache=bool(reserve_kv_cache),
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             seed=seed,

@@ -31,6 +31,32 @@ def test_help():
     assert r.returncode == 0 and "--max-tokens" in r.stdout and "--chat" in r.stdout
 
 
+def test_kv_pool_is_reserved_by_serve_and_benchmarks_not_by_generate():
+    """A one-shot `generate` starts fast (pages as used); a server and the offline benchmarks write the pool
+    at start-up, as vLLM and llama.cpp do. Either way can be asked for."""
+    from kvloom.cli import build_parser, engine_kwargs
+
+    p = build_parser()
+    reserve = {
+        cmd: engine_kwargs(p.parse_args(cmd.split()))["reserve_kv_cache"]
+        for cmd in (
+            "generate hi",
+            "serve",
+            "bench throughput",
+            "bench latency",
+            "generate hi --reserve-kv-cache",
+        )
+    }
+    assert reserve == {
+        "generate hi": False,
+        "serve": True,
+        "bench throughput": True,
+        "bench latency": True,
+        "generate hi --reserve-kv-cache": True,
+    }
+    assert engine_kwargs(p.parse_args(["serve", "--no-reserve-kv-cache"]))["reserve_kv_cache"] is False
+
+
 def test_cli_import_leaves_torch_for_later():
     """`kvloom generate` starts a first start's kernel compile before torch is imported (kvloom.cli and the
     package itself load without torch; the package's names load on first use)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import random
 import shutil
+import sys
 
 import pytest
 
@@ -51,6 +53,32 @@ def test_kv_pool_is_page_aligned(stories_llm):
     """The pool is carved page-aligned out of a calloc'd buffer (16 bytes into a page otherwise: cache loads
     straddled two lines, and block tails sat on the next block's page)."""
     assert stories_llm.engine.runner.kv_cache.data_ptr() % 4096 == 0
+
+
+def resident_fraction(t) -> float:
+    """Share of the pages under a page-aligned CPU tensor that are in memory (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    nbytes = t.numel() * t.element_size()
+    pages = (nbytes + 4095) // 4096
+    vec = (ctypes.c_ubyte * pages)()
+    assert libc.mincore(t.data_ptr(), nbytes, vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) / pages
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore residency is read on Linux")
+def test_reserved_kv_pool_is_resident_and_changes_no_output(stories, stories_llm):
+    """reserve_kv_cache writes the whole pool at start-up; the lazy pool gets pages as blocks are first
+    written. Outputs are the same bits either way."""
+    kw = dict(dtype="float32", max_model_len=512, show_progress=False)
+    reserved, lazy = LLM(str(stories), reserve_kv_cache=True, **kw), LLM(str(stories), **kw)
+    assert resident_fraction(reserved.engine.runner.kv_cache) == 1.0
+    assert resident_fraction(lazy.engine.runner.kv_cache) < 0.1
+    prompts = mixed_prompts(6, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2)
+    a, b = reserved.generate(prompts, params), stories_llm.generate(prompts, params)
+    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    assert [o.outputs[0].logprobs for o in a] == [o.outputs[0].logprobs for o in b]
 
 
 def test_batch_invariance_16_mixed_requests(stories_llm):
