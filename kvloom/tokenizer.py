@@ -43,16 +43,15 @@ def decoder(tokenizer: Any) -> Callable[[list[int], bool], str]:
     # NOTE: FastTokenizer decodes on its backend already, and asking it for an attribute it lacks would
     # load the transformers tokenizer.
     backend = None if isinstance(tokenizer, FastTokenizer) else getattr(tokenizer, "backend_tokenizer", None)
-    if not isinstance(backend, Tokenizer):
-        return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
-    from transformers import PreTrainedTokenizerBase
-    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    if isinstance(backend, Tokenizer):
+        from transformers import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    cls = type(tokenizer)
-    own = cls.decode is PreTrainedTokenizerBase.decode and cls._decode is TokenizersBackend._decode
-    if not own or _hf_decode_cleans_up(tokenizer):
-        return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
-    return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+        cls = type(tokenizer)
+        own = cls.decode is PreTrainedTokenizerBase.decode and cls._decode is TokenizersBackend._decode
+        if own and not _hf_decode_cleans_up(tokenizer):
+            return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
+    return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 class FastTokenizer:

@@ -372,6 +372,7 @@ def build_proposer(config: EngineConfig, vocab_size: int, show_progress: bool = 
         block_size=config.block_size,
         kv_cache_memory=config.kv_cache_memory,
         num_kv_blocks=config.num_kv_blocks,
+        reserve_kv_cache=config.reserve_kv_cache,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         seed=config.seed,

@@ -153,12 +153,12 @@ class ModelRunner:
             # numpy's zeros come from calloc: the OS maps zero pages as they are first touched, instead of
             # torch.zeros writing the whole pool up front (3 s for 2 GiB here). NOTE: without numpy's
             # MADV_HUGEPAGE: the first token of each (layer, K/V, head) region would fault in and zero a
-            # whole 2 MB page, 360 MB for SmolLM2, which took the first step 0.6-1 s here.
+            # whole 2 MB page, 360 MB for SmolLM2, which took the first step 0.6-1 s here; with it only
+            # when reserve_kv_cache writes every page now anyway (fewer, larger faults).
             # NOTE: page-aligned. calloc's memory starts 16 bytes into a page, which put every 64-byte load
             # of the cache across two cache lines, and the last 16 bytes of a block on the next block's
             # page: attention reading them mapped the zero page there, so the first write to that block
             # faulted again and flushed every core's TLB (IPIs). 32 x (128, 128): 468-528 -> 550-597 tok/s.
-            # With reserve_kv_cache every page is written now, so huge pages are fine (and fewer faults).
             nbytes = int(np.prod(shape)) * config.dtype.itemsize
             hugepages = _set_madvise_hugepage(config.reserve_kv_cache)
             try:

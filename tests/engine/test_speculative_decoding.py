@@ -181,8 +181,10 @@ def test_no_kv_leak_after_rejections_preemption_and_aborts(stories, random_draft
         speculative_model=str(random_draft),
         num_speculative_tokens=4,
         adaptive_speculation=False,
+        reserve_kv_cache=True,
     )
     engine = llm.engine
+    assert engine.proposer.runner.config.reserve_kv_cache  # the draft's pool is written up front too
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, GREEDY)
     engine.add_request("aborted", "Lily went", SamplingParams(max_tokens=40, ignore_eos=True))
