@@ -81,10 +81,8 @@ class SamplingBatch:
             p = r.sampling_params
             if p.temperature != 0.0 or p.needs_sampled_logprob or p.logit_bias or p.needs_penalties:
                 return False
-            if r.num_output_tokens < p.min_tokens and (
-                p.stop_token_ids or not p.ignore_eos and r.eos_token_ids
-            ):
-                return False  # stop tokens banned until min_tokens
+            if _min_tokens_ban(r):
+                return False
         return True
 
     @classmethod
@@ -113,10 +111,9 @@ class SamplingBatch:
                 bias_rows.append(row)
                 bias_ids.append(token_id)
                 bias_vals.append(value)
-            if r.num_output_tokens < p.min_tokens:
-                stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
-                ban_rows += [row] * len(stop_ids)
-                ban_ids += sorted(stop_ids)
+            stop_ids = _min_tokens_ban(r)
+            ban_rows += [row] * len(stop_ids)
+            ban_ids += sorted(stop_ids)
         bias = (t(bias_rows, torch.long), t(bias_ids, torch.long), t(bias_vals)) if bias_rows else None
         banned = (t(ban_rows, torch.long), t(ban_ids, torch.long)) if ban_rows else None
 
@@ -151,6 +148,14 @@ class SamplingBatch:
             unseeded_rows=unseeded_rows,
             num_logprobs=max(logprobs) if logprobs else -1,
         )
+
+
+def _min_tokens_ban(r: Request | SampleRow) -> set[int]:
+    """The stop tokens a row may not sample yet: its own and (unless ignore_eos) EOS, until min_tokens."""
+    p = r.sampling_params
+    if r.num_output_tokens >= p.min_tokens:
+        return set()
+    return set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
 
 
 @dataclass
