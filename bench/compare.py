@@ -195,6 +195,71 @@ class MatmulRate:
         return best
 
 
+# Back-to-back vdpbf16ps on registers, 24 independent sums per thread: the most bf16 FLOP/s these cores can
+# do, with no memory traffic at all (a kernel can only approach it).
+_PEAK_C = r"""
+#include <immintrin.h>
+#include <omp.h>
+double kv_bf16_peak(long iters) {
+    double t0 = 0, dt = 0;
+    long threads = 1;
+#pragma omp parallel
+    {
+        __m512 a[24];
+        for (int i = 0; i < 24; i++) a[i] = _mm512_setzero_ps();
+        __m512bh x = (__m512bh)_mm512_set1_epi32(0x3f803f80), w = x;
+#pragma omp barrier
+#pragma omp master
+        t0 = omp_get_wtime(), threads = omp_get_num_threads();
+        for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 24
+            for (int i = 0; i < 24; i++) a[i] = _mm512_dpbf16_ps(a[i], x, w);
+            __asm__ volatile("" : "+v"(x)); /* keeps the loop */
+        }
+        float s = 0;
+        for (int i = 0; i < 24; i++) s += _mm512_reduce_add_ps(a[i]);
+        __asm__ volatile("" ::"x"(s));
+#pragma omp barrier
+#pragma omp master
+        dt = omp_get_wtime() - t0;
+    }
+    return threads * iters * 24 * 64 / dt / 1e9; /* 16 lanes x 2 products x 2 FLOP each */
+}
+"""
+
+
+class PeakRate:
+    """The CPU's bf16 peak in GFLOP/s: _PEAK_C on every thread, best of 5 reads of about 0.1 s (compiled
+    with the system compiler into the cache folder once). Read before and after each engine's run, like
+    the matmul speed; None where the CPU lacks AVX-512 BF16."""
+
+    def __init__(self, threads: int) -> None:
+        import ctypes
+        import hashlib
+
+        import torch
+
+        from kvloom.kernels import load_cpu_kernels
+
+        torch.set_num_threads(threads)  # the OpenMP runtime this library shares with torch
+        self.fn = None
+        if load_cpu_kernels() is None:  # no AVX-512 BF16 (or no compiler)
+            return
+        so = cache() / f"bf16_peak-{hashlib.sha256(_PEAK_C.encode()).hexdigest()[:12]}.so"
+        if not so.exists():
+            src = so.with_suffix(".c")
+            src.parent.mkdir(parents=True, exist_ok=True)
+            src.write_text(_PEAK_C)
+            cmd = ["cc", "-O2", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(so)]
+            subprocess.run(cmd, check=True)
+        self.fn = ctypes.CDLL(str(so)).kv_bf16_peak
+        self.fn.restype, self.fn.argtypes = ctypes.c_double, [ctypes.c_long]
+        self.fn(1_000_000)
+
+    def gflops(self) -> float | None:
+        return None if self.fn is None else max(self.fn(15_000_000) for _ in range(5))
+
+
 def linear_params(cfg) -> tuple[int, int, int]:
     """Weights of one layer's linears, of its q/k/v alone, and of the output layer."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -221,6 +286,16 @@ def throughput_linear_flops(cfg, n: int, prompt: int, output: int) -> float:
     silent = prompt - 1
     per_request = sampled * (layers * per_layer + head) + silent * ((layers - 1) * per_layer + qkv)
     return 2.0 * n * per_request
+
+
+def throughput_kv_bytes(cfg, n: int, prompt: int, output: int, bytes_per_value: float = 2.0) -> float:
+    """Bytes of K/V the decode steps of an n x (prompt, output) run read (full attention): the step that
+    feeds back output token j attends over prompt + j positions, for j = 1 .. output - 1. Prefill steps
+    read K/V they have just written (in cache), so they are left out."""
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    per_position = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * bytes_per_value
+    positions = (output - 1) * prompt + (output - 1) * output // 2
+    return n * positions * per_position
 
 
 def llamacpp_driver() -> Path:
@@ -339,21 +414,24 @@ def main() -> int:
         w = {"kind": wl, "prompts": prompts, "output_len": args.output_len, "more_prompts": more}
         path.write_text(json.dumps(w))
         results[wl] = []
-        # the decode roofline's bandwidth; the throughput ceiling's matmul speed
-        bandwidth = Bandwidth(args.threads) if wl == "decode" else None
-        matmul = MatmulRate(args.threads) if wl == "throughput" else None
+        # the decode roofline's bandwidth; the throughput ceiling's matmul speed, and the machine bound's
+        # bf16 peak and bandwidth: each read just before and just after every engine's run
+        readings = {"bandwidth_gbs": (Bandwidth(args.threads).gbs, 1)}
+        if wl == "throughput":
+            readings["matmul_gflops"] = (MatmulRate(args.threads).gflops, None)
+            readings["peak_gflops"] = (PeakRate(args.threads).gflops, None)
         for name in names:
             print(f"[{wl}] {name} ...", flush=True)
-            before = bandwidth.gbs() if bandwidth else matmul.gflops()
+            before = {key: read() for key, (read, _) in readings.items()}
             r = run_engine(name, weights, path, args)
             if r is not None:
-                if bandwidth:
-                    r["bandwidth_gbs"] = [round(before, 1), round(bandwidth.gbs(), 1)]
-                else:
-                    r["matmul_gflops"] = [round(before), round(matmul.gflops())]
+                for key, (read, digits) in readings.items():
+                    after = read()
+                    if before[key] is not None and after is not None:
+                        r[key] = [round(before[key], digits), round(after, digits)]
                 results[wl].append(r)
                 print("   ", json.dumps(r), flush=True)
-        del bandwidth, matmul
+        del readings
 
     for wl, rows in results.items():
         key, unit = (
@@ -389,6 +467,24 @@ def main() -> int:
                 print(
                     f"  {r['name']:<20}{r['output_tok_s'] / ceiling * 100:>6.1f}% of {ceiling:.0f} tok/s "
                     f"({r['matmul_gflops'][0]} / {r['matmul_gflops'][1]} GFLOP/s)"
+                )
+        kv = throughput_kv_bytes(ckpt.hf_config, args.num_prompts, args.input_len, args.output_len)
+        print(
+            "\nmachine bound: the same linear FLOPs at the bf16 peak (vdpbf16ps on registers, no memory) "
+            f"plus the decode steps' {kv / 1e9:.1f} GB of K/V reads at the read bandwidth (1 GiB bf16 sum), "
+            "with nothing else (no norms, no Python, no prefill attention); means of the readings before and "
+            "after"
+        )
+        for r in results["throughput"]:
+            if r["name"].endswith("-bf16") and "peak_gflops" in r:
+                peak, bw = sum(r["peak_gflops"]) / 2, sum(r["bandwidth_gbs"]) / 2
+                bound = tokens / (flops / (peak * 1e9) + kv / (bw * 1e9))
+                r["machine_bound"] = {"peak_gflops": peak, "bandwidth_gbs": bw, "kv_bytes": kv}
+                r["machine_bound"]["tok_s"] = bound
+                print(
+                    f"  {r['name']:<20}{r['output_tok_s'] / bound * 100:>6.1f}% of {bound:.0f} tok/s "
+                    f"({r['peak_gflops'][0]} / {r['peak_gflops'][1]} GFLOP/s, "
+                    f"{r['bandwidth_gbs'][0]:.1f} / {r['bandwidth_gbs'][1]:.1f} GB/s)"
                 )
     if "decode" in results:
         nbytes = weight_bytes_per_token(ckpt.hf_config)
