@@ -33,6 +33,7 @@ class _Group:
     samples: list[Request]
     detokenizers: list[IncrementalDetokenizer]
     logprobs: list[list[PositionLogprobs]]
+    final_only: bool = False  # step() returns its output once, when it has finished
 
     @property
     def finished(self) -> bool:
@@ -134,12 +135,15 @@ class LLMEngine:
         priority: int = 0,
         user: str | None = None,
         cache_salt: str | None = None,
+        final_only: bool = False,
     ) -> None:
         """Queue a request. Raises ValueError on bad input, leaving the engine untouched.
 
         ``priority``: lower values are served first under the "priority" policy. ``user``: the party whose
         share the "fair" policy balances. ``cache_salt``: requests with different salts never share
-        prefix-cache blocks.
+        prefix-cache blocks. ``final_only``: ``step()`` returns this request's output once, when it has
+        finished, instead of its cumulative output after every step (vLLM's ``FINAL_ONLY`` output kind;
+        what ``LLM.generate`` reads, and it saves copying every request's tokens and text each step).
         """
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
@@ -183,6 +187,7 @@ class LLMEngine:
                 for _ in samples
             ],
             [[] for _ in samples],
+            final_only,
         )
         self._groups[request_id] = group
         for i, r in enumerate(samples):
@@ -285,6 +290,8 @@ class LLMEngine:
                     r.metrics.first_token_time = now
                 if r.is_finished and r.metrics.finished_time is None:
                     r.metrics.finished_time = now
+            if group.final_only and not group.finished:
+                continue
             output = self._output(group)
             if output is not None:
                 outputs.append(output)

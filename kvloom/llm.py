@@ -59,7 +59,7 @@ class LLM:
         added: list[str] = []
         try:
             for request_id, prompt, sp, prio in zip(request_ids, prompts, params, priority, strict=True):
-                self.engine.add_request(request_id, prompt, sp, priority=prio)
+                self.engine.add_request(request_id, prompt, sp, priority=prio, final_only=True)
                 added.append(request_id)
         except ValueError:
             # A bad prompt leaves no half-added batch: nothing has run yet, so aborting undoes the rest.

@@ -228,46 +228,46 @@ class ModelRunner:
         ``keep_probs``: also return the distribution each request's token was drawn from (a draft
         model's proposals need them)."""
         bs = self.config.block_size
+        dev = self.device
         # Single-token queries first: the attention batches them in one call.
         entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         num_decodes = sum(1 for s in entries if s.num_new_tokens == 1)
-        max_blocks = max((len(s.block_ids) for s in entries[:num_decodes]), default=0)
-
-        input_ids: list[int] = []
-        positions, slots = [], []
-        prefills: list[PrefillSeq] = []
-        decode_tables = np.zeros((num_decodes, max_blocks), dtype=np.int64)
-        decode_lens = np.zeros(num_decodes, dtype=np.int64)
-        sample_rows: list[int] = []
-        samplers: list[Request | SampleRow] = []
-        owners: list[tuple[Request, int, int]] = []  # (request, its first sampler index, proposals)
-        prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
-        row = 0
         # With the CPU kernels every row, decode or prefill, is one query over the paged cache (K/V are
         # written first), so every step runs each layer as one C call. Prefill attention this way
         # measured 2-3x faster than the PyTorch path's batched matmuls: 128 rows 0.35 vs 0.75 ms,
         # 1024 rows 11.6 vs 30.1 ms, 2 x 2048 rows 97 vs 160 ms (per layer, SmolLM2 shapes).
         use_token_tables = self.kernel_attention
-        if use_token_tables:
-            width = max(cdiv(s.start + s.num_new_tokens, bs) for s in entries)
-            token_tables = np.zeros((len(entries), width), dtype=np.int64)
+
+        # NOTE: plain lists, one array each at the end: per-row numpy calls were a third of a 32-row
+        # decode step's Python time.
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        tables: list[list[int]] = []  # token tables (the kernels' path), or the decodes' tables
+        prefills: list[PrefillSeq] = []
+        sample_rows: list[int] = []
+        samplers: list[Request | SampleRow] = []
+        owners: list[tuple[Request, int, int]] = []  # (request, its first sampler index, proposals)
+        prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
+        row = 0
         for i, s in enumerate(entries):
             end = s.start + s.num_new_tokens
             input_ids += s.request.token_ids_slice(s.start, end - s.num_spec)
             spec = s.request.spec_token_ids[: s.num_spec]
             input_ids += spec
-            pos = np.arange(s.start, end, dtype=np.int64)
-            table = np.asarray(s.block_ids, dtype=np.int64)
-            positions.append(pos)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            if use_token_tables:
-                n = cdiv(end, bs)
-                token_tables[i, :n] = table[:n]
-            if i < num_decodes:
-                decode_tables[i, : len(table)] = table
-                decode_lens[i] = end
+            blocks = s.block_ids
+            if s.num_new_tokens == 1:
+                positions.append(s.start)
+                slots.append(blocks[s.start // bs] * bs + s.start % bs)
             else:
-                block_ids = torch.from_numpy(table[: cdiv(end, bs)]).to(self.device)
+                positions += range(s.start, end)
+                slots += [blocks[p // bs] * bs + p % bs for p in range(s.start, end)]
+            if use_token_tables:
+                tables.append(blocks[: cdiv(end, bs)])
+            elif i < num_decodes:
+                tables.append(blocks)
+            else:
+                block_ids = torch.tensor(blocks[: cdiv(end, bs)], dtype=torch.long, device=dev)
                 prefills.append(PrefillSeq(row, s.num_new_tokens, s.start, block_ids))
             # Row r predicts the token at position start + r + 1; keep those that are prompt tokens
             # this request has no logprobs for yet (a recompute after preemption does not repeat them).
@@ -284,8 +284,7 @@ class ModelRunner:
                     sample_rows.append(row - 1 - s.num_spec + j)
                     samplers.append(s.request if j == 0 else SampleRow.of(s.request, spec[:j]))
 
-        dev = self.device
-        flat_positions = np.concatenate(positions)
+        flat_positions = np.array(positions, dtype=np.int64)
         # The rows whose hidden state is used (sampled, or prompt logprobs), as llama.cpp's output ids: the
         # model returns those alone, and the fused layers skip the last layer's attention, o and MLP for
         # the others (all but 16 rows of a 2048-token prefill step). Indices below are into these rows.
@@ -299,24 +298,33 @@ class ModelRunner:
             index = {r: i for i, r in enumerate(kept)}
             sample_rows = [index[r] for r in sample_rows]
             prompt_lp = [(req, index[first], pos, count) for req, first, pos, count in prompt_lp]
-        token_kwargs = {}
+        table = _padded(tables)
         if use_token_tables:
             lens = np.array([s.num_new_tokens for s in entries])
-            token_kwargs = dict(
-                token_block_tables=torch.from_numpy(token_tables),
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                num_decodes=num_decodes,
+                decode_block_tables=None,
+                decode_context_lens=None,
+                prefills=[],
+                block_size=bs,
+                output_rows=output_rows,
+                token_block_tables=torch.from_numpy(table),
                 token_table_index=torch.from_numpy(np.repeat(np.arange(len(entries), dtype=np.int64), lens)),
                 token_context_lens=torch.from_numpy(flat_positions + 1),
             )
-        meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(np.concatenate(slots)).to(dev),
-            num_decodes=num_decodes,
-            decode_block_tables=torch.from_numpy(decode_tables).to(dev) if num_decodes else None,
-            decode_context_lens=torch.from_numpy(decode_lens).to(dev) if num_decodes else None,
-            prefills=prefills,
-            block_size=bs,
-            output_rows=output_rows,
-            **token_kwargs,
-        )
+        else:
+            meta = AttentionMetadata(
+                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+                num_decodes=num_decodes,
+                decode_block_tables=torch.from_numpy(table).to(dev) if num_decodes else None,
+                decode_context_lens=(
+                    torch.from_numpy(flat_positions[:num_decodes] + 1).to(dev) if num_decodes else None
+                ),
+                prefills=prefills,
+                block_size=bs,
+                output_rows=output_rows,
+            )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.from_numpy(flat_positions).to(dev),
@@ -402,6 +410,12 @@ class ModelRunner:
                 strict=True,
             )
         ]
+
+
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    """Block tables of unequal length as one [len(rows), longest] int64 array, zero-padded."""
+    width = max((len(r) for r in rows), default=0)
+    return np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows), width)
 
 
 def _token_logprobs(

@@ -149,6 +149,31 @@ def test_streamed_deltas_add_up_to_the_final_text(stories_llm):
     assert final.metrics.first_token_time is not None and final.metrics.finished_time is not None
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=24, logprobs=2, stop=[" the"]),
+        SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=24, logprobs=1),
+    ],
+    ids=["greedy-stop-logprobs", "n2-seeded"],
+)
+def test_final_only_request_returns_once_what_the_cumulative_one_ends_with(stories_llm, params):
+    engine = stories_llm.engine
+
+    def run(final_only: bool) -> list:
+        engine.add_request("kind", "Once upon a time", params, final_only=final_only)
+        outs = []
+        while engine.has_unfinished_requests():
+            outs += engine.step()
+        return outs
+
+    cumulative, final = run(False), run(True)
+    assert len(cumulative) > 1 and all(o.request_id == "kind" for o in cumulative)
+    assert len(final) == 1 and final[0].finished and cumulative[-1].finished
+    assert final[0].outputs == cumulative[-1].outputs  # text, token ids, logprobs, finish reasons
+    assert final[0].metrics.first_token_time is not None and final[0].metrics.finished_time is not None
+
+
 def test_sampling_is_reproducible_with_the_engine_seed_and_top_k_1_is_greedy(stories):
     prompts = ["Once upon a time", "The cat"]
     sampled = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=30, ignore_eos=True)
