@@ -299,32 +299,24 @@ class ModelRunner:
             sample_rows = [index[r] for r in sample_rows]
             prompt_lp = [(req, index[first], pos, count) for req, first, pos, count in prompt_lp]
         table = _padded(tables)
+        tensors: dict[str, torch.Tensor | None] = {"decode_block_tables": None, "decode_context_lens": None}
         if use_token_tables:
             lens = np.array([s.num_new_tokens for s in entries])
-            meta = AttentionMetadata(
-                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                num_decodes=num_decodes,
-                decode_block_tables=None,
-                decode_context_lens=None,
-                prefills=[],
-                block_size=bs,
-                output_rows=output_rows,
-                token_block_tables=torch.from_numpy(table),
-                token_table_index=torch.from_numpy(np.repeat(np.arange(len(entries), dtype=np.int64), lens)),
-                token_context_lens=torch.from_numpy(flat_positions + 1),
-            )
-        else:
-            meta = AttentionMetadata(
-                slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-                num_decodes=num_decodes,
-                decode_block_tables=torch.from_numpy(table).to(dev) if num_decodes else None,
-                decode_context_lens=(
-                    torch.from_numpy(flat_positions[:num_decodes] + 1).to(dev) if num_decodes else None
-                ),
-                prefills=prefills,
-                block_size=bs,
-                output_rows=output_rows,
-            )
+            row_table = np.repeat(np.arange(len(entries), dtype=np.int64), lens)  # each row's table
+            tensors["token_block_tables"] = torch.from_numpy(table)
+            tensors["token_table_index"] = torch.from_numpy(row_table)
+            tensors["token_context_lens"] = torch.from_numpy(flat_positions + 1)
+        elif num_decodes:
+            tensors["decode_block_tables"] = torch.from_numpy(table).to(dev)
+            tensors["decode_context_lens"] = torch.from_numpy(flat_positions[:num_decodes] + 1).to(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=num_decodes,
+            prefills=prefills,  # empty on the kernels' path, which reads the token tables
+            block_size=bs,
+            output_rows=output_rows,
+            **tensors,
+        )
         hidden = self.model(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.from_numpy(flat_positions).to(dev),
