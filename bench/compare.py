@@ -25,6 +25,8 @@ process distorts every number).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import hashlib
 import json
 import os
 import subprocess
@@ -228,15 +230,24 @@ double kv_bf16_peak(long iters) {
 """
 
 
+def c_library(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
+    """A C snippet built with the system compiler into a shared library under the bench cache folder
+    (once per source and flags), loaded."""
+    key = hashlib.sha256("\0".join([source, *flags]).encode()).hexdigest()[:12]
+    so = cache() / f"{name}-{key}.so"
+    if not so.exists():
+        src = so.with_suffix(".c")
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_text(source)
+        subprocess.run(["cc", *flags, "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
+    return ctypes.CDLL(str(so))
+
+
 class PeakRate:
-    """The CPU's bf16 peak in GFLOP/s: _PEAK_C on every thread, best of 5 reads of about 0.1 s (compiled
-    with the system compiler into the cache folder once). Read before and after each engine's run, like
-    the matmul speed; None where the CPU lacks AVX-512 BF16."""
+    """The CPU's bf16 peak in GFLOP/s: _PEAK_C on every thread, best of 5 reads of about 0.1 s. Read before
+    and after each engine's run, like the matmul speed; None where the CPU lacks AVX-512 BF16."""
 
     def __init__(self, threads: int) -> None:
-        import ctypes
-        import hashlib
-
         import torch
 
         from kvloom.kernels import load_cpu_kernels
@@ -245,14 +256,7 @@ class PeakRate:
         self.fn = None
         if load_cpu_kernels() is None:  # no AVX-512 BF16 (or no compiler)
             return
-        so = cache() / f"bf16_peak-{hashlib.sha256(_PEAK_C.encode()).hexdigest()[:12]}.so"
-        if not so.exists():
-            src = so.with_suffix(".c")
-            src.parent.mkdir(parents=True, exist_ok=True)
-            src.write_text(_PEAK_C)
-            cmd = ["cc", "-O2", "-march=native", "-fopenmp", "-shared", "-fPIC", str(src), "-o", str(so)]
-            subprocess.run(cmd, check=True)
-        self.fn = ctypes.CDLL(str(so)).kv_bf16_peak
+        self.fn = c_library("bf16_peak", _PEAK_C, ["-O2", "-march=native", "-fopenmp"]).kv_bf16_peak
         self.fn.restype, self.fn.argtypes = ctypes.c_double, [ctypes.c_long]
         self.fn(1_000_000)
 
@@ -300,8 +304,6 @@ def throughput_kv_bytes(cfg, n: int, prompt: int, output: int, bytes_per_value: 
 
 def llamacpp_driver() -> Path:
     """bench/llamacpp_batched.c, built against the llamacpp venv's libllama (once per source)."""
-    import hashlib
-
     python = ensure_venv("llamacpp")
     site = next((python.parent.parent / "lib").glob("python3*/site-packages"))
     src = HERE / "llamacpp_batched.c"

@@ -44,16 +44,14 @@ def build(source: str, flags: list[str], out: Path) -> Path:
 
 def tsc_hz() -> float:
     """Ticks per second of the time-stamp counter (the profile's unit), against the wall clock."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "tsc.c"
-        src.write_text("#include <x86intrin.h>\nunsigned long long kv_tsc(void) { return __rdtsc(); }\n")
-        so = Path(tmp) / "tsc.so"
-        subprocess.run(["cc", "-O2", "-shared", "-fPIC", str(src), "-o", str(so)], check=True)
-        fn = ctypes.CDLL(str(so)).kv_tsc
-        fn.restype = ctypes.c_ulonglong
-        t0, c0 = time.perf_counter(), fn()
-        time.sleep(0.2)
-        return (fn() - c0) / (time.perf_counter() - t0)
+    from compare import c_library
+
+    src = "#include <x86intrin.h>\nunsigned long long kv_tsc(void) { return __rdtsc(); }\n"
+    fn = c_library("tsc", src, ["-O2"]).kv_tsc
+    fn.restype = ctypes.c_ulonglong
+    t0, c0 = time.perf_counter(), fn()
+    time.sleep(0.2)
+    return (fn() - c0) / (time.perf_counter() - t0)
 
 
 def main() -> int:
