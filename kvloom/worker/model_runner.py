@@ -256,12 +256,8 @@ class ModelRunner:
             spec = s.request.spec_token_ids[: s.num_spec]
             input_ids += spec
             blocks = s.block_ids
-            if s.num_new_tokens == 1:
-                positions.append(s.start)
-                slots.append(blocks[s.start // bs] * bs + s.start % bs)
-            else:
-                positions += range(s.start, end)
-                slots += [blocks[p // bs] * bs + p % bs for p in range(s.start, end)]
+            positions += range(s.start, end)
+            slots += [blocks[p // bs] * bs + p % bs for p in range(s.start, end)]
             if use_token_tables:
                 tables.append(blocks[: cdiv(end, bs)])
             elif i < num_decodes:
