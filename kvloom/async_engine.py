@@ -43,11 +43,19 @@ class _Stream:
 
 # Called on the engine thread after every step with the step's outputs (metrics hook).
 StepObserver = Callable[[LLMEngine, list[RequestOutput]], None]
+# Called on the engine thread for each aborted request with the reason: "client_gone" (its reader went
+# away), "shutdown" (the server stopped before it finished) or "error" (a step failed, or the rest of its
+# HTTP request was refused).
+AbortObserver = Callable[[str], None]
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class AsyncEngine:
     def __init__(
-        self, engine: LLMEngine | Callable[[], LLMEngine], observer: StepObserver | None = None
+        self,
+        engine: LLMEngine | Callable[[], LLMEngine],
+        observer: StepObserver | None = None,
+        on_abort: AbortObserver | None = None,
     ) -> None:
         """``engine``: an LLMEngine, or a function that builds one, called on the engine thread by
         ``start()`` (see the module's docstring)."""
@@ -56,6 +64,7 @@ class AsyncEngine:
         self._built = threading.Event()
         self._build_error: BaseException | None = None
         self.observer = observer
+        self.on_abort = on_abort
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -75,6 +84,11 @@ class AsyncEngine:
             self._built.wait()
             if self._build_error is not None:
                 raise self._build_error
+
+    def fail_all(self, message: str = SHUTTING_DOWN) -> None:
+        """End every request in flight with an EngineDeadError (their readers answer 503 or an SSE error
+        event); the engine keeps running. Used when a graceful shutdown runs out of time."""
+        self._submit(("fail_all", message))
 
     def shutdown(self) -> None:
         """Abort whatever is still running and stop the engine thread."""
@@ -111,8 +125,9 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
-    def abort(self, request_id: str) -> None:
-        self._submit(("abort", request_id))
+    def abort(self, request_id: str, reason: str = "client_gone") -> None:
+        """Abort a request (counted under ``reason`` if it was still running)."""
+        self._submit(("abort", request_id, reason))
 
     def _submit(self, op: tuple) -> None:
         self._ops.put(op)
@@ -140,8 +155,8 @@ class AsyncEngine:
                 outputs = engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
                 logger.exception("engine step failed; aborting the requests in flight")
-                self._fail_all(EngineDeadError(f"engine step failed: {e}"))
-                continue
+                self._fail_all(EngineDeadError(f"engine step failed: {e}"), "error")
+                outputs = []
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
@@ -151,7 +166,7 @@ class AsyncEngine:
             if self.observer is not None:
                 self.observer(engine, outputs)
         self._drain_ops()
-        self._fail_all(EngineDeadError("the server is shutting down"))
+        self._fail_all(EngineDeadError(SHUTTING_DOWN), "shutdown")
 
     def _drain_ops(self) -> bool:
         """Apply queued adds and aborts; returns whether there were any."""
@@ -165,7 +180,7 @@ class AsyncEngine:
             if op[0] == "add":
                 _, request_id, prompt, params, kwargs, stream, added = op
                 if self._stop.is_set():
-                    added.set_exception(EngineDeadError("the server is shutting down"))
+                    added.set_exception(EngineDeadError(SHUTTING_DOWN))
                     continue
                 try:
                     self.engine.add_request(request_id, prompt, params, **kwargs)
@@ -174,13 +189,21 @@ class AsyncEngine:
                     continue
                 self._streams[request_id] = stream
                 added.set_result(None)
+            elif op[0] == "fail_all":
+                self._fail_all(EngineDeadError(op[1]), "shutdown")
             else:
-                _, request_id = op
+                _, request_id, reason = op
                 self.engine.abort(request_id)
-                self._streams.pop(request_id, None)
+                if self._streams.pop(request_id, None) is not None:
+                    self._count_abort(reason)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_all(self, error: BaseException, reason: str) -> None:
         ids = list(self._streams)
         self.engine.abort(ids)
         for request_id in ids:
             self._streams.pop(request_id).put(error)
+            self._count_abort(reason)
+
+    def _count_abort(self, reason: str) -> None:
+        if self.on_abort is not None:
+            self.on_abort(reason)

@@ -40,7 +40,12 @@ def add_engine_args(p: argparse.ArgumentParser, reserve_kv_cache: bool = False) 
         "--max-num-batched-tokens", type=int, default=None, help="token budget per step (default: 2048)"
     )
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="sampling seed of requests without their own (default: a new one each run, logged)",
+    )
     g.add_argument(
         "--no-prefix-caching",
         dest="enable_prefix_caching",
@@ -141,9 +146,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text:
+        raise ValueError("prompt: empty prompt")
     llm = LLM(args.model, show_progress=True, **engine_kwargs(args))
     engine = llm.engine
-    prompt = llm.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    prompt = llm.apply_chat_template([{"role": "user", "content": text}]) if args.chat else text
     engine.add_request("cli", prompt, params)
     t0 = time.perf_counter()
     printed = 0
@@ -165,14 +173,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _allowed_origins(value: str | None) -> list[str] | None:
+    """--allowed-origins: a JSON list (vLLM's form) or comma-separated origins."""
+    if not value:
+        return None
+    import json
+
+    try:
+        origins = json.loads(value)
+    except json.JSONDecodeError:
+        origins = [o.strip() for o in value.split(",") if o.strip()]
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ValueError(f"--allowed-origins: expected a JSON list or comma-separated origins, got {value!r}")
+    return origins
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from kvloom.server.launch import bind_socket
+
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
+        args.model = args.model_tag
+    origins = _allowed_origins(args.allowed_origins)
+    # Before anything loads: a port in use is found in milliseconds, not after the model warmed up.
+    sock = bind_socket(args.host, args.port)
 
     from kvloom.async_engine import AsyncEngine
     from kvloom.config import EngineConfig
     from kvloom.engine import LLMEngine
     from kvloom.logger import init_logger
     from kvloom.server.api import build_app
+    from kvloom.server.launch import serve_app
     from kvloom.server.metrics import ServerMetrics
 
     logger = init_logger("kvloom.serve")
@@ -186,7 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or config.checkpoint.path.stem
     metrics = ServerMetrics(name)
     # NOTE: the engine is loaded, warmed up and stepped on one thread (see kvloom/async_engine.py).
-    async_engine = AsyncEngine(build, observer=metrics.observe)
+    async_engine = AsyncEngine(build, observer=metrics.observe, on_abort=metrics.count_abort)
     async_engine.start()
     app = build_app(
         async_engine,
@@ -194,19 +226,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key or os.environ.get("KVLOOM_API_KEY"),
         max_body_bytes=args.max_body_mb << 20,
         metrics=metrics,
+        allowed_origins=origins,
     )
     logger.info("Serving %r on http://%s:%d (OpenAI API under /v1)", name, args.host, args.port)
     # NOTE: uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
     # was installed before it. A no-op one there makes a graceful shutdown exit with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
-    )
+    serve_app(app, sock, async_engine, args.shutdown_timeout, args.log_level)
     return 0
 
 
@@ -266,14 +293,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kvloom import __version__
+
     parser = argparse.ArgumentParser(prog="kvloom", description="kvloom: a small, exact LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"kvloom {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser(
         "generate",
         help="generate text for one prompt, streamed to the terminal",
         description="Generate text for one prompt and stream it to stdout.",
     )
-    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("prompt", help="the prompt text; - reads it from standard input")
     gen.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default: 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
@@ -295,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve an OpenAI-compatible HTTP API",
         description="Serve /v1/completions, /v1/chat/completions and friends over HTTP.",
     )
+    srv.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="Hugging Face folder or .gguf file, as `vllm serve MODEL` (or --model; default: SmolLM2)",
+    )
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument(
@@ -311,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds SIGTERM waits for requests in flight before aborting them (default: 30)",
     )
     srv.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    srv.add_argument(
+        "--allowed-origins",
+        default=None,
+        help="CORS for browser clients: the origins allowed, as a JSON list ('[\"*\"]' for any) or "
+        "comma-separated (default: none, no CORS headers)",
+    )
     add_engine_args(srv, reserve_kv_cache=True)
     srv.set_defaults(func=cmd_serve)
 

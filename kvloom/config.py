@@ -108,7 +108,7 @@ class EngineConfig:
         reserve_kv_cache: bool = False,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
-        seed: int = 0,
+        seed: int | None = 0,
         num_threads: int | None = None,
         enable_prefix_caching: bool = True,
         scheduling_policy: str = "fcfs",
@@ -194,7 +194,9 @@ class EngineConfig:
             reserve_kv_cache=bool(reserve_kv_cache),
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
-            seed=seed,
+            # NOTE: None draws one (the CLI's default, so sampling differs from run to run; logged by the
+            # runner so that a run can be repeated with --seed).
+            seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
             num_threads=num_threads,
             enable_prefix_caching=enable_prefix_caching,
             scheduling_policy=scheduling_policy,

@@ -75,12 +75,13 @@ class LLMEngine:
         self._last_log = time.monotonic()
         num_tokens = self.runner.num_blocks * config.block_size
         logger.info(
-            "Loaded %s (%s, %s, %s) in %.1fs",
+            "Loaded %s (%s, %s, %s) in %.1fs; sampling seed %d",
             config.checkpoint.path.name,
             config.model_type,
             str(config.dtype).removeprefix("torch."),
             config.device,
             time.perf_counter() - t0,
+            config.seed,
         )
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d; "
@@ -152,6 +153,14 @@ class LLMEngine:
             raise ValueError(f"sampling_params: expected SamplingParams, got {type(params).__name__}")
         text, ids = self.tokenize_prompt(prompt)
         self._check_token_ids("logit_bias", list(params.logit_bias or {}))
+        self._check_token_ids("stop_token_ids", params.stop_token_ids)
+        if params.num_samples > self.config.max_num_seqs:
+            # NOTE: checked before any sample exists: n = 2^63 once allocated until the OS killed the server.
+            field = "best_of" if params.best_of is not None else "n"
+            raise ValueError(
+                f"{field}: {params.num_samples} samples exceed max_num_seqs ({self.config.max_num_seqs}), "
+                "the most sequences one batch holds"
+            )
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         k = params.num_samples

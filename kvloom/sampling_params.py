@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # NOTE: the most top-N logprobs a request may ask for (as vLLM's default max_logprobs and OpenAI's
 # top_logprobs limit); each one costs a decode of a token string per step.
 MAX_LOGPROBS = 20
+# Seeds are signed 64-bit integers, as torch.Generator.manual_seed and OpenAI take them.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _is_int(x: object) -> bool:
@@ -14,7 +17,8 @@ def _is_int(x: object) -> bool:
 
 
 def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite real number (NaN, +-inf and bools are not)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -66,15 +70,16 @@ class SamplingParams:
             if self.best_of < self.n:
                 raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
         if not _is_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1) or self.top_k > SEED_MAX:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_number(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+            value = self.repetition_penalty
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {value!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not _is_number(value) or not -2.0 <= value <= 2.0:
@@ -93,8 +98,8 @@ class SamplingParams:
                     raise ValueError(f"logit_bias[{token!r}]: need a token id >= 0 and a bias in [-100, 100]")
                 bias[token_id] = float(value)
             self.logit_bias = bias
-        if self.seed is not None and not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer in [-2^63, 2^63 - 1], got {self.seed!r}")
         self._check_int("max_tokens", 1)
         self._check_int("min_tokens", 0)
         if self.min_tokens > self.max_tokens:
@@ -119,8 +124,8 @@ class SamplingParams:
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
-        if not _is_int(value) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not _is_int(value) or not minimum <= value <= SEED_MAX:
+            raise ValueError(f"{name} must be an integer in [{minimum}, 2^63 - 1], got {value!r}")
 
     @property
     def greedy(self) -> bool:

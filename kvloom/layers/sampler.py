@@ -15,6 +15,7 @@ import torch
 from kvloom.request import Request
 from kvloom.sampling_params import SamplingParams
 
+_MIN_TEMPERATURE, _MAX_TEMPERATURE = 1e-2, 1e4
 _NEG_INF = float("-inf")
 
 
@@ -247,7 +248,11 @@ def sample(
     probs = None
     if not b.all_greedy:
         is_greedy = b.temperature == 0.0
-        scaled = logits / torch.where(is_greedy, 1.0, b.temperature)[:, None]
+        # NOTE: the divisor is kept in [1e-2, 1e4] (vLLM clamps from below likewise): in fp32 a smaller one
+        # turns the logits into inf and NaN, a larger one -inf / inf into NaN. The distributions at the
+        # bounds are already one-hot (0.01) and uniform within the logits' rounding (1e4).
+        divisor = torch.where(is_greedy, 1.0, b.temperature.clamp(_MIN_TEMPERATURE, _MAX_TEMPERATURE))
+        scaled = logits / divisor[:, None]
         probs = _truncate(scaled, b).softmax(dim=-1)
         noise = torch.empty_like(probs)
         if b.unseeded_rows is None:

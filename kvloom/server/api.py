@@ -7,14 +7,17 @@ import copy
 import gc
 import json
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -38,8 +41,29 @@ logger = init_logger(__name__)
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 
 
+class ApiKeyAuth:
+    """ASGI middleware: 401 on /v1 without ``Authorization: Bearer KEY``.
+
+    NOTE: a plain ASGI middleware, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hands the
+    route a receive channel on which the client's disconnect never arrives, so ``is_disconnected()`` stayed
+    false and dropped non-streaming requests ran to their end.
+    """
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                err = OpenAIError("invalid or missing API key", status=401, type="authentication_error")
+                return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
-    """ASGI middleware: answer 413 (OpenAI error body) once a request body passes ``max_bytes``."""
+    """ASGI middleware: answer 413 (OpenAI error body) once a request body passes ``max_bytes``, whether
+    it declares its length or comes in chunks."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -57,13 +81,10 @@ class BodySizeLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _BodyTooLarge
+                raise _BodyTooLarge(self.max_bytes)
             return message
 
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await self._reject(send)
+        await self.app(scope, limited_receive, send)
 
     async def _reject(self, send: Callable) -> None:
         err = OpenAIError(f"request body exceeds {self.max_bytes} bytes", status=413)
@@ -71,12 +92,33 @@ class BodySizeLimit:
         await response({"type": "http"}, None, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised while the route reads a chunked body. An HTTPException, so that FastAPI passes it on instead
+    of turning it into its generic 400 "error parsing the body"; the handler answers 413."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 def _error(e: OpenAIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
+
+
+_TYPE_LOC = re.compile(r"^(str|int|float|bool|list|dict|function-\w+)(\[.*\])?$")
+
+
+def _field_name(loc: tuple) -> str | None:
+    """pydantic's error location as the request's field path ("messages[0].content"), without the union
+    members and validators pydantic puts in it."""
+    name = ""
+    for part in loc:
+        if part == "body" and not name:
+            continue
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif not _TYPE_LOC.match(str(part)):
+            name += f".{part}" if name else str(part)
+    return name or None
 
 
 def _value_error(e: ValueError) -> OpenAIError:
@@ -91,14 +133,22 @@ def build_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: ServerMetrics | None = None,
+    allowed_origins: list[str] | None = None,
 ) -> FastAPI:
+    """The app. ``allowed_origins``: browser origins allowed by CORS (``["*"]`` for any); None = no CORS."""
     config = engine.engine.config
     max_model_len = config.max_model_len
     # NOTE: the engine thread owns its tokenizer; handlers use their own copy (fast tokenizers must not be
-    # used from two threads at once).
+    # used from two threads at once), on one thread of its own: a 7 MiB prompt took ~4 s to tokenize,
+    # which on the event loop stalled /health and every stream. The tokenizers library lets go of the
+    # GIL while it encodes.
     tokenizer = copy.deepcopy(engine.tokenizer)
     if isinstance(tokenizer, FastTokenizer) and tokenizer.chat_template:
         tokenizer.hf  # noqa: B018 - build the chat template's transformers tokenizer now, not in a request
+    tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvloom-tokenizer")
+
+    async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -113,9 +163,21 @@ def build_app(
         gc.unfreeze()
         logger.info("Shutting down: aborting requests still in flight")
         engine.shutdown()
+        tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kvloom", version=kvloom.__version__, lifespan=lifespan)
+    # NOTE: added last = outermost: CORS answers preflights before the key check, size limit after it.
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(ApiKeyAuth, api_key=api_key)
+    if allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            allow_credentials="*" not in allowed_origins,
+        )
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
@@ -126,8 +188,7 @@ def build_app(
         first = e.errors()[0] if e.errors() else {}
         if first.get("type") == "json_invalid":
             return _error(OpenAIError(f"request body is not valid JSON: {first.get('msg')}"))
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        field = ".".join(loc) or None
+        field = _field_name(tuple(first.get("loc", ())))
         return _error(OpenAIError(f"{field or 'body'}: {first.get('msg', 'invalid request')}", param=field))
 
     @app.exception_handler(StarletteHTTPException)
@@ -143,15 +204,6 @@ def build_app(
         logger.exception("internal error")
         return _error(OpenAIError(f"internal error: {e}", status=500, type="internal_server_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(
-                    OpenAIError("invalid or missing API key", status=401, type="authentication_error")
-                )
-        return await call_next(request)
-
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
             raise OpenAIError(
@@ -165,9 +217,18 @@ def build_app(
         if requested is not None and requested < 1:
             raise OpenAIError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
         room = max_model_len - prompt_len
+        if room < 1:
+            param = "prompt" if field == "prompt" else "messages"
+            raise OpenAIError(
+                f"This model's maximum context length is {max_model_len} tokens. However, the {field} "
+                f"have {prompt_len} tokens, which leaves no room for the completion.".replace(
+                    "prompt have", "prompt has"
+                ),
+                param=param,
+            )
         if requested is None:
             requested = room
-        if room < 1 or prompt_len + requested > max_model_len:
+        if prompt_len + requested > max_model_len:
             raise OpenAIError(
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{prompt_len + requested} tokens ({prompt_len} in the {field}, {requested} for the "
@@ -176,21 +237,34 @@ def build_app(
             )
         return requested
 
-    def encode(prompt: str | list[int]) -> list[int]:
+    async def encode(prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise OpenAIError("prompt must not be empty", param="prompt")
-            return tokenizer(prompt).input_ids
+            return await off_loop(lambda: tokenizer(prompt).input_ids)
         return list(prompt)
 
-    def chat_ids(messages: list, add_generation_prompt: bool = True) -> list[int]:
+    async def chat_ids(
+        messages: list, add_generation_prompt: bool | None, template_kwargs: dict | None
+    ) -> list[int]:
         if not getattr(tokenizer, "chat_template", None):
             raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
-        conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        text = tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return tokenizer(text, add_special_tokens=False).input_ids
+        conversation = [m.conversation_entry(i) for i, m in enumerate(messages)]
+
+        def render() -> list[int]:
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation,
+                    tokenize=False,
+                    add_generation_prompt=add_generation_prompt is not False,
+                    **(template_kwargs or {}),
+                )
+            except Exception as e:  # noqa: BLE001 - the template's own checks (raise_exception, ...)
+                message = f"messages: the chat template refused them: {e}"
+                raise OpenAIError(message, param="messages") from None
+            return tokenizer(text, add_special_tokens=False).input_ids
+
+        return await off_loop(render)
 
     async def submit(
         request_id: str, ids: list[int], params: SamplingParams, scheduling: dict
@@ -217,11 +291,11 @@ def build_app(
         task = asyncio.ensure_future(work)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=0.5)
+                done, _ = await asyncio.wait({task}, timeout=0.25)
                 if done:
                     return task.result()
                 if await raw.is_disconnected():
-                    task.cancel()
+                    task.cancel()  # aborts its requests (AsyncEngine.generate's finally)
                     raise OpenAIError("client disconnected", status=499)
         finally:
             if not task.done():
@@ -261,17 +335,20 @@ def build_app(
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest) -> dict:
+        req.refuse_unsupported()
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
-            ids = chat_ids(req.messages, req.add_generation_prompt)
+            ids = await chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         else:
-            ids = tokenizer(req.prompt, add_special_tokens=req.add_special_tokens).input_ids
+            special = req.add_special_tokens
+            ids = await off_loop(lambda: tokenizer(req.prompt, add_special_tokens=special).input_ids)
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:
+        req.refuse_unsupported()
         check_model(req.model)
         vocab = engine.engine.runner.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
@@ -279,16 +356,15 @@ def build_app(
             raise OpenAIError(
                 f"tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})", param="tokens"
             )
-        return {"prompt": tokenizer.decode(req.tokens)}
+        return {"prompt": await off_loop(tokenizer.decode, req.tokens)}
 
     # ---- completions ------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
+        req.refuse_unsupported()
         check_model(req.model)
-        if req.suffix:
-            raise OpenAIError("suffix is not supported", param="suffix")
         prompts = req.prompts()
-        encoded = [encode(p) for p in prompts]
+        encoded = [await encode(p) for p in prompts]
         try:
             params = [
                 req.sampling_params(max_tokens_for(len(ids), req.max_tokens, "prompt")) for ids in encoded
@@ -307,10 +383,12 @@ def build_app(
         )
         streams = [s for s in started if not isinstance(s, BaseException)]
         if len(streams) < len(started):
-            for s in streams:
-                await s.aclose()
+            for i, s in enumerate(started):
+                if not isinstance(s, BaseException):
+                    engine.abort(f"{base}-{i}", "error")
+                    await s.aclose()
             raise next(e for e in started if isinstance(e, BaseException))
-        prompt_texts = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts]
+        prompt_texts = [p if isinstance(p, str) else await off_loop(tokenizer.decode, p) for p in prompts]
         n = req.n
 
         def choice_logprobs(out: RequestOutput, c: CompletionOutput, start: int, offset: int) -> dict | None:
@@ -330,7 +408,11 @@ def build_app(
                 done: set[tuple[int, int]] = set()
                 completion_tokens = 0
                 cached: dict[int, int] = {}
-                async for i, out in _merge(streams):
+                async for item in _ending_well(_merge(streams)):
+                    if isinstance(item, str):  # the error event
+                        yield item
+                        return
+                    i, out = item
                     cached[i] = out.num_cached_tokens
                     for c in out.outputs:
                         key = (i, c.index)
@@ -410,8 +492,9 @@ def build_app(
     # ---- chat completions -------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
+        req.refuse_unsupported()
         check_model(req.model)
-        ids = chat_ids(req.messages, req.add_generation_prompt)
+        ids = await chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         try:
             params = req.sampling_params(max_tokens_for(len(ids), req.requested_max_tokens(), "messages"))
         except ValueError as e:
@@ -433,7 +516,10 @@ def build_app(
                 completion_tokens = 0
                 cached = 0
                 extra = {"usage": None} if req.include_usage else {}
-                async for out in stream:
+                async for out in _ending_well(stream):
+                    if isinstance(out, str):  # the error event
+                        yield out
+                        return
                     cached = out.num_cached_tokens
                     for c in out.outputs:
                         if c.index in done:
@@ -513,6 +599,22 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> di
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _ending_well(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The items of ``stream``; if it fails (shutdown, a failed step), then one string: an SSE error event
+    with OpenAI's error body, followed by ``[DONE]``, so that every client sees a well-formed end."""
+    try:
+        async for item in stream:
+            yield item
+    except EngineDeadError as e:
+        err = OpenAIError(str(e), status=503, type="service_unavailable")
+    except Exception as e:  # noqa: BLE001 - reported to the client, logged here
+        logger.exception("stream failed")
+        err = OpenAIError(f"internal error: {e}", status=500, type="internal_server_error")
+    else:
+        return
+    yield _sse(err.body()) + "data: [DONE]\n\n"
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -68,6 +68,14 @@ class ServerMetrics:
             ["model_name", "finished_reason"],
             registry=r,
         )
+        self._aborted = Counter(
+            "kvloom:request_aborted",
+            "Requests aborted before they finished, by reason (client_gone, shutdown, error).",
+            ["model_name", "reason"],
+            registry=r,
+        )
+        for reason in ("client_gone", "shutdown", "error"):
+            self._aborted.labels(model_name, reason)  # exported at 0 from the start
         self.model_name = model_name
         self.spec_drafts = counter("kvloom:spec_decode_num_drafts", "Verifications of proposed tokens.")
         self.spec_draft_tokens = counter("kvloom:spec_decode_num_draft_tokens", "Tokens proposed.")
@@ -128,6 +136,10 @@ class ServerMetrics:
                 n = len(out.outputs[0].token_ids)
                 if n > 1 and m.first_token_time is not None:
                     self.tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
+
+    def count_abort(self, reason: str) -> None:
+        """AsyncEngine's on_abort hook (engine thread)."""
+        self._aborted.labels(self.model_name, reason).inc()
 
     def _observe_spec(self, st) -> None:
         now = (st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens)

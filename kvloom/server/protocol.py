@@ -1,12 +1,22 @@
-"""OpenAI request schemas (pydantic) and their translation into SamplingParams."""
+"""OpenAI request schemas (pydantic) and their translation into SamplingParams.
+
+Every field is checked here or in SamplingParams, before anything is allocated: numbers must be finite
+(NaN, Infinity and 1e999 are refused), integers fit in 64 bits, text must be valid UTF-8 (a lone surrogate
+such as "\\ud800" made the tokenizer raise). Fields of OpenAI's request schema that kvloom does not honor
+are refused by name (``refuse_unsupported``); fields that are not OpenAI's are ignored and logged once, as
+vLLM does, so clients that send vendor extras keep working.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from kvloom.sampling_params import SamplingParams
+from kvloom.logger import init_logger
+from kvloom.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
+
+logger = init_logger(__name__)
 
 
 class OpenAIError(Exception):
@@ -27,43 +37,141 @@ class OpenAIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+def _utf8(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid UTF-8 text: a lone surrogate at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Int64 = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
+Count = Annotated[int, Field(ge=1, le=SEED_MAX)]  # n, best_of, max_tokens: bounded by the engine after
+
+# OpenAI request fields kvloom does not implement yet -> the values that ask for nothing (accepted).
+_REFUSED_CHAT: dict[str, tuple] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    "reasoning_effort": (),
+    "verbosity": (),
+    "web_search_options": (),
+    "store": (False,),
+    "metadata": ({},),
+    "service_tier": ("auto", "default"),
+    "prompt_cache_retention": (),
+}
+# Other engines' extras (vLLM's) that change the output and kvloom does not implement: refused too, since
+# ignoring them would answer something other than what was asked (prose for a JSON schema, ...).
+_REFUSED_EXTRAS: dict[str, tuple] = {
+    name: ()
+    for name in (
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+        "guided_decoding_backend",
+        "guided_whitespace_pattern",
+        "structured_outputs",
+        "use_beam_search",
+        "length_penalty",
+        "prompt_logprobs",
+        "bad_words",
+        "allowed_token_ids",
+        "logits_processors",
+        "truncate_prompt_tokens",
+        "continue_final_message",
+        "chat_template",
+        "return_tokens_as_token_ids",
+        "documents",
+        "vllm_xargs",
+    )
+} | {"echo": (False,), "spaces_between_special_tokens": (True,)}
+_logged_extras: set[str] = set()
+
+
+def _asks_nothing(value: Any, noop: tuple) -> bool:
+    return value is None or any(value == v and type(value) is type(v) for v in noop)
+
+
+class _Checked(BaseModel):
+    """A request body: unknown fields are kept (to refuse or log them), numbers must be finite."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    REFUSED: ClassVar[dict[str, tuple]] = _REFUSED_EXTRAS
+
+    def refuse_unsupported(self) -> None:
+        """Raise a 400 naming the first field kvloom would have to ignore; log other unknown fields once."""
+        ignored = []
+        for name, value in (self.model_extra or {}).items():
+            if name in self.REFUSED:
+                if not _asks_nothing(value, self.REFUSED[name]):
+                    raise OpenAIError(f"{name} is not supported by kvloom", param=name, code="unsupported")
+            elif name not in _logged_extras:
+                _logged_extras.add(name)
+                ignored.append(name)
+        if ignored:
+            logger.warning("Ignoring request fields that are neither OpenAI's nor kvloom's: %s", ignored)
+
+
+class StreamOptions(_Checked):
+    REFUSED: ClassVar[dict[str, tuple]] = {"include_obfuscation": (False,)}
+
     include_usage: bool = False
 
 
-class _SamplingRequest(BaseModel):
+class _SamplingRequest(_Checked):
     """Fields shared by completions and chat completions: OpenAI's, plus vLLM's usual extras."""
 
-    # NOTE: unknown fields are ignored, as OpenAI clients and SDKs send some this server has no use for.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    n: int = 1
+    model: Text | None = None
+    n: Count = 1
     temperature: float | None = None
     top_p: float | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: str | None = None
-    stream: bool = False
+    stop: Text | list[Text] | None = None
+    seed: Int64 | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[Text, float] | None = None
+    user: Text | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # NOTE: OpenAI's newer identifiers. kvloom caches every prefix without a key, and a safety identifier
+    # stands for the user (the fair policy's party) when ``user`` is absent.
+    prompt_cache_key: Text | None = None
+    safety_identifier: Text | None = None
     # extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
-    min_tokens: int = 0
-    ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    priority: int = 0  # lower first, under --scheduling-policy priority
-    cache_salt: str | None = None  # requests with different salts never share prefix-cache blocks
+    min_tokens: Int64 | None = 0
+    ignore_eos: bool | None = False
+    stop_token_ids: list[Int64] | None = None
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
+    priority: Int64 | None = 0  # lower first, under --scheduling-policy priority
+    cache_salt: Text | None = None  # requests with different salts never share prefix-cache blocks
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.stream_options is not None:
+            if not self.stream:
+                raise OpenAIError("stream_options needs stream to be true", param="stream_options")
+            self.stream_options.refuse_unsupported()
 
     def scheduling(self) -> dict:
         """What LLMEngine.add_request takes beside the sampling parameters."""
-        return {"priority": self.priority, "user": self.user, "cache_salt": self.cache_salt}
+        return {
+            "priority": self.priority or 0,
+            "user": self.user if self.user is not None else self.safety_identifier,
+            "cache_salt": self.cache_salt,
+        }
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, **extra: Any) -> SamplingParams:
         return SamplingParams(
@@ -71,19 +179,20 @@ class _SamplingRequest(BaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k is None else self.top_k,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
+            min_p=0.0 if self.min_p is None else self.min_p,
+            # NOTE: 0 is refused by SamplingParams, not turned into 1.0 (which is "off").
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
             logit_bias=self.logit_bias,
             seed=self.seed,
             max_tokens=max_tokens,
-            min_tokens=self.min_tokens,
+            min_tokens=self.min_tokens or 0,
             stop=self.stop,
             stop_token_ids=self.stop_token_ids or [],
-            include_stop_str_in_output=self.include_stop_str_in_output,
-            ignore_eos=self.ignore_eos,
-            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            ignore_eos=bool(self.ignore_eos),
+            skip_special_tokens=self.skip_special_tokens is not False,
             logprobs=logprobs,
             **extra,
         )
@@ -94,12 +203,19 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    best_of: int | None = None
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    REFUSED: ClassVar[dict[str, tuple]] = {k: v for k, v in _REFUSED_EXTRAS.items() if k != "echo"}
+
+    prompt: Text | list[Text] | list[Int64] | list[list[Int64]]
+    max_tokens: Count | None = 16
+    best_of: Count | None = None
+    echo: bool | None = False
+    logprobs: Int64 | None = None
+    suffix: Text | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.suffix:
+            raise OpenAIError("suffix is not supported by kvloom", param="suffix", code="unsupported")
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         # echo with logprobs reports the prompt's logprobs too (as OpenAI's legacy API does).
@@ -119,30 +235,59 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Text
+    text: Text | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None  # given to the chat template, as vLLM does
+    tool_call_id: Text | None = None
+    # OpenAI's, not implemented yet (tool calling): refused when set.
+    tool_calls: list[Any] | None = None
+    function_call: Any | None = None
+    audio: Any | None = None
 
-    def text(self) -> str:
+    def conversation_entry(self, index: int) -> dict[str, str]:
+        """This message as the chat template sees it; raises a 400 naming what kvloom cannot give it."""
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(self, name):
+                where = f"messages[{index}].{name}"
+                raise OpenAIError(f"{where} is not supported by kvloom", param=where, code="unsupported")
+        entry = {"role": self.role, "content": self.text(index)}
+        for name in ("name", "tool_call_id"):
+            if getattr(self, name) is not None:
+                entry[name] = getattr(self, name)
+        return entry
+
+    def text(self, index: int = 0) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         parts = []
         for part in self.content:
-            if part.get("type") != "text":
-                raise OpenAIError(f"unsupported content part type {part.get('type')!r}", param="messages")
-            parts.append(part.get("text", ""))
+            if part.type != "text" or part.text is None:
+                where = f"messages[{index}].content"
+                raise OpenAIError(f"{where}: unsupported content part type {part.type!r}", param=where)
+            parts.append(part.text)
         return "".join(parts)
 
 
 class ChatCompletionRequest(_SamplingRequest):
+    REFUSED: ClassVar[dict[str, tuple]] = _REFUSED_CHAT | _REFUSED_EXTRAS
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    add_generation_prompt: bool = True
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
+    logprobs: bool | None = False
+    top_logprobs: Int64 | None = None
+    add_generation_prompt: bool | None = True
+    chat_template_kwargs: dict[Text, Any] | None = None  # extra variables for the template (vLLM's)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -154,18 +299,15 @@ class ChatCompletionRequest(_SamplingRequest):
         return self._sampling_params(max_tokens, logprobs)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    prompt: str | None = None
+class TokenizeRequest(_Checked):
+    model: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[Text, Any] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    tokens: list[int]
+class DetokenizeRequest(_Checked):
+    model: Text | None = None
+    tokens: list[Int64]
