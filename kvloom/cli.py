@@ -284,6 +284,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             )
         if llm.engine.proposer is not None:
             result["speculation"] = llm.engine.proposer.stats.summary()
+        print(offline.format_result(result))
         print(json.dumps(result, indent=2))
     write_json(
         args.output_json,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -94,13 +95,24 @@ class LLM:
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)
         done: dict[str, RequestOutput] = {}
-        with tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm) as bar:
+        engine = self.engine
+        with tqdm(total=len(request_ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
+            # The bar counts requests; its postfix the tokens, as vLLM's does (prompt tokens computed and
+            # tokens generated per second since the start).
+            t0, prompt0, gen0 = time.perf_counter(), engine.num_prompt_tokens, engine.num_generation_tokens
             while pending:
-                if not self.engine.has_unfinished_requests():
+                if not engine.has_unfinished_requests():
                     raise RuntimeError(f"requests {sorted(pending)} were aborted before they finished")
-                for out in self.engine.step():
+                for out in engine.step():
                     if out.finished and out.request_id in pending:
                         pending.discard(out.request_id)
                         done[out.request_id] = out
                         bar.update(1)
+                if use_tqdm:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(
+                        f"input {(engine.num_prompt_tokens - prompt0) / dt:.0f} tok/s, "
+                        f"output {(engine.num_generation_tokens - gen0) / dt:.0f} tok/s",
+                        refresh=False,
+                    )
         return [done[r] for r in request_ids]

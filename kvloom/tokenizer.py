@@ -54,6 +54,11 @@ def decoder(tokenizer: Any) -> Callable[[list[int], bool], str]:
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
 
 
+# Token lists longer than this are decoded off the GIL; shorter ones (the detokenizer's per-token calls,
+# 2.7 us) keep the cheaper call.
+_LONG_DECODE = 4096
+
+
 class FastTokenizer:
     """encode / __call__ / decode / special token ids natively; anything else from `self.hf`."""
 
@@ -141,7 +146,10 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> list[int]:
         if kwargs or not isinstance(text, str):
             return self.hf.encode(text, add_special_tokens=add_special_tokens, **kwargs)
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # NOTE: encode_batch, not encode: the same ids at the same speed (12-13 us for a sentence), but it
+        # lets go of the GIL, so a server thread tokenizing a 4 MiB prompt (3 s) does not stall the event
+        # loop (encode held it throughout).
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def __call__(self, text: str, add_special_tokens: bool = True, **kwargs: Any) -> Any:
         """Like transformers' tokenizer(text) for one string: `.input_ids` (and `.attention_mask`)."""
@@ -155,6 +163,8 @@ class FastTokenizer:
             token_ids = [token_ids]
         if kwargs or self._info["clean_up"] or not isinstance(token_ids, list):
             return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+        if len(token_ids) > _LONG_DECODE:  # decode_batch lets go of the GIL (see encode)
+            return self._backend.decode_batch([token_ids], skip_special_tokens=skip_special_tokens)[0]
         return self._backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids: int | list[int]) -> str | list[str]:

@@ -89,4 +89,32 @@ def latency(
         "e2e_s": percentiles(e2e),
         # NOTE: tokens over time, not batch / step: a speculative step yields several tokens per request.
         "decode_tok_s": decode_tokens / sum(decode_steps),
+        "decode_tokens": decode_tokens,
+        "decode_steps": len(decode_steps),
     }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A readable summary of ``throughput`` or ``latency``'s result (the JSON follows it)."""
+    if "output_tok_s" in result:
+        return "\n".join(
+            [
+                f"{'requests':<22}{result['requests']:>12}",
+                f"{'elapsed (s)':<22}{result['elapsed_s']:>12.2f}",
+                f"{'requests/s':<22}{result['requests_per_s']:>12.2f}",
+                f"{'output tokens/s':<22}{result['output_tok_s']:>12.1f}",
+                f"{'total tokens/s':<22}{result['total_tok_s']:>12.1f}",
+            ]
+        )
+    lines = [
+        f"batch size {result['batch_size']}: decode {result['decode_tok_s']:.1f} tok/s "
+        f"({result['decode_tokens']} tokens in {result['decode_steps']} steps)",
+        f"{'ms':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}",
+    ]
+    for name, key in (("prefill", "prefill_s"), ("decode step", "decode_step_s"), ("end to end", "e2e_s")):
+        p = result[key]
+        lines.append(
+            f"{name:<14}{p['mean'] * 1e3:>10.1f}{p['p50'] * 1e3:>10.1f}{p['p90'] * 1e3:>10.1f}"
+            f"{p['p99'] * 1e3:>10.1f}"
+        )
+    return "\n".join(lines)

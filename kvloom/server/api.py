@@ -232,7 +232,7 @@ def build_app(
             raise OpenAIError(
                 f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                 f"{prompt_len + requested} tokens ({prompt_len} in the {field}, {requested} for the "
-                "completion).",
+                f"completion). Lower max_tokens to at most {room}.",
                 param="max_tokens",
             )
         return requested
@@ -334,7 +334,7 @@ def build_app(
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict:
+    async def tokenize(req: TokenizeRequest) -> Response:
         req.refuse_unsupported()
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
@@ -344,7 +344,11 @@ def build_app(
         else:
             special = req.add_special_tokens
             ids = await off_loop(lambda: tokenizer(req.prompt, add_special_tokens=special).input_ids)
-        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+        # NOTE: rendered off the loop too: a 4 MiB prompt's million ids are ~7 MB of JSON.
+        payload = await off_loop(
+            lambda: json.dumps({"tokens": ids, "count": len(ids), "max_model_len": max_model_len})
+        )
+        return Response(payload, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict:

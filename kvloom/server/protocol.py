@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from kvloom.logger import init_logger
-from kvloom.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
+from kvloom.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
 
 logger = init_logger(__name__)
 
@@ -93,7 +93,7 @@ _REFUSED_EXTRAS: dict[str, tuple] = {
         "documents",
         "vllm_xargs",
     )
-} | {"echo": (False,), "spaces_between_special_tokens": (True,)}
+} | {"echo": (False,), "spaces_between_special_tokens": (True,), "response_format": ({"type": "text"},)}
 _logged_extras: set[str] = set()
 
 
@@ -295,6 +295,9 @@ class ChatCompletionRequest(_SamplingRequest):
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise OpenAIError("top_logprobs needs logprobs to be true", param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+            message = f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs}"
+            raise OpenAIError(message, param="top_logprobs")
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs)
 

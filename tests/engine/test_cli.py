@@ -65,3 +65,54 @@ def test_cli_import_leaves_torch_for_later():
         "from kvloom import LLM, SamplingParams; assert 'torch' in sys.modules and LLM.__name__ == 'LLM'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_python_dash_m_kvloom_and_version():
+    r = subprocess.run(
+        [sys.executable, "-m", "kvloom", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and r.stdout.strip().startswith("kvloom ")
+
+
+def test_generate_reads_the_prompt_from_stdin(stories):
+    r = subprocess.run(
+        [sys.executable, "-m", "kvloom", "generate", "-", "--model", str(stories), "--max-tokens", "40"],
+        input="Once upon a time",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(", there was a little girl named")
+
+
+def test_sampling_differs_between_runs_without_seed_and_repeats_with_one(stories):
+    def sample(*extra: str) -> str:
+        args = ["Once upon a time", "--model", str(stories), "--max-tokens", "40", "--temperature", "1.5"]
+        r = run("generate", *args, "--ignore-eos", *extra)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    assert sample("--seed", "7") == sample("--seed", "7")
+    assert sample() != sample()
+
+
+def test_serve_takes_the_model_as_its_first_argument():
+    from kvloom.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "some/model", "--port", "9"])
+    assert args.model_tag == "some/model" and args.model is None
+    args = build_parser().parse_args(["serve", "--model", "other"])
+    assert args.model_tag is None and args.model == "other"
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model(stories):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", str(stories), "--port", str(port))
+    assert r.returncode == 2 and f"--port: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
+    assert "Loaded" not in r.stderr and "Traceback" not in r.stderr

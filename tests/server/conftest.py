@@ -81,7 +81,11 @@ class Server:
         try:
             return self.proc.wait(timeout=60)
         finally:
+            self._final_output = self.output()
             self.log.close()
+
+    def output_after_stop(self) -> str:
+        return self._final_output
 
 
 @pytest.fixture(scope="module")

@@ -135,9 +135,21 @@ def test_bench_latency_cli_reports_speculation(stories, tmp_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
+    assert "decode step" in r.stdout and "prefill" in r.stdout  # the summary table before the JSON
     result = json.loads(out.read_text())["result"]
     spec_stats = result["speculation"]
     assert spec_stats["num_draft_tokens"] > 0 and spec_stats["acceptance_rate"] == 1.0
     assert spec_stats["acceptance_per_position"] == [1.0, 1.0, 1.0]
-    # about four tokens per request per decode step
-    assert result["decode_tok_s"] > 2.5 * 2 / result["decode_step_s"]["p50"]
+    # about four tokens per request per decode step (counted, not timed: a timing ratio failed on a busy
+    # machine)
+    assert result["decode_tokens"] > 2.5 * 2 * result["decode_steps"]
+
+
+def test_bench_needs_nothing_beyond_the_install():
+    """`kvloom bench serve` imports httpx: a dependency of kvloom itself, not only of the tests."""
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("httpx") for d in project["dependencies"])
+    assert not any(d.startswith("httpx") for d in project["optional-dependencies"]["test"])

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+
 import httpx
 import pytest
 
@@ -59,3 +63,149 @@ def test_disconnect_mid_stream_frees_blocks(smol_server):
     assert wait_for(lambda: metric(server, "kvloom:kv_cache_usage_perc") == 0, timeout=5)
     assert metric(server, "kvloom:num_requests_running") == 0
     assert metric(server, "kvloom:generation_tokens_total") < 600
+
+
+def _idle(server) -> bool:
+    return all(
+        metric(server, name) == 0
+        for name in (
+            "kvloom:num_requests_running",
+            "kvloom:num_requests_waiting",
+            "kvloom:kv_cache_usage_perc",
+        )
+    )
+
+
+def _aborted(server, reason: str) -> float:
+    return metric(server, f'kvloom:request_aborted_total{{model_name="{MODEL}",reason="{reason}"}}')
+
+
+LONG_CMPL = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 900, "ignore_eos": True}
+LONG_CHAT = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "Tell me a long story."}],
+    "max_tokens": 900,
+    "ignore_eos": True,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("path", "payload", "stream"),
+    [
+        ("/v1/completions", {**LONG_CMPL, "n": 1}, False),
+        ("/v1/completions", {**LONG_CMPL, "n": 3, "temperature": 1.0}, False),
+        ("/v1/chat/completions", {**LONG_CHAT, "n": 1}, False),
+        ("/v1/chat/completions", {**LONG_CHAT, "n": 2, "temperature": 1.0}, False),
+        ("/v1/completions", {**LONG_CMPL, "n": 3, "temperature": 1.0}, True),
+        ("/v1/chat/completions", {**LONG_CHAT, "n": 2, "temperature": 1.0}, True),
+    ],
+    ids=["cmpl-n1", "cmpl-n3", "chat-n1", "chat-n2", "cmpl-n3-stream", "chat-n2-stream"],
+)
+def test_dropped_request_frees_its_blocks_within_2s(smol_server, path, payload, stream):
+    """A client that goes away, streaming or not, one sample or several: its request is aborted, KV blocks
+    and the running/waiting gauges are back to zero within 2 s, and the abort is counted."""
+    server = smol_server
+    assert wait_for(lambda: _idle(server))
+    gone = _aborted(server, "client_gone")
+    url = f"{server.url}{path}"
+    if stream:
+        with httpx.stream("POST", url, json={**payload, "stream": True}, timeout=30) as r:
+            lines = r.iter_lines()
+            for _ in range(5):
+                next(lines)
+            assert metric(server, "kvloom:num_requests_running") == payload["n"]
+            lines.close()  # closes the connection: the disconnect
+    else:
+        result: list = []
+
+        def post() -> None:
+            try:
+                result.append(httpx.post(url, json=payload, timeout=httpx.Timeout(5, read=2.5)))
+            except httpx.ReadTimeout as e:  # the client gives up and closes its connection
+                result.append(e)
+
+        t = threading.Thread(target=post)
+        t.start()
+        assert wait_for(lambda: metric(server, "kvloom:num_requests_running") == payload["n"], timeout=5)
+        assert metric(server, "kvloom:kv_cache_usage_perc") > 0
+        t.join()
+        assert isinstance(result[0], httpx.ReadTimeout)
+    t0 = time.monotonic()
+    assert wait_for(lambda: _idle(server), timeout=2), "blocks not freed within 2 s"
+    assert time.monotonic() - t0 < 2
+    assert wait_for(lambda: _aborted(server, "client_gone") == gone + 1, timeout=1)
+
+
+@pytest.mark.slow
+def test_health_answers_while_a_4mib_prompt_is_tokenized_and_rejected(smol_server):
+    """Tokenization runs off the event loop: /health (and every stream) keeps answering."""
+    server = smol_server
+    prompt = "the quick brown fox jumps over the lazy dog " * (4 * 2**20 // 44)
+    result: list = []
+
+    def post(path: str, payload: dict) -> None:
+        result.append(httpx.post(f"{server.url}{path}", json=payload, timeout=120))
+
+    for path, payload in (("/v1/completions", {"prompt": prompt}), ("/tokenize", {"prompt": prompt})):
+        result.clear()
+        t = threading.Thread(target=post, args=(path, payload))
+        t.start()
+        gaps = []
+        while t.is_alive():
+            t0 = time.monotonic()
+            assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+            gaps.append(time.monotonic() - t0)
+            time.sleep(0.02)
+        t.join()
+        assert len(gaps) > 5, "the request ended before /health was probed a few times"
+        assert max(gaps) < 0.2, f"{path}: /health took {max(gaps):.3f} s"
+        r = result[0]
+        if path == "/tokenize":
+            assert r.status_code == 200 and r.json()["count"] > 500_000
+        else:
+            assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.slow
+def test_sigterm_past_the_timeout_ends_every_client_well(tmp_path):
+    """Requests still running when --shutdown-timeout passes: a stream gets an SSE error event and
+    [DONE], a non-streaming request a JSON 503; the server exits 0 with no traceback in its log."""
+    server = Server(
+        None,
+        "--max-model-len",
+        "1024",
+        "--kv-cache-memory",
+        "0.25",
+        "--shutdown-timeout",
+        "1",
+        log_dir=tmp_path,
+    )
+    events: list[str] = []
+    answers: list[httpx.Response] = []
+
+    def stream() -> None:
+        with httpx.stream(
+            "POST", f"{server.url}/v1/completions", json={**LONG_CMPL, "stream": True}, timeout=60
+        ) as r:
+            events.extend(e for e in r.iter_lines() if e)
+
+    def plain() -> None:
+        answers.append(httpx.post(f"{server.url}/v1/chat/completions", json=LONG_CHAT, timeout=60))
+
+    threads = [threading.Thread(target=stream), threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: metric(server, "kvloom:num_requests_running") == 2, timeout=10)
+    assert server.stop() == 0
+    for t in threads:
+        t.join(timeout=30)
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
+    assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] is not None
+    assert answers[0].status_code == 503
+    assert answers[0].json()["error"]["type"] == "service_unavailable"
+    log = server.output_after_stop()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert "Shutdown timeout (1.0s) reached" in log
