@@ -39,7 +39,12 @@ def add_engine_args(p: argparse.ArgumentParser, reserve_kv_cache: bool = False) 
     g.add_argument(
         "--max-num-batched-tokens", type=int, default=None, help="token budget per step (default: 2048)"
     )
-    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="CPU threads, fixed (default: torch's count, fewer while other processes keep the CPUs busy)",
+    )
     g.add_argument(
         "--seed",
         type=int,

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import Scheduler
@@ -16,6 +18,7 @@ from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestO
 from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 from kvloom.spec.proposers import build_proposer
+from kvloom.worker.cpu_threads import ThreadGovernor
 from kvloom.worker.model_runner import ModelRunner
 
 logger = init_logger(__name__)
@@ -73,15 +76,19 @@ class LLMEngine:
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._last_log = time.monotonic()
+        # NOTE: fewer threads while other processes keep the CPUs busy (see kvloom/worker/cpu_threads.py).
+        self.threads = ThreadGovernor.create(config.device, config.num_threads)
         num_tokens = self.runner.num_blocks * config.block_size
         logger.info(
-            "Loaded %s (%s, %s, %s) in %.1fs; sampling seed %d",
+            "Loaded %s (%s, %s, %s) in %.1fs; sampling seed %d; %d threads (%s)",
             config.checkpoint.path.name,
             config.model_type,
             str(config.dtype).removeprefix("torch."),
             config.device,
             time.perf_counter() - t0,
             config.seed,
+            torch.get_num_threads(),
+            "fixed" if self.threads is None else self.threads.describe(),
         )
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d; "
@@ -246,6 +253,8 @@ class LLMEngine:
     # ---- one iteration ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, and return outputs of requests that got new tokens."""
+        if self.threads is not None:
+            self.threads.step()
         if self.proposer is not None:
             self.proposer.propose(self.scheduler.running)
         out = self.scheduler.schedule()
