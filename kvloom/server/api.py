@@ -121,6 +121,13 @@ def _field_name(loc: tuple) -> str | None:
     return name or None
 
 
+def _longest_token_bytes(tokenizer: Any) -> int:
+    """UTF-8 bytes of the longest vocabulary entry as written (an upper bound on the text one token
+    stands for: byte-level and sentencepiece markers take more bytes than the byte or space they mean)."""
+    vocab = tokenizer._backend.get_vocab() if isinstance(tokenizer, FastTokenizer) else tokenizer.get_vocab()
+    return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=64)
+
+
 def _value_error(e: ValueError) -> OpenAIError:
     """Engine and SamplingParams errors name the field first ("temperature must be ...", "prompt: ...")."""
     m = re.match(r"^(\w+)", str(e))
@@ -146,6 +153,18 @@ def build_app(
     if isinstance(tokenizer, FastTokenizer) and tokenizer.chat_template:
         tokenizer.hf  # noqa: B018 - build the chat template's transformers tokenizer now, not in a request
     tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvloom-tokenizer")
+    # A text longer than this in UTF-8 cannot fit in the context (each token stands for at most the
+    # longest vocabulary entry's bytes; x4 for normalizers that shrink text): refused before tokenizing,
+    # so a multi-MiB prompt costs no seconds of CPU beside the engine's threads.
+    max_text_bytes = 4 * _longest_token_bytes(tokenizer) * max_model_len
+
+    def check_length(text: str, field: str) -> None:
+        if len(text) * 4 > max_text_bytes and len(text.encode("utf-8")) > max_text_bytes:
+            raise OpenAIError(
+                f"{field}: {len(text.encode('utf-8'))} bytes of text are more tokens than this model's "
+                f"maximum context length ({max_model_len} tokens)",
+                param=field,
+            )
 
     async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
@@ -218,13 +237,11 @@ def build_app(
             raise OpenAIError(f"max_tokens must be at least 1, got {requested}", param="max_tokens")
         room = max_model_len - prompt_len
         if room < 1:
-            param = "prompt" if field == "prompt" else "messages"
+            verb = "has" if field == "prompt" else "have"
             raise OpenAIError(
                 f"This model's maximum context length is {max_model_len} tokens. However, the {field} "
-                f"have {prompt_len} tokens, which leaves no room for the completion.".replace(
-                    "prompt have", "prompt has"
-                ),
-                param=param,
+                f"{verb} {prompt_len} tokens, which leaves no room for the completion.",
+                param=field,
             )
         if requested is None:
             requested = room
@@ -241,6 +258,7 @@ def build_app(
         if isinstance(prompt, str):
             if not prompt:
                 raise OpenAIError("prompt must not be empty", param="prompt")
+            check_length(prompt, "prompt")
             return await off_loop(lambda: tokenizer(prompt).input_ids)
         return list(prompt)
 
@@ -262,6 +280,7 @@ def build_app(
             except Exception as e:  # noqa: BLE001 - the template's own checks (raise_exception, ...)
                 message = f"messages: the chat template refused them: {e}"
                 raise OpenAIError(message, param="messages") from None
+            check_length(text, "messages")
             return tokenizer(text, add_special_tokens=False).input_ids
 
         return await off_loop(render)

@@ -90,7 +90,9 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(chat_model):
-    s = Server(chat_model, "--api-key", API_KEY, "--max-body-mb", "1")
+    s = Server(
+        chat_model, "--api-key", API_KEY, "--max-body-mb", "1", "--allowed-origins", "http://app.example"
+    )
     yield s
     assert s.stop() == 0
 

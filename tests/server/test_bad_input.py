@@ -400,6 +400,18 @@ def test_chat_over_the_context_reports_what_is_left(server):
 
 
 def test_greedy_after(server, greedy_before):
-    """Nothing above changed what the engine answers."""
+    """Nothing above changed what the engine answers; the vendor extra was logged once, not per request."""
     assert greedy(server) == greedy_before
     assert httpx.get(f"{server.url}/health").status_code == 200
+    logged = [line for line in server.output().splitlines() if "Ignoring request fields" in line]
+    assert len(logged) == 1 and "some_vendor_extra" in logged[0]
+
+
+def test_cors_only_for_allowed_origins(server):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    ok = httpx.options(f"{server.url}{C}", headers={"Origin": "http://app.example", **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == "http://app.example"
+    other = httpx.options(f"{server.url}{C}", headers={"Origin": "http://elsewhere.example", **preflight})
+    assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    r = httpx.post(f"{server.url}{C}", json=CMPL, headers={**HEADERS, "Origin": "http://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
