@@ -112,12 +112,23 @@ def test_last_layer_on_wanted_rows_only_changes_no_bits(tmp_path, stories):
 
 def test_block_size_the_kernel_attention_does_not_take():
     """block_size 8: the cache keeps the usual layout for the PyTorch attention (the kernels' layout needs
-    multiples of 16) while the other kernels run; greedy text as with block_size 16 and the kernels' cache."""
-    sp = SamplingParams(max_tokens=30, temperature=0)
+    multiples of 16) while the other kernels run. The two attentions round bf16 differently (on CPUs with
+    AMX, PyTorch's bf16 matmuls accumulate in another order again), so they are compared as logprobs of
+    the same sequences, teacher-forced, and the decoded text must agree until the first near tie."""
+    sp = SamplingParams(max_tokens=30, temperature=0, logprobs=2)
     prompts = ["The capital of France is", "def fib(n):"]
     small = LLM(block_size=8, show_progress=False)
     usual = LLM(block_size=16, show_progress=False)
     assert not small.engine.runner.kernel_attention and usual.engine.runner.kernel_attention
     assert small.engine.runner.kernels is not None
     a, b = (llm.generate(prompts, sp, use_tqdm=False) for llm in (small, usual))
-    assert [o.outputs[0].token_ids for o in a] == [o.outputs[0].token_ids for o in b]
+    for x, y in zip(a, b, strict=True):
+        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
+        same = next((i for i, (u, v) in enumerate(zip(tx, ty, strict=True)) if u != v), len(tx))
+        if same < len(tx):  # they part only where the top two candidates are within bf16 noise
+            # (bf16 logits of magnitude 16-32 are 0.125 apart: a few of those steps)
+            top = sorted(lp.logprob for lp in y.outputs[0].logprobs[same].values())[-2:]
+            assert top[1] - top[0] < 0.5, (same, top)
+    seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in b]
+    for u, v in zip(_scored(small, seqs), _scored(usual, seqs), strict=True):
+        assert (u - v).abs().mean() < 0.05 and (u - v).abs().max() < 0.5
