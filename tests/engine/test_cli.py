@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -116,3 +118,22 @@ def test_serve_reports_a_port_in_use_before_loading_the_model(stories):
         r = run("serve", str(stories), "--port", str(port))
     assert r.returncode == 2 and f"--port: cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
     assert "Loaded" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_allowed_origins_take_a_json_list_or_commas():
+    from kvloom.cli import _allowed_origins
+
+    assert _allowed_origins(None) is None
+    assert _allowed_origins('["*"]') == ["*"]
+    assert _allowed_origins("http://a.example, http://b.example") == ["http://a.example", "http://b.example"]
+    with pytest.raises(ValueError, match="--allowed-origins"):
+        _allowed_origins('{"a": 1}')
+
+
+def test_progress_bar_counts_tokens(stories, capsys):
+    from kvloom import LLM, SamplingParams
+
+    llm = LLM(str(stories), dtype="float32", show_progress=False)
+    llm.generate(["Once upon a time"] * 4, SamplingParams(max_tokens=20, temperature=0), use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "input" in err and "output" in err and "tok/s" in err

@@ -55,7 +55,8 @@ class Server:
             "--log-level",
             "warning",
         ]
-        cmd += (["--model", str(model), "--dtype", "float32"] if model is not None else []) + list(extra)
+        # NOTE: the model as the first argument, as `vllm serve MODEL` takes it (--model works too).
+        cmd += ([str(model), "--dtype", "float32"] if model is not None else []) + list(extra)
         log_dir = log_dir or model.parent
         self.log = open(log_dir / f"server-{self.port}.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
