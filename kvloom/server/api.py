@@ -7,7 +7,6 @@ import copy
 import gc
 import json
 import re
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,9 @@ from kvloom.async_engine import AsyncEngine, EngineDeadError
 from kvloom.logger import init_logger
 from kvloom.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from kvloom.sampling_params import SamplingParams
+from kvloom.server import responses
 from kvloom.server.metrics import ServerMetrics
+from kvloom.server.middleware import DEFAULT_MAX_BODY_BYTES, ApiKeyAuth, BodySizeLimit
 from kvloom.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,67 +38,6 @@ from kvloom.server.protocol import (
 from kvloom.tokenizer import FastTokenizer
 
 logger = init_logger(__name__)
-
-DEFAULT_MAX_BODY_BYTES = 8 << 20
-
-
-class ApiKeyAuth:
-    """ASGI middleware: 401 on /v1 without ``Authorization: Bearer KEY``.
-
-    NOTE: a plain ASGI middleware, not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hands the
-    route a receive channel on which the client's disconnect never arrives, so ``is_disconnected()`` stayed
-    false and dropped non-streaming requests ran to their end.
-    """
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                err = OpenAIError("invalid or missing API key", status=401, type="authentication_error")
-                return await JSONResponse(err.body(), status_code=401)(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class BodySizeLimit:
-    """ASGI middleware: answer 413 (OpenAI error body) once a request body passes ``max_bytes``, whether
-    it declares its length or comes in chunks."""
-
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited_receive() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _BodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _reject(self, send: Callable) -> None:
-        err = OpenAIError(f"request body exceeds {self.max_bytes} bytes", status=413)
-        response = JSONResponse(err.body(), status_code=413)
-        await response({"type": "http"}, None, send)
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    """Raised while the route reads a chunked body. An HTTPException, so that FastAPI passes it on instead
-    of turning it into its generic 400 "error parsing the body"; the handler answers 413."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(413, f"request body exceeds {max_bytes} bytes")
 
 
 def _error(e: OpenAIError) -> JSONResponse:
@@ -421,17 +361,17 @@ def build_app(
             if req.echo and start == 0 and out.prompt_logprobs is not None:
                 entries += list(zip(out.prompt_token_ids, out.prompt_logprobs, strict=True))
             entries += list(zip(c.token_ids[start:], (c.logprobs or [])[start:], strict=True))
-            return _completion_logprobs(entries, tokenizer, offset, req.logprobs)
+            return responses.completion_logprobs(entries, tokenizer, offset, req.logprobs)
 
         if req.stream:
 
-            async def sse() -> AsyncIterator[str]:
+            async def event_stream() -> AsyncIterator[str]:
                 sent_text: dict[tuple[int, int], int] = {}  # (prompt, completion) -> characters sent
                 sent_tokens: dict[tuple[int, int], int] = {}
                 done: set[tuple[int, int]] = set()
                 completion_tokens = 0
                 cached: dict[int, int] = {}
-                async for item in _ending_well(_merge(streams)):
+                async for item in responses.ending_well(responses.merge(streams)):
                     if isinstance(item, str):  # the error event
                         yield item
                         return
@@ -457,7 +397,7 @@ def build_app(
                         if c.finished:
                             done.add(key)
                             completion_tokens += len(c.token_ids)
-                        yield _sse(
+                        yield responses.sse(
                             {
                                 "id": base,
                                 "object": "text_completion",
@@ -468,8 +408,10 @@ def build_app(
                             }
                         )
                 if req.include_usage:
-                    usage = _usage(sum(len(e) for e in encoded), completion_tokens, sum(cached.values()))
-                    yield _sse(
+                    usage = responses.usage(
+                        sum(len(e) for e in encoded), completion_tokens, sum(cached.values())
+                    )
+                    yield responses.sse(
                         {
                             "id": base,
                             "object": "text_completion",
@@ -481,9 +423,9 @@ def build_app(
                     )
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(event_stream(), media_type="text/event-stream")
 
-        finals = await until_disconnect(raw, asyncio.gather(*(_last(s) for s in streams)))
+        finals = await until_disconnect(raw, asyncio.gather(*(responses.last(s) for s in streams)))
         choices = []
         completion_tokens = 0
         for i, out in enumerate(finals):
@@ -498,7 +440,7 @@ def build_app(
                         "finish_reason": c.finish_reason,
                     }
                 )
-        usage = _usage(
+        usage = responses.usage(
             sum(len(e) for e in encoded), completion_tokens, sum(o.num_cached_tokens for o in finals)
         )
         return JSONResponse(
@@ -532,14 +474,14 @@ def build_app(
 
         if req.stream:
 
-            async def sse() -> AsyncIterator[str]:
+            async def event_stream() -> AsyncIterator[str]:
                 sent_text: dict[int, int] = {}
                 sent_tokens: dict[int, int] = {}
                 done: set[int] = set()
                 completion_tokens = 0
                 cached = 0
                 extra = {"usage": None} if req.include_usage else {}
-                async for out in _ending_well(stream):
+                async for out in responses.ending_well(stream):
                     if isinstance(out, str):  # the error event
                         yield out
                         return
@@ -555,11 +497,11 @@ def build_app(
                                 "logprobs": None,
                                 "finish_reason": None,
                             }
-                            yield _sse({**head("chat.completion.chunk"), "choices": [role], **extra})
+                            yield responses.sse({**head("chat.completion.chunk"), "choices": [role], **extra})
                         text = c.text[sent_text[c.index] :]
                         start = sent_tokens[c.index]
                         if text or start < len(c.token_ids):
-                            lp = _chat_logprobs(
+                            lp = responses.chat_logprobs(
                                 c.logprobs[start:] if c.logprobs else None, c.token_ids[start:], top_n
                             )
                             delta = {
@@ -570,7 +512,9 @@ def build_app(
                             }
                             sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
                             if text or lp:
-                                yield _sse({**head("chat.completion.chunk"), "choices": [delta], **extra})
+                                yield responses.sse(
+                                    {**head("chat.completion.chunk"), "choices": [delta], **extra}
+                                )
                         if c.finished:
                             done.add(c.index)
                             completion_tokens += len(c.token_ids)
@@ -580,20 +524,20 @@ def build_app(
                                 "logprobs": None,
                                 "finish_reason": c.finish_reason,
                             }
-                            yield _sse({**head("chat.completion.chunk"), "choices": [last], **extra})
+                            yield responses.sse({**head("chat.completion.chunk"), "choices": [last], **extra})
                 if req.include_usage:
-                    usage = _usage(len(ids), completion_tokens, cached)
-                    yield _sse({**head("chat.completion.chunk"), "choices": [], "usage": usage})
+                    usage = responses.usage(len(ids), completion_tokens, cached)
+                    yield responses.sse({**head("chat.completion.chunk"), "choices": [], "usage": usage})
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(sse(), media_type="text/event-stream")
+            return StreamingResponse(event_stream(), media_type="text/event-stream")
 
-        out = await until_disconnect(raw, _last(stream))
+        out = await until_disconnect(raw, responses.last(stream))
         choices = [
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text},
-                "logprobs": _chat_logprobs(c.logprobs, c.token_ids, top_n),
+                "logprobs": responses.chat_logprobs(c.logprobs, c.token_ids, top_n),
                 "finish_reason": c.finish_reason,
             }
             for c in out.outputs
@@ -603,108 +547,8 @@ def build_app(
             {
                 **head("chat.completion"),
                 "choices": choices,
-                "usage": _usage(len(ids), completion_tokens, out.num_cached_tokens),
+                "usage": responses.usage(len(ids), completion_tokens, out.num_cached_tokens),
             }
         )
 
     return app
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-async def _ending_well(stream: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """The items of ``stream``; if it fails (shutdown, a failed step), then one string: an SSE error event
-    with OpenAI's error body, followed by ``[DONE]``, so that every client sees a well-formed end."""
-    try:
-        async for item in stream:
-            yield item
-    except EngineDeadError as e:
-        err = OpenAIError(str(e), status=503, type="service_unavailable")
-    except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-        logger.exception("stream failed")
-        err = OpenAIError(f"internal error: {e}", status=500, type="internal_server_error")
-    else:
-        return
-    yield _sse(err.body()) + "data: [DONE]\n\n"
-
-
-async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    last = None
-    async for out in stream:
-        last = out
-    return last
-
-
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several output streams as items arrive; closing the merge closes (aborts) them all."""
-    q: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, s: AsyncIterator[RequestOutput]) -> None:
-        try:
-            async for out in s:
-                await q.put((i, out))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            await q.put(e)
-        finally:
-            await q.put(done)
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await q.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _completion_logprobs(
-    entries: list[tuple[int, PositionLogprobs | None]], tokenizer: Any, offset: int, top_n: int
-) -> dict:
-    """The legacy completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset.
-
-    NOTE: a position's dict holds the top-N in rank order, then the chosen token if it is not among them.
-    """
-    tokens, token_logprobs, top, offsets = [], [], [], []
-    for token_id, entry in entries:
-        text = entry[token_id].decoded_token if entry else tokenizer.decode([token_id])
-        tokens.append(text)
-        token_logprobs.append(entry[token_id].logprob if entry else None)
-        top.append({lp.decoded_token: lp.logprob for lp in list(entry.values())[:top_n]} if entry else None)
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def _chat_logprobs(logprobs: list[PositionLogprobs] | None, token_ids: list[int], top_n: int) -> dict | None:
-    if logprobs is None:
-        return None
-
-    def item(lp: Any) -> dict:
-        return {"token": lp.decoded_token, "logprob": lp.logprob, "bytes": list(lp.decoded_token.encode())}
-
-    content = [
-        {**item(entry[t]), "top_logprobs": [item(lp) for lp in list(entry.values())[:top_n]]}
-        for t, entry in zip(token_ids, logprobs, strict=True)
-    ]
-    return {"content": content}

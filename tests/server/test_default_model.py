@@ -119,7 +119,8 @@ def test_dropped_request_frees_its_blocks_within_2s(smol_server, path, payload, 
             lines = r.iter_lines()
             for _ in range(5):
                 next(lines)
-            assert metric(server, "kvloom:num_requests_running") == payload["n"]
+            # (the samples after the first are forked once its prompt is computed: give them a step)
+            assert wait_for(lambda: metric(server, "kvloom:num_requests_running") == payload["n"], timeout=5)
             lines.close()  # closes the connection: the disconnect
     else:
         result: list = []
