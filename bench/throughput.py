@@ -36,7 +36,7 @@ def bench_kvloom(args, prompts: list[list[int]]) -> dict:
 def bench_transformers(args, prompts) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from kvloom.config import resolve_dtype
+    from kvloom.engine_args import resolve_dtype
     from kvloom.loader import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.model)

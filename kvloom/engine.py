@@ -13,6 +13,7 @@ from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import Scheduler
 from kvloom.detokenizer import IncrementalDetokenizer
+from kvloom.engine_args import create_engine_config
 from kvloom.logger import init_logger
 from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from kvloom.request import Request, RequestStatus, TokenLogprobs
@@ -59,14 +60,14 @@ class LLMEngine:
             self.runner = ModelRunner(config, show_progress)
             self.tokenizer = tokenizer.result()
         self.kv_cache_manager = KVCacheManager(
-            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(
             self.kv_cache_manager,
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            config.max_model_len,
-            config.scheduling_policy,
+            config.scheduler.max_num_batched_tokens,
+            config.scheduler.max_num_seqs,
+            config.model.max_model_len,
+            config.scheduler.scheduling_policy,
         )
         self.proposer = build_proposer(config, self.runner.vocab_size, show_progress)
         self._groups: dict[str, _Group] = {}
@@ -77,16 +78,16 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self._last_log = time.monotonic()
         # NOTE: fewer threads while other processes keep the CPUs busy (see kvloom/worker/cpu_threads.py).
-        self.threads = ThreadGovernor.create(config.device, config.num_threads)
-        num_tokens = self.runner.num_blocks * config.block_size
+        self.threads = ThreadGovernor.create(config.device.device, config.parallel.num_threads)
+        num_tokens = self.runner.num_blocks * config.cache.block_size
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs; sampling seed %d; %d threads (%s)",
             config.checkpoint.path.name,
             config.model_type,
             str(config.dtype).removeprefix("torch."),
-            config.device,
+            config.device.device,
             time.perf_counter() - t0,
-            config.seed,
+            config.model.seed,
             torch.get_num_threads(),
             "fixed" if self.threads is None else self.threads.describe(),
         )
@@ -94,18 +95,18 @@ class LLMEngine:
             "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d; "
             "largest batch: %d sequences (%d at full max_model_len); token budget %d per step",
             self.runner.num_blocks,
-            config.block_size,
+            config.cache.block_size,
             num_tokens,
             self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**20,
-            config.max_model_len,
-            min(config.max_num_seqs, self.runner.num_blocks),
-            min(config.max_num_seqs, num_tokens // config.max_model_len),
-            config.max_num_batched_tokens,
+            config.model.max_model_len,
+            min(config.scheduler.max_num_seqs, self.runner.num_blocks),
+            min(config.scheduler.max_num_seqs, num_tokens // config.model.max_model_len),
+            config.scheduler.max_num_batched_tokens,
         )
 
     @classmethod
     def from_args(cls, model: str | None = None, show_progress: bool = True, **kwargs: Any) -> LLMEngine:
-        return cls(EngineConfig.create(model, **kwargs), show_progress)
+        return cls(create_engine_config(model, **kwargs), show_progress)
 
     # ---- requests -----------------------------------------------------------------------------------
     def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -121,10 +122,10 @@ class LLMEngine:
             raise ValueError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
             raise ValueError("prompt: empty prompt")
-        if len(ids) >= self.config.max_model_len:
+        if len(ids) >= self.config.model.max_model_len:
             raise ValueError(
                 f"prompt: {len(ids)} tokens leave no room to generate within max_model_len "
-                f"{self.config.max_model_len}"
+                f"{self.config.model.max_model_len}"
             )
         return text, ids
 
@@ -161,12 +162,12 @@ class LLMEngine:
         text, ids = self.tokenize_prompt(prompt)
         self._check_token_ids("logit_bias", list(params.logit_bias or {}))
         self._check_token_ids("stop_token_ids", params.stop_token_ids)
-        if params.num_samples > self.config.max_num_seqs:
+        if params.num_samples > self.config.scheduler.max_num_seqs:
             # NOTE: checked before any sample exists: n = 2^63 once allocated until the OS killed the server.
             field = "best_of" if params.best_of is not None else "n"
             raise ValueError(
-                f"{field}: {params.num_samples} samples exceed max_num_seqs ({self.config.max_num_seqs}), "
-                "the most sequences one batch holds"
+                f"{field}: {params.num_samples} samples exceed max_num_seqs "
+                f"({self.config.scheduler.max_num_seqs}), the most sequences one batch holds"
             )
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -216,7 +217,7 @@ class LLMEngine:
         a second run 0.2 s.) vLLM warms up at start-up too. The token and prefix-cache counters are reset
         afterwards. Returns the seconds it took."""
         t0 = time.perf_counter()
-        prompt_len = max(1, min(prompt_len, self.config.max_model_len - max_tokens - 1))
+        prompt_len = max(1, min(prompt_len, self.config.model.max_model_len - max_tokens - 1))
         vocab = self.config.hf_config.vocab_size
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
         for i in range(num_requests):

@@ -15,7 +15,7 @@ def perplexity(llm, text: str, window: int | None = None) -> tuple[float, int]: 
 
     Texts longer than ``window`` tokens (default: max_model_len) are scored in consecutive windows."""
     ids = llm.get_tokenizer().encode(text)
-    window = window or llm.engine.config.max_model_len
+    window = window or llm.engine.config.model.max_model_len
     chunks = [ids[i : i + window] for i in range(0, len(ids), window)]
     chunks = [c for c in chunks if len(c) > 1]
     outs = llm.generate(chunks, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)

@@ -30,10 +30,11 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvloom.config import SCHEDULING_POLICIES
 from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
 from kvloom.request import Request, RequestStatus
 
-POLICIES = ("fcfs", "priority", "fair")
+POLICIES = SCHEDULING_POLICIES
 # VTC weights of prompt and generated tokens (the paper's defaults).
 _W_PROMPT, _W_OUTPUT = 1.0, 2.0
 

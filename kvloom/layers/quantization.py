@@ -16,7 +16,6 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
 GGUF_NATIVE = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
 
 

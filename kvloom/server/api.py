@@ -84,7 +84,7 @@ def build_app(
 ) -> FastAPI:
     """The app. ``allowed_origins``: browser origins allowed by CORS (``["*"]`` for any); None = no CORS."""
     config = engine.engine.config
-    max_model_len = config.max_model_len
+    max_model_len = config.model.max_model_len
     # NOTE: the engine thread owns its tokenizer; handlers use their own copy (fast tokenizers must not be
     # used from two threads at once), on one thread of its own: a 7 MiB prompt took ~4 s to tokenize,
     # which on the event loop stalled /health and every stream. The tokenizers library lets go of the

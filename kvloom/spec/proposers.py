@@ -32,19 +32,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import ScheduledRequest, SchedulerOutput
+from kvloom.engine_args import create_engine_config
 from kvloom.logger import init_logger
 from kvloom.request import Request, RequestStatus
 from kvloom.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from kvloom.config import EngineConfig
     from kvloom.worker.model_runner import ModelRunnerOutput
 
 logger = init_logger(__name__)
 
-SPECULATIVE_METHODS = ("ngram", "draft")
 _DECAY = 0.8  # weight of the older acceptance observations per verification
 _DECAY_ALL = 0.98  # the same for the rate over all requests (a new request's prior)
 _ROW_COST = 0.05  # one more verified row, as a fraction of a decode step, until it is measured
@@ -237,7 +237,7 @@ class NgramProposer(Proposer):
         self, num_speculative_tokens: int, max_model_len: int, min_n: int, max_n: int, adaptive: bool = True
     ) -> None:
         super().__init__(num_speculative_tokens, max_model_len, adaptive)
-        self.min_n, self.max_n = min_n, max_n  # 1 <= min_n <= max_n: EngineConfig.create checks it
+        self.min_n, self.max_n = min_n, max_n  # 1 <= min_n <= max_n: create_engine_config checks it
 
     def _propose(self, wanted: list[tuple[Request, int]]) -> None:
         for r, k in wanted:
@@ -268,10 +268,12 @@ class DraftProposer(Proposer):
     ) -> None:
         from kvloom.worker.model_runner import ModelRunner
 
-        super().__init__(num_speculative_tokens, draft_config.max_model_len, adaptive)
+        super().__init__(num_speculative_tokens, draft_config.model.max_model_len, adaptive)
         self.config = draft_config
         self.runner = ModelRunner(draft_config, show_progress)
-        self.kv = KVCacheManager(self.runner.num_blocks, draft_config.block_size, enable_prefix_caching=False)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, draft_config.cache.block_size, enable_prefix_caching=False
+        )
         self.mirrors: dict[str, Request] = {}
         # Pass times (median: robust to the odd slow pass, such as the first one, which faults in the weights)
         self._recent_passes: collections.deque[float] = collections.deque(maxlen=15)
@@ -351,37 +353,33 @@ def _draft_params(params: SamplingParams) -> SamplingParams:
 
 def build_proposer(config: EngineConfig, vocab_size: int, show_progress: bool = True) -> Proposer | None:
     """The proposer the config asks for (None without speculation)."""
-    method = config.speculative_method
+    method = config.speculative.speculative_method
     if method is None:
         return None
     if method == "ngram":
         return NgramProposer(
-            config.num_speculative_tokens,
-            config.max_model_len,
-            config.prompt_lookup_min,
-            config.prompt_lookup_max,
-            config.adaptive_speculation,
+            config.speculative.num_speculative_tokens,
+            config.model.max_model_len,
+            config.speculative.prompt_lookup_min,
+            config.speculative.prompt_lookup_max,
+            config.speculative.adaptive_speculation,
         )
-    from kvloom.config import EngineConfig
-
-    draft_config = EngineConfig.create(
-        config.speculative_model or str(config.checkpoint.path),
+    # The draft: the target's options, its own checkpoint and weights, no prefix caching of its own.
+    options = {
+        k: v for g in ("model", "cache", "scheduler", "device") for k, v in vars(getattr(config, g)).items()
+    }
+    options.update(
+        model=config.speculative.speculative_model or str(config.checkpoint.path),
         dtype=config.dtype,
-        device=config.device,
-        max_model_len=config.max_model_len,
-        block_size=config.block_size,
-        kv_cache_memory=config.kv_cache_memory,
-        num_kv_blocks=config.num_kv_blocks,
-        reserve_kv_cache=config.reserve_kv_cache,
-        max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        seed=config.seed,
+        quantization=config.speculative.speculative_quantization,
         enable_prefix_caching=False,
-        cpu_kernels=config.cpu_kernels,
-        quantization=config.speculative_quantization,
     )
+    draft_config = create_engine_config(**options)
     proposer = DraftProposer(
-        draft_config, config.num_speculative_tokens, config.adaptive_speculation, show_progress
+        draft_config,
+        config.speculative.num_speculative_tokens,
+        config.speculative.adaptive_speculation,
+        show_progress,
     )
     if proposer.runner.vocab_size != vocab_size:
         raise ValueError(

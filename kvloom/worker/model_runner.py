@@ -73,18 +73,19 @@ class ModelRunnerOutput:
 
 def num_kv_blocks(config: EngineConfig) -> int:
     """How many KV blocks the pool gets: from the memory budget, never more than max_num_seqs can use."""
-    bs = config.block_size
-    blocks_per_seq = cdiv(config.max_model_len, bs)
-    if config.num_kv_blocks is not None:
-        n = config.num_kv_blocks
+    bs = config.cache.block_size
+    blocks_per_seq = cdiv(config.model.max_model_len, bs)
+    if config.cache.num_kv_blocks is not None:
+        n = config.cache.num_kv_blocks
     else:
         n = min(
-            config.kv_cache_memory // (config.kv_bytes_per_token * bs), config.max_num_seqs * blocks_per_seq
+            config.cache.kv_cache_memory // (config.kv_bytes_per_token * bs),
+            config.scheduler.max_num_seqs * blocks_per_seq,
         )
     if n < blocks_per_seq:
         raise ValueError(
             f"kv_cache_memory: the KV pool holds {n * bs} tokens ({n} blocks), fewer than one sequence of "
-            f"max_model_len={config.max_model_len}; give it more memory or lower max_model_len"
+            f"max_model_len={config.model.max_model_len}; give it more memory or lower max_model_len"
         )
     return n
 
@@ -92,13 +93,13 @@ def num_kv_blocks(config: EngineConfig) -> int:
 class ModelRunner:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        if config.num_threads is not None:
-            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device.device)
+        if config.parallel.num_threads is not None:
+            torch.set_num_threads(config.parallel.num_threads)
         hf = config.hf_config
         model_cls = get_model_class(config.model_type)
         with torch.device("meta"), _default_dtype(config.dtype):
-            model = model_cls(hf, config.max_model_len, config.dtype, self.device)
+            model = model_cls(hf, config.model.max_model_len, config.dtype, self.device)
         _materialize(model, self.device)
         ckpt = config.checkpoint
         self.kernels = None
@@ -106,13 +107,13 @@ class ModelRunner:
             from kvloom.kernels import load_cpu_kernels
 
             self.kernels = load_cpu_kernels()
-        if self.kernels is None and config.quantization in ("int8", "int4"):
+        if self.kernels is None and config.model.quantization in ("int8", "int4"):
             raise ValueError(
-                f"quantization: {config.quantization} needs kvloom's CPU kernels (x86-64 with AVX-512 BF16, "
-                "a C compiler, cpu_kernels on); they are not available here"
+                f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "
+                "AVX-512 BF16, a C compiler, cpu_kernels on); they are not available here"
             )
         # GGUF blocks run as they are under "auto"; int8/int4 re-quantize the dequantized weights.
-        keep_quantized = self.kernels is not None and config.quantization == "auto"
+        keep_quantized = self.kernels is not None and config.model.quantization == "auto"
         weights = tqdm(
             ckpt.iter_tensors(config.dtype, keep_quantized=keep_quantized),
             total=ckpt.num_tensors(),
@@ -123,7 +124,7 @@ class ModelRunner:
         )
         model.load_weights(weights)
         if self.kernels is not None:
-            model.use_kernels(self.kernels, config.quantization)
+            model.use_kernels(self.kernels, config.model.quantization)
         formats = Counter(m.quant for m in model.modules() if isinstance(m, Linear) and m.kernels is not None)
         logger.info(
             "Compute: %s on %s, %s",
@@ -146,7 +147,7 @@ class ModelRunner:
             2,
             hf.num_key_value_heads,  # head-major: a head's blocks are rows the attention gathers whole
             self.num_blocks,
-            config.block_size,
+            config.cache.block_size,
             config.head_dim,
         )
         if self.device.type == "cpu":
@@ -160,14 +161,14 @@ class ModelRunner:
             # page: attention reading them mapped the zero page there, so the first write to that block
             # faulted again and flushed every core's TLB (IPIs). 32 x (128, 128): 468-528 -> 550-597 tok/s.
             nbytes = int(np.prod(shape)) * config.dtype.itemsize
-            hugepages = _set_madvise_hugepage(config.reserve_kv_cache)
+            hugepages = _set_madvise_hugepage(config.cache.reserve_kv_cache)
             try:
                 raw = np.zeros(nbytes + PAGE, dtype=np.uint8)
             finally:
                 _set_madvise_hugepage(hugepages)
             start = -raw.ctypes.data % PAGE
             self.kv_cache = torch.from_numpy(raw[start : start + nbytes]).view(config.dtype).view(shape)
-            if config.reserve_kv_cache:
+            if config.cache.reserve_kv_cache:
                 self._reserve_kv_pool()
         else:
             self.kv_cache = torch.zeros(shape, dtype=config.dtype, device=self.device)
@@ -175,9 +176,9 @@ class ModelRunner:
         # The kernels' attention (and their cache layout) for every step, when they take this model.
         attn0 = model.model.layers[0].self_attn
         self.kernel_attention = self.kernels is not None and self.kernels.kernel_attention_ok(
-            config.dtype, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, config.block_size
+            config.dtype, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, config.cache.block_size
         )
-        self.generator = torch.Generator(self.device).manual_seed(config.seed)
+        self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
 
     def _reserve_kv_pool(self) -> None:
         """Make every page of the CPU KV pool resident now (reserve_kv_cache).
@@ -227,7 +228,7 @@ class ModelRunner:
         """Run one step; sample every request that reached its last token, verifying its proposals.
         ``keep_probs``: also return the distribution each request's token was drawn from (a draft
         model's proposals need them)."""
-        bs = self.config.block_size
+        bs = self.config.cache.block_size
         dev = self.device
         # Single-token queries first: the attention batches them in one call.
         entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)

@@ -184,7 +184,7 @@ def test_no_kv_leak_after_rejections_preemption_and_aborts(stories, random_draft
         reserve_kv_cache=True,
     )
     engine = llm.engine
-    assert engine.proposer.runner.config.reserve_kv_cache  # the draft's pool is written up front too
+    assert engine.proposer.runner.config.cache.reserve_kv_cache  # the draft's pool is written up front too
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, GREEDY)
     engine.add_request("aborted", "Lily went", SamplingParams(max_tokens=40, ignore_eos=True))
@@ -271,7 +271,7 @@ def test_int4_self_draft_in_bf16(tmp_path, stories):
         num_speculative_tokens=3,
         adaptive_speculation=False,
     )
-    assert spec.engine.proposer.config.quantization == "int4"
+    assert spec.engine.proposer.config.model.quantization == "int4"
     want = [o.outputs[0].token_ids for o in base.generate(prompts, params)]
     assert [o.outputs[0].token_ids for o in spec.generate(prompts, params)] == want
     # random weights give flat distributions that int4 rounding often reorders; real models agree more

@@ -1,0 +1,171 @@
+"""Options -> EngineConfig: find the checkpoint, read its config, check every option (ValueError naming
+it, before anything loads), and fill in the defaults that depend on the model or the machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from kvloom.config import (
+    GROUPS,
+    QUANTIZATIONS,
+    SCHEDULING_POLICIES,
+    SPECULATIVE_METHODS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    split_kwargs,
+)
+from kvloom.loader.checkpoint import resolve_checkpoint
+from kvloom.models import get_model_class
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+GiB = 1 << 30
+
+
+def _default_kv_cache_memory() -> int:
+    """A tenth of physical memory, at most 2 GiB: plenty for small models, never crowding the host."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        total = 8 * GiB
+    return min(2 * GiB, total // 10)
+
+
+def resolve_dtype(
+    dtype: str | torch.dtype, hf_config: Any, checkpoint_format: str, device: str
+) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        # GGUF weights are dequantized, so pick the fastest float the device has: bf16.
+        if checkpoint_format == "gguf":
+            return torch.bfloat16
+        # NOTE: transformers 5 calls it `dtype` and warns on `torch_dtype`; 4.x has only `torch_dtype`.
+        name = "dtype" if hasattr(hf_config, "dtype") else "torch_dtype"
+        cfg = getattr(hf_config, name, None)
+        if cfg is None:
+            return torch.bfloat16
+        cfg = (
+            cfg
+            if isinstance(cfg, torch.dtype)
+            else _DTYPES.get(str(cfg).removeprefix("torch."), torch.float32)
+        )
+        # float16 is slow on CPUs; bfloat16 has the same memory cost.
+        return torch.bfloat16 if (cfg == torch.float16 and device == "cpu") else cfg
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _one_of(name: str, value: Any, choices: tuple, allow_none: bool = False) -> None:
+    if not (value in choices or (allow_none and value is None)):
+        unset = " (or unset)" if allow_none else ""
+        raise ValueError(f"{name} must be one of {', '.join(choices)}{unset}, got {value!r}")
+
+
+def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) -> EngineConfig:
+    """Resolve options (the fields of kvloom.config's groups, by name) into an EngineConfig."""
+    groups = split_kwargs({"model": None if model is None else str(model), **kwargs})
+    dtype = groups["model"].pop("dtype", "auto")  # a torch.dtype is accepted too; the field keeps a name
+    m = ModelConfig(**groups["model"])
+    cache = CacheConfig(**groups["cache"])
+    sched = SchedulerConfig(**groups["scheduler"])
+    spec = SpeculativeConfig(**groups["speculative"])
+    parallel = GROUPS["parallel"](**groups["parallel"])
+    device = GROUPS["device"](**groups["device"])
+
+    checkpoint = resolve_checkpoint(m.model)
+    hf_config = checkpoint.hf_config
+    get_model_class(hf_config.model_type)  # unsupported architectures fail here, before any loading
+    dev = device.device
+    if dev not in ("cpu", "cuda") and not dev.startswith("cuda:"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {dev!r}")
+    context = int(getattr(hf_config, "max_position_embeddings", 2048))
+    max_model_len = context if m.max_model_len is None else m.max_model_len
+    _positive("max_model_len", max_model_len)
+    if max_model_len > context:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context}")
+    _positive("block_size", cache.block_size, allow_none=False)
+    _positive("max_num_seqs", sched.max_num_seqs, allow_none=False)
+    _positive("max_num_batched_tokens", sched.max_num_batched_tokens)
+    _positive("num_kv_blocks", cache.num_kv_blocks)
+    _positive("num_threads", parallel.num_threads)
+    _one_of("scheduling_policy", sched.scheduling_policy, SCHEDULING_POLICIES)
+    _one_of("quantization", m.quantization, QUANTIZATIONS)
+    quant = m.quantization
+    resolved_dtype = resolve_dtype(
+        "bfloat16" if quant in ("int8", "int4") and dtype == "auto" else dtype,
+        hf_config,
+        checkpoint.format,
+        dev,
+    )
+    if quant in ("int8", "int4") and (resolved_dtype != torch.bfloat16 or dev != "cpu"):
+        raise ValueError(
+            f"quantization: {quant} runs in kvloom's CPU kernels on bf16 activations; "
+            f"use dtype bfloat16 on the cpu device (got {resolved_dtype}, {dev})"
+        )
+    _one_of("speculative_method", spec.speculative_method, SPECULATIVE_METHODS, allow_none=True)
+    k = spec.num_speculative_tokens
+    if not isinstance(k, int) or not 1 <= k <= 16:
+        raise ValueError(f"num_speculative_tokens must be in [1, 16], got {k!r}")
+    if spec.speculative_model is not None and spec.speculative_method != "draft":
+        raise ValueError("speculative_model: only the draft method uses a draft model")
+    if not 1 <= spec.prompt_lookup_min <= spec.prompt_lookup_max:
+        raise ValueError(
+            "prompt_lookup_min/max: need 1 <= min <= max, "
+            f"got {spec.prompt_lookup_min}, {spec.prompt_lookup_max}"
+        )
+    # The target as its own draft is only cheaper with smaller weights; a separate draft runs as is.
+    spec_quant = spec.speculative_quantization or ("auto" if spec.speculative_model else "int4")
+    _one_of("speculative_quantization", spec_quant, QUANTIZATIONS)
+    return EngineConfig(
+        model=dataclasses.replace(
+            m,
+            dtype=str(resolved_dtype).removeprefix("torch."),
+            max_model_len=max_model_len,
+            # NOTE: None draws one (the CLI's default, so sampling differs from run to run; logged by the
+            # engine so that a run can be repeated with --seed).
+            seed=m.seed if m.seed is not None else int.from_bytes(os.urandom(4), "little"),
+        ),
+        cache=dataclasses.replace(
+            cache,
+            kv_cache_memory=cache.kv_cache_memory
+            if cache.kv_cache_memory is not None
+            else _default_kv_cache_memory(),
+            reserve_kv_cache=bool(cache.reserve_kv_cache),
+        ),
+        scheduler=dataclasses.replace(
+            sched, max_num_batched_tokens=sched.max_num_batched_tokens or max(2048, sched.max_num_seqs)
+        ),
+        parallel=parallel,
+        speculative=dataclasses.replace(
+            spec,
+            speculative_model=None if spec.speculative_model is None else str(spec.speculative_model),
+            speculative_quantization=spec_quant,
+        ),
+        device=device,
+        checkpoint=checkpoint,
+        hf_config=hf_config,
+        dtype=resolved_dtype,
+    )
