@@ -50,7 +50,7 @@ ENGINES = {
 
 
 def cache() -> Path:
-    from kvloom.kernels import cache_dir
+    from kvloom.backends.cpu.kernels import cache_dir
 
     return cache_dir() / "bench"
 
@@ -171,7 +171,7 @@ class MatmulRate:
     def __init__(self, threads: int) -> None:
         import torch
 
-        from kvloom.kernels import load_cpu_kernels
+        from kvloom.backends.cpu.kernels import load_cpu_kernels
 
         torch.set_num_threads(threads)
         g = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ class PeakRate:
     def __init__(self, threads: int) -> None:
         import torch
 
-        from kvloom.kernels import load_cpu_kernels
+        from kvloom.backends.cpu.kernels import load_cpu_kernels
 
         torch.set_num_threads(threads)  # the OpenMP runtime this library shares with torch
         self.fn = None

@@ -7,13 +7,13 @@ requests, contexts and machine state. Each build has -DKV_PROFILE: thread 0 time
 layer (norm, qkv, rope + cache write, attention, o, norm, gate/up, silu, down; one barrier per phase).
 
     python bench/kernel_ab.py                                         # this tree, twice (the noise floor)
-    python bench/kernel_ab.py --variant base=kvloom/kernels/cpu_kernels.c \\
+    python bench/kernel_ab.py --variant base=kvloom/backends/cpu/cpu_kernels.c \\
                               --variant try=/tmp/cpu_kernels_try.c
-    python bench/kernel_ab.py --variant a=kvloom/kernels/cpu_kernels.c:-DLIN_GROUP=2
+    python bench/kernel_ab.py --variant a=kvloom/backends/cpu/cpu_kernels.c:-DLIN_GROUP=2
 
 `--prefill` times the prefill steps instead (one output token per request).
 A variant is NAME=SOURCE[:EXTRA CFLAGS]; every source must keep this tree's C interface (ctypes
-signatures in kvloom/kernels/__init__.py). The workload: 32 requests x (128 prompt, 128 output tokens) of
+signatures in kvloom/backends/cpu/kernels.py). The workload: 32 requests x (128 prompt, 128 output tokens) of
 random ids, greedy, the bf16 copy of the default model that bench/compare.py writes (made if missing).
 Run it alone on the machine.
 """
@@ -76,7 +76,7 @@ def main() -> int:
     from compare import hf_bf16_folder
 
     from kvloom import LLM, SamplingParams
-    from kvloom.kernels import CpuKernels, FusedDecodeLayers
+    from kvloom.backends.cpu.kernels import CpuKernels, FusedDecodeLayers
     from kvloom.loader.checkpoint import default_model_path
 
     tmp = Path(tempfile.mkdtemp(prefix="kvloom-ab-"))

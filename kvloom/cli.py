@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     runs_engine = args.command in ("generate", "serve") or getattr(args, "bench_command", None) != "serve"
     if runs_engine and getattr(args, "cpu_kernels", True):
         # A first start compiles the CPU kernels (~5 s of one core): start now, before torch is imported.
-        from kvloom.kernel_build import prebuild_cpu_kernels
+        from kvloom.backends.cpu.build import prebuild_cpu_kernels
 
         prebuild_cpu_kernels()
     try:

@@ -134,7 +134,7 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
-    kernels=None,  # kvloom.kernels.CpuKernels: needed when meta has token tables (the kernels' cache layout)
+    kernels=None,  # backends.cpu.kernels.CpuKernels: needed when meta has token tables (their cache layout)
     cache_written: bool = False,  # K/V of this step are in the cache already (the fused rope kernel)
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]

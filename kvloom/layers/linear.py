@@ -14,7 +14,7 @@ class Linear(nn.Linear):
     Packing replaces the weight (no second copy is kept): after `pack`, `weight` is None.
     """
 
-    kernels = None  # a kvloom.kernels.CpuKernels once packed
+    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once packed
     quant: str = "bf16"  # what the packed weight is: bf16, q4 or q8 (logged, tested)
 
     def reset_parameters(self) -> None:

@@ -11,7 +11,7 @@ class RMSNorm(nn.Module):
     residual stream, fused into one pass by the CPU kernels (which update the residual in place).
     """
 
-    kernels = None  # a kvloom.kernels.CpuKernels once the model runner turns them on
+    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once the model runner turns them on
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

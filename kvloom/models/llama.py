@@ -40,7 +40,7 @@ def layer_window(config: Any, layer: int) -> int | None:
 
 
 class Attention(nn.Module):
-    kernels = None  # a kvloom.kernels.CpuKernels once the model runner turns them on
+    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once the model runner turns them on
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -97,7 +97,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    kernels = None  # a kvloom.kernels.CpuKernels once the model runner turns them on
+    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once the model runner turns them on
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -204,7 +204,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [num_seqs, vocab_size], model dtype (the sampler converts)
 
-    fused_decode = None  # kvloom.kernels.FusedDecodeLayers: all layers in one C call (steps the kernels take)
+    # backends.cpu.kernels.FusedDecodeLayers: all layers in one C call (on the steps the kernels take)
+    fused_decode = None
 
     def use_kernels(self, kernels, quantization: str = "auto") -> None:
         """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the
@@ -212,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         Weights loaded quantized run quantized; quantization int8/int4 quantizes the others (round to
         nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
         Call after load_weights."""
-        from kvloom.kernels import FusedDecodeLayers
+        from kvloom.backends.cpu.kernels import FusedDecodeLayers
 
         quantized = getattr(self, "quantized", {})
         for name, module in self.named_modules():

@@ -104,7 +104,7 @@ class ModelRunner:
         ckpt = config.checkpoint
         self.kernels = None
         if config.wants_cpu_kernels:
-            from kvloom.kernels import load_cpu_kernels
+            from kvloom.backends.cpu.kernels import load_cpu_kernels
 
             self.kernels = load_cpu_kernels()
         if self.kernels is None and config.model.quantization in ("int8", "int4"):

@@ -11,8 +11,8 @@ import torch
 from transformers import LlamaConfig
 
 from kvloom import LLM, SamplingParams
+from kvloom.backends.cpu.kernels import load_cpu_kernels
 from kvloom.engine import LLMEngine
-from kvloom.kernels import load_cpu_kernels
 
 from ..models.reference import KERNEL_SHAPES, save_random_model
 

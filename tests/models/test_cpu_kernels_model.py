@@ -13,7 +13,7 @@ import torch
 from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from kvloom import LLM, SamplingParams
-from kvloom.kernels import load_cpu_kernels
+from kvloom.backends.cpu.kernels import load_cpu_kernels
 
 from .reference import KERNEL_SHAPES, random_prompts, save_random_model
 

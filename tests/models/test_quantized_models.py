@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig
 
 from kvloom import LLM, SamplingParams
+from kvloom.backends.cpu.kernels import load_cpu_kernels
 from kvloom.benchmarks.perplexity import DEFAULT_TEXT, perplexity
-from kvloom.kernels import load_cpu_kernels
 from kvloom.layers.linear import Linear
 
 from .reference import KERNEL_SHAPES, random_prompts, save_random_model

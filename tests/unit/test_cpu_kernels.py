@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvloom.kernels import load_cpu_kernels
+from kvloom.backends.cpu.kernels import load_cpu_kernels
 from kvloom.layers.attention import AttentionMetadata, _gather, _grouped_attention
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.rotary import RotaryEmbedding
@@ -186,7 +186,7 @@ def test_profile_build_compiles(tmp_path):
     import ctypes
     import subprocess
 
-    from kvloom.kernels import _SOURCE
+    from kvloom.backends.cpu.kernels import _SOURCE
 
     out = tmp_path / "profile.so"
     cmd = ["cc", "-O1", "-march=native", "-fopenmp", "-shared", "-fPIC", "-DKV_PROFILE", str(_SOURCE)]
@@ -197,7 +197,7 @@ def test_profile_build_compiles(tmp_path):
 def test_install_time_build_is_found_before_the_cache(tmp_path, monkeypatch):
     """setup.py's build (build_for_install, beside the source) is what a start loads: nothing is built
     into the cache; a changed source (or compiler, or CPU) names another file, which then is built there."""
-    from kvloom import kernel_build
+    from kvloom.backends.cpu import build as kernel_build
 
     src = tmp_path / "pkg" / "cpu_kernels.c"
     src.parent.mkdir()

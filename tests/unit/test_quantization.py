@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from kvloom.kernels import load_cpu_kernels
+from kvloom.backends.cpu.kernels import load_cpu_kernels
 from kvloom.layers.quantization import QuantizedWeight, from_gguf, quantize_rtn
 
 K = load_cpu_kernels()

@@ -1,6 +1,6 @@
 /* kvloom's CPU kernels for bf16 models on x86-64 with AVX-512 BF16 (AMD Zen 4+, Intel Cooper Lake+).
  *
- * Plain C with OpenMP, built by kvloom/kernels/__init__.py with the system compiler on first use and
+ * Plain C with OpenMP, built by build.py beside it with the system compiler (at install or first use) and
  * called through ctypes with raw pointers: no PyTorch headers, so the build takes about a second.
  * The shared object needs libgomp.so.1 by soname, so inside a process where torch is loaded it shares
  * torch's OpenMP runtime and thread pool (one set of threads, never two spinning against each other).
@@ -71,7 +71,7 @@ INLINE void store16_mask(bf16 *p, __m512 v, __mmask16 m) {
 
 /* ---------------------------------------------------------------------------------------------------
  * Linear on packed weights: y[m, n] = bf16(sum_k x[m, k] * w[n, k] + bias[n]).
- * The weight is packed once at load (kvloom/kernels/__init__.py, pack_linear_weight) as
+ * The weight is packed once at load (kvloom/backends/cpu/kernels.py, pack_linear_weight) as
  * [ceil(N / 16), K / 2, 16, 2]: for each block of 16 outputs, the K/2 pairs of consecutive k, 16 outputs
  * wide. One vdpbf16ps then adds a broadcast pair of x into all 16 outputs of a block: no horizontal sums,
  * and each block is one contiguous stream, which the hardware prefetcher follows at full bandwidth.

@@ -4,7 +4,7 @@
 no C compiler, or KVLOOM_CPU_KERNELS=0. Every caller keeps its PyTorch path for None, for fp32/fp16 models
 and for shapes a kernel does not take, so the kernels only ever replace work, never add features.
 
-Building and caching the shared object: kvloom/kernel_build.py (standard library only, so the CLI starts
+Building and caching the shared object: kvloom/backends/cpu/build.py (standard library only, so the CLI starts
 the compile before it imports torch).
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvloom.kernel_build import (  # noqa: F401 - cache_dir, _SOURCE and prebuild_cpu_kernels are used from here
+from kvloom.backends.cpu.build import (  # noqa: F401 - cache_dir, _SOURCE and prebuild_cpu_kernels are used from here
     _SOURCE,
     _build,
     _unsupported,

@@ -1,5 +1,5 @@
-"""Building kvloom's CPU kernels (kvloom/kernels/cpu_kernels.c): standard library only, so that the CLI can
-start the compile before it imports torch.
+"""Building kvloom's CPU kernels (cpu_kernels.c beside this file): standard library only, so that the CLI
+can start the compile before it imports torch.
 
 `pip install` builds it (setup.py, build_for_install) beside the source, so that no start pays the build
 (about 5 s of one core at -O3; -O2 builds in half the time but runs the linear layers 3x slower: they
@@ -23,7 +23,7 @@ from kvloom.logger import init_logger
 
 logger = init_logger(__name__)
 
-_SOURCE = Path(__file__).parent / "kernels" / "cpu_kernels.c"
+_SOURCE = Path(__file__).parent / "cpu_kernels.c"
 _REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 
 
@@ -96,7 +96,7 @@ def _build() -> Path:
 
 
 def build_for_install(dest: Path) -> Path | None:
-    """pip install's build (setup.py): the .so into `dest`, the installed kvloom/kernels/ folder, where
+    """pip install's build (setup.py): the .so into `dest`, the installed kvloom/backends/cpu/ folder, where
     _built() looks first. Never fails the install: where the kernels cannot run or the compiler fails, it
     says why and kvloom runs on PyTorch ops (or builds on a later start, once a compiler is there)."""
     why = _unsupported()
