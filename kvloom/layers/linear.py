@@ -4,43 +4,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvloom.layers.quantization import QuantizedWeight
+
+class LinearMethod:
+    """How a Linear computes ``x @ W.T + b``. This base is PyTorch on the layer's own weight, the
+    reference every device runs; a backend gives a layer a method of its own that holds the weight in
+    the backend's form (kvloom/backends/cpu: packed bf16 or quantized blocks). The layer never asks which.
+    """
+
+    weight_format = "bf16"  # what the weight is (bf16, q4, q8): logged, tested
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that, once packed for the CPU kernels, multiplies with its packed weight: the bf16 weight
-    in the kernels' layout, or a group-quantized one (kvloom/layers/quantization.py) kept quantized.
+    """nn.Linear whose forward is its method's (``LinearMethod``): a backend may replace the method, and
+    with it the weight (the plain weight is then None: no second copy is kept)."""
 
-    Packing replaces the weight (no second copy is kept): after `pack`, `weight` is None.
-    """
-
-    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once packed
-    quant: str = "bf16"  # what the packed weight is: bf16, q4 or q8 (logged, tested)
+    method: LinearMethod = LinearMethod()
 
     def reset_parameters(self) -> None:
         """No random init: every weight comes from the checkpoint. (On the meta device, nn.init's
         normal_ goes through torch's reference ops, which import torch._dynamo: 1 s of start-up.)"""
 
-    def pack(self, kernels, quantized: QuantizedWeight | None = None) -> None:
-        if quantized is None:
-            self.packed = kernels.pack_linear_weight(self.weight.data)
-            self.desc = kernels.linear_desc(self.packed, self.bias)
-        else:
-            if quantized.shape != (self.out_features, self.in_features):
-                raise ValueError(
-                    f"model: quantized weight of shape {quantized.shape} for a "
-                    f"{self.out_features}x{self.in_features} layer"
-                )
-            self.packed = quantized.pack()
-            self.desc = kernels.linear_desc(self.packed, self.bias, quantized.kind, quantized.group)
-            self.quant = f"q{quantized.kind}"
-        self.weight = None
-        self.kernels = kernels
+    @property
+    def quant(self) -> str:
+        return self.method.weight_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels is not None:
-            return self.kernels.run_linear(self.desc, x, self.in_features, self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return self.method.apply(self, x)
 
 
 class Embedding(nn.Embedding):

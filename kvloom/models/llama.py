@@ -213,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         Weights loaded quantized run quantized; quantization int8/int4 quantizes the others (round to
         nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
         Call after load_weights."""
-        from kvloom.backends.cpu.kernels import FusedDecodeLayers
+        from kvloom.backends.cpu.kernels import FusedDecodeLayers, PackedLinearMethod
 
         quantized = getattr(self, "quantized", {})
         for name, module in self.named_modules():
@@ -221,14 +221,15 @@ class LlamaForCausalLM(nn.Module):
                 key = f"{name}.weight"
                 if key in quantized:
                     shards = quantized.pop(key)
-                    module.pack(kernels, QuantizedWeight.cat([shards[i] for i in sorted(shards)]))
+                    whole = QuantizedWeight.cat([shards[i] for i in sorted(shards)])
+                    PackedLinearMethod.install(kernels, module, whole)
                 elif module.weight is None or not kernels.can_pack(module.weight):
                     continue
                 elif quantization in ("int8", "int4"):
                     bits = 8 if quantization == "int8" or name == "lm_head" else 4
-                    module.pack(kernels, quantize_rtn(module.weight.data, bits))
+                    PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
                 else:
-                    module.pack(kernels)
+                    PackedLinearMethod.install(kernels, module)
             elif isinstance(module, (RMSNorm, Attention, MLP)):
                 module.kernels = kernels
         if FusedDecodeLayers.supports(self):

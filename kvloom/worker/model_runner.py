@@ -20,7 +20,7 @@ from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import cdiv
 from kvloom.core.scheduler import SchedulerOutput
 from kvloom.layers.attention import AttentionMetadata, PrefillSeq
-from kvloom.layers.linear import Linear
+from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
@@ -125,7 +125,9 @@ class ModelRunner:
         model.load_weights(weights)
         if self.kernels is not None:
             model.use_kernels(self.kernels, config.model.quantization)
-        formats = Counter(m.quant for m in model.modules() if isinstance(m, Linear) and m.kernels is not None)
+        formats = Counter(
+            m.quant for m in model.modules() if isinstance(m, Linear) and type(m.method) is not LinearMethod
+        )
         logger.info(
             "Compute: %s on %s, %s",
             str(config.dtype).removeprefix("torch."),

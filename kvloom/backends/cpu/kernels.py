@@ -24,6 +24,8 @@ from kvloom.backends.cpu.build import (  # noqa: F401 - cache_dir, _SOURCE and p
     prebuild_cpu_kernels,
     wait_for_prebuild,
 )
+from kvloom.layers.linear import Linear, LinearMethod
+from kvloom.layers.quantization import QuantizedWeight
 from kvloom.logger import init_logger
 
 logger = init_logger(__name__)
@@ -335,7 +337,7 @@ class FusedDecodeLayers:
         self._descs = []  # the KvLin descriptors the array points at
         for spec, layer in zip(self.layers, model.model.layers, strict=True):
             a, m = layer.self_attn, layer.mlp
-            descs = [lin.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+            descs = [lin.method.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
             self._descs.append(descs)
             spec.norm_in = _ptr(layer.input_layernorm.weight)
             spec.norm_post = _ptr(layer.post_attention_layernorm.weight)
@@ -350,7 +352,7 @@ class FusedDecodeLayers:
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            if a.qk_norm or any(lin.kernels is None for lin in linears):
+            if a.qk_norm or any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
                 return False
             if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
                 return False
@@ -426,3 +428,34 @@ def load_cpu_kernels() -> CpuKernels | None:
     except (RuntimeError, OSError) as e:
         logger.warning("CPU kernels off: %s", e)
         return None
+
+
+class PackedLinearMethod(LinearMethod):
+    """A Linear on the kernels: its weight packed (bf16) or kept quantized (``QuantizedWeight``: GGUF
+    blocks as loaded, or int8/int4 from --quantization), in place of the plain one. NOTE: ``desc`` holds
+    raw addresses of ``packed`` (and the layer's bias), which this method keeps alive."""
+
+    def __init__(self, kernels: CpuKernels, packed: torch.Tensor, desc: KvLin, weight_format: str) -> None:
+        self.kernels, self.packed, self.desc, self.weight_format = kernels, packed, desc, weight_format
+
+    @classmethod
+    def install(cls, kernels: CpuKernels, layer: Linear, quantized: QuantizedWeight | None = None) -> None:
+        """Give ``layer`` this method, packing its weight (or taking ``quantized``), and drop the plain
+        weight."""
+        if quantized is None:
+            packed = kernels.pack_linear_weight(layer.weight.data)
+            method = cls(kernels, packed, kernels.linear_desc(packed, layer.bias), "bf16")
+        else:
+            if quantized.shape != (layer.out_features, layer.in_features):
+                raise ValueError(
+                    f"model: quantized weight of shape {quantized.shape} for a "
+                    f"{layer.out_features}x{layer.in_features} layer"
+                )
+            packed = quantized.pack()
+            desc = kernels.linear_desc(packed, layer.bias, quantized.kind, quantized.group)
+            method = cls(kernels, packed, desc, f"q{quantized.kind}")
+        layer.weight = None
+        layer.method = method
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.run_linear(self.desc, x, layer.in_features, layer.out_features)
