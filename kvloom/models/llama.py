@@ -17,7 +17,7 @@ from torch import nn
 from kvloom.layers.attention import AttentionMetadata, paged_attention
 from kvloom.layers.linear import Embedding, Linear
 from kvloom.layers.norm import RMSNorm
-from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
+from kvloom.layers.quantization import QuantizedWeight
 from kvloom.layers.rotary import RotaryEmbedding
 
 
@@ -204,43 +204,16 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [num_seqs, vocab_size], model dtype (the sampler converts)
 
-    # backends.cpu.kernels.FusedDecodeLayers: all layers in one C call (on the steps the kernels take)
+    # Set by a backend (backends/cpu: FusedDecodeLayers): all layers in one call on the steps it takes.
     fused_decode = None
-
-    def use_kernels(self, kernels, quantization: str = "auto") -> None:
-        """Run on kvloom's CPU kernels: pack every linear weight (in place of the plain one) and point the
-        norms, attention and MLP blocks at the kernels; all-decode steps then run each layer as one call.
-        Weights loaded quantized run quantized; quantization int8/int4 quantizes the others (round to
-        nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
-        Call after load_weights."""
-        from kvloom.backends.cpu.kernels import FusedDecodeLayers, PackedLinearMethod
-
-        quantized = getattr(self, "quantized", {})
-        for name, module in self.named_modules():
-            if isinstance(module, Linear):
-                key = f"{name}.weight"
-                if key in quantized:
-                    shards = quantized.pop(key)
-                    whole = QuantizedWeight.cat([shards[i] for i in sorted(shards)])
-                    PackedLinearMethod.install(kernels, module, whole)
-                elif module.weight is None or not kernels.can_pack(module.weight):
-                    continue
-                elif quantization in ("int8", "int4"):
-                    bits = 8 if quantization == "int8" or name == "lm_head" else 4
-                    PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
-                else:
-                    PackedLinearMethod.install(kernels, module)
-            elif isinstance(module, (RMSNorm, Attention, MLP)):
-                module.kernels = kernels
-        if FusedDecodeLayers.supports(self):
-            self.fused_decode = FusedDecodeLayers(kernels, self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy checkpoint tensors (transformers names) into the parameters, fusing q/k/v and gate/up."""
         tied = getattr(self.config, "tie_word_embeddings", False)
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[tuple[str, int]] = set()
-        # Quantized linear weights (GGUF kept as is) wait here, by parameter and shard, for use_kernels.
+        # Quantized linear weights (GGUF kept as is) wait here, by parameter and shard, for the backend
+        # that runs them (backends/cpu: use_cpu_kernels).
         self.quantized: dict[str, dict[int, QuantizedWeight]] = {}
         for name, tensor in weights:
             if isinstance(tensor, QuantizedWeight):

@@ -104,7 +104,7 @@ class ModelRunner:
         ckpt = config.checkpoint
         self.kernels = None
         if config.wants_cpu_kernels:
-            from kvloom.backends.cpu.kernels import load_cpu_kernels
+            from kvloom.backends.cpu.kernels import load_cpu_kernels, use_cpu_kernels
 
             self.kernels = load_cpu_kernels()
         if self.kernels is None and config.model.quantization in ("int8", "int4"):
@@ -124,7 +124,7 @@ class ModelRunner:
         )
         model.load_weights(weights)
         if self.kernels is not None:
-            model.use_kernels(self.kernels, config.model.quantization)
+            use_cpu_kernels(model, self.kernels, config.model.quantization)
         formats = Counter(
             m.quant for m in model.modules() if isinstance(m, Linear) and type(m.method) is not LinearMethod
         )

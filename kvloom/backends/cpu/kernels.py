@@ -25,8 +25,10 @@ from kvloom.backends.cpu.build import (  # noqa: F401 - cache_dir, _SOURCE and p
     wait_for_prebuild,
 )
 from kvloom.layers.linear import Linear, LinearMethod
-from kvloom.layers.quantization import QuantizedWeight
+from kvloom.layers.norm import RMSNorm
+from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.logger import init_logger
+from kvloom.models.llama import MLP, Attention
 
 logger = init_logger(__name__)
 
@@ -459,3 +461,32 @@ class PackedLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return self.kernels.run_linear(self.desc, x, layer.in_features, layer.out_features)
+
+
+def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: str = "auto") -> None:
+    """Run a built, loaded model on the kernels: give every linear layer a PackedLinearMethod (in place of
+    its plain weight), point the norms, attention and MLP blocks at the kernels, and, where the model's
+    shapes allow, run all-decode steps as one call per step (FusedDecodeLayers). Weights loaded
+    quantized (``model.quantized``: GGUF blocks) run quantized; quantization int8/int4 quantizes the others
+    (round to nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
+    """
+    quantized = getattr(model, "quantized", {})
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            key = f"{name}.weight"
+            if key in quantized:
+                shards = quantized.pop(key)
+                PackedLinearMethod.install(
+                    kernels, module, QuantizedWeight.cat([shards[i] for i in sorted(shards)])
+                )
+            elif module.weight is None or not kernels.can_pack(module.weight):
+                continue
+            elif quantization in ("int8", "int4"):
+                bits = 8 if quantization == "int8" or name == "lm_head" else 4
+                PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
+            else:
+                PackedLinearMethod.install(kernels, module)
+        elif isinstance(module, (RMSNorm, Attention, MLP)):
+            module.kernels = kernels
+    if FusedDecodeLayers.supports(model):
+        model.fused_decode = FusedDecodeLayers(kernels, model)
