@@ -8,10 +8,12 @@ class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight, exactly as transformers' Llama does.
 
     Called with a residual, it first adds x to it and returns (normalized sum, sum): the pre-norm decoder's
-    residual stream, fused into one pass by the CPU kernels (which update the residual in place).
+    residual stream. A backend may give it ``fused``, one pass for both: ``fused(x, residual, weight, eps)``
+    returns the normalized rows and updates ``residual`` in place to the sum, or returns None for an input
+    it does not take (then the PyTorch path below runs).
     """
 
-    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once the model runner turns them on
+    fused = None  # set by a backend (backends/cpu: KernelRMSNorm)
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -21,10 +23,10 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        k = self.kernels
-        if k is not None and k.rms_norm_ok(x) and (residual is None or k.rms_norm_ok(residual)):
-            out = k.rms_norm(x, residual, self.weight, self.eps)
-            return out if residual is None else (out, residual)
+        if self.fused is not None:
+            out = self.fused(x, residual, self.weight, self.eps)
+            if out is not None:
+                return out if residual is None else (out, residual)
         if residual is not None:
             residual = x + residual
             return self._norm(residual), residual

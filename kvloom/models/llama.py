@@ -97,7 +97,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once the model runner turns them on
+    # Set by a backend (backends/cpu: KernelSiluMul): silu(gate) * up in one pass, or None for an input it
+    # does not take (then the PyTorch ops below run).
+    fused_act = None
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -110,9 +112,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        k = self.kernels
-        if k is not None and k.silu_mul_ok(gate_up):
-            return self.down_proj(k.silu_mul(gate_up))
+        if self.fused_act is not None:
+            h = self.fused_act(gate_up)
+            if h is not None:
+                return self.down_proj(h)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 

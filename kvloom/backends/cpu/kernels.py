@@ -463,6 +463,31 @@ class PackedLinearMethod(LinearMethod):
         return self.kernels.run_linear(self.desc, x, layer.in_features, layer.out_features)
 
 
+class KernelRMSNorm:
+    """RMSNorm.fused on the kernels: residual add and norm in one pass (bf16 rows of 16k elements)."""
+
+    def __init__(self, kernels: CpuKernels) -> None:
+        self.kernels = kernels
+
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor | None:
+        k = self.kernels
+        if not k.rms_norm_ok(x) or (residual is not None and not k.rms_norm_ok(residual)):
+            return None
+        return k.rms_norm(x, residual, weight, eps)
+
+
+class KernelSiluMul:
+    """MLP.fused_act on the kernels: silu(gate) * up in one pass."""
+
+    def __init__(self, kernels: CpuKernels) -> None:
+        self.kernels = kernels
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        return self.kernels.silu_mul(gate_up) if self.kernels.silu_mul_ok(gate_up) else None
+
+
 def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: str = "auto") -> None:
     """Run a built, loaded model on the kernels: give every linear layer a PackedLinearMethod (in place of
     its plain weight), point the norms, attention and MLP blocks at the kernels, and, where the model's
@@ -486,7 +511,11 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
             else:
                 PackedLinearMethod.install(kernels, module)
-        elif isinstance(module, (RMSNorm, Attention, MLP)):
+        elif isinstance(module, RMSNorm):
+            module.fused = KernelRMSNorm(kernels)
+        elif isinstance(module, MLP):
+            module.fused_act = KernelSiluMul(kernels)
+        elif isinstance(module, Attention):
             module.kernels = kernels
     if FusedDecodeLayers.supports(model):
         model.fused_decode = FusedDecodeLayers(kernels, model)
