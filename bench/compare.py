@@ -50,7 +50,7 @@ ENGINES = {
 
 
 def cache() -> Path:
-    from kvloom.backends.cpu.kernels import cache_dir
+    from kvloom.backends.cpu.build import cache_dir
 
     return cache_dir() / "bench"
 

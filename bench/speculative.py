@@ -56,7 +56,7 @@ def random_draft(model: str | None) -> str:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from kvloom.backends.cpu.kernels import cache_dir
+    from kvloom.backends.cpu.build import cache_dir
     from kvloom.loader import resolve_checkpoint
 
     vocab = resolve_checkpoint(model).hf_config.vocab_size

@@ -49,7 +49,7 @@ class LLMEngine:
         self.config = config
         t0 = time.perf_counter()
         if config.wants_cpu_kernels:
-            from kvloom.backends.cpu.kernels import prebuild_cpu_kernels
+            from kvloom.backends.cpu.build import prebuild_cpu_kernels
 
             prebuild_cpu_kernels()  # a first start compiles them while the tokenizer is converted
         # The tokenizer loads on a thread of its own while the weights load: a GGUF file's first start

@@ -10,13 +10,14 @@ from typing import Any
 import torch
 
 from kvloom.config import (
-    GROUPS,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
     SPECULATIVE_METHODS,
     CacheConfig,
+    DeviceConfig,
     EngineConfig,
     ModelConfig,
+    ParallelConfig,
     SchedulerConfig,
     SpeculativeConfig,
     split_kwargs,
@@ -92,8 +93,8 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     cache = CacheConfig(**groups["cache"])
     sched = SchedulerConfig(**groups["scheduler"])
     spec = SpeculativeConfig(**groups["speculative"])
-    parallel = GROUPS["parallel"](**groups["parallel"])
-    device = GROUPS["device"](**groups["device"])
+    parallel = ParallelConfig(**groups["parallel"])
+    device = DeviceConfig(**groups["device"])
 
     checkpoint = resolve_checkpoint(m.model)
     hf_config = checkpoint.hf_config

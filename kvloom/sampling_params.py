@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 # NOTE: the most top-N logprobs a request may ask for (as vLLM's default max_logprobs and OpenAI's
 # top_logprobs limit); each one costs a decode of a token string per step.
 MAX_LOGPROBS = 20
-# Seeds are signed 64-bit integers, as torch.Generator.manual_seed and OpenAI take them.
-SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+# Integers (seeds, counts, top_k) must fit in a signed 64-bit integer, as torch tensors and
+# torch.Generator.manual_seed take them.
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def _is_int(x: object) -> bool:
@@ -71,7 +72,7 @@ class SamplingParams:
                 raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of}")
         if not _is_number(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1) or self.top_k > SEED_MAX:
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1) or self.top_k > INT64_MAX:
             raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}")
         if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
@@ -98,7 +99,7 @@ class SamplingParams:
                     raise ValueError(f"logit_bias[{token!r}]: need a token id >= 0 and a bias in [-100, 100]")
                 bias[token_id] = float(value)
             self.logit_bias = bias
-        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+        if self.seed is not None and (not _is_int(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
             raise ValueError(f"seed must be an integer in [-2^63, 2^63 - 1], got {self.seed!r}")
         self._check_int("max_tokens", 1)
         self._check_int("min_tokens", 0)
@@ -124,7 +125,7 @@ class SamplingParams:
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
-        if not _is_int(value) or not minimum <= value <= SEED_MAX:
+        if not _is_int(value) or not minimum <= value <= INT64_MAX:
             raise ValueError(f"{name} must be an integer in [{minimum}, 2^63 - 1], got {value!r}")
 
     @property

@@ -72,7 +72,7 @@ class GGUFFile:
     """
 
     def __init__(self, path: Path) -> None:
-        from kvloom.backends.cpu.kernels import cache_dir
+        from kvloom.backends.cpu.build import cache_dir
 
         self.path = path
         st = path.stat()

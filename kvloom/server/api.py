@@ -99,10 +99,13 @@ def build_app(
     max_text_bytes = 4 * _longest_token_bytes(tokenizer) * max_model_len
 
     def check_length(text: str, field: str) -> None:
-        if len(text) * 4 > max_text_bytes and len(text.encode("utf-8")) > max_text_bytes:
+        if len(text) * 4 <= max_text_bytes:  # at most 4 bytes a character: short enough, no encoding
+            return
+        size = len(text.encode("utf-8"))
+        if size > max_text_bytes:
             raise OpenAIError(
-                f"{field}: {len(text.encode('utf-8'))} bytes of text are more tokens than this model's "
-                f"maximum context length ({max_model_len} tokens)",
+                f"{field}: {size} bytes of text are more tokens than this model's maximum context length "
+                f"({max_model_len} tokens)",
                 param=field,
             )
 
@@ -335,20 +338,21 @@ def build_app(
         except ValueError as e:
             raise _value_error(e) from None
         base = f"cmpl-{uuid.uuid4().hex}"
+        request_ids = [f"{base}-{i}" for i in range(len(encoded))]
         created = int(time.time())
         # All prompts join the batch at once; if any is refused, the others are closed (aborted).
         started = await asyncio.gather(
             *(
-                submit(f"{base}-{i}", ids, sp, req.scheduling())
-                for i, (ids, sp) in enumerate(zip(encoded, params, strict=True))
+                submit(rid, ids, sp, req.scheduling())
+                for rid, ids, sp in zip(request_ids, encoded, params, strict=True)
             ),
             return_exceptions=True,
         )
         streams = [s for s in started if not isinstance(s, BaseException)]
         if len(streams) < len(started):
-            for i, s in enumerate(started):
+            for rid, s in zip(request_ids, started, strict=True):
                 if not isinstance(s, BaseException):
-                    engine.abort(f"{base}-{i}", "error")
+                    engine.abort(rid, "error")
                     await s.aclose()
             raise next(e for e in started if isinstance(e, BaseException))
         prompt_texts = [p if isinstance(p, str) else await off_loop(tokenizer.decode, p) for p in prompts]

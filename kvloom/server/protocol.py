@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from kvloom.logger import init_logger
-from kvloom.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams
+from kvloom.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
 
 logger = init_logger(__name__)
 
@@ -46,12 +46,12 @@ def _utf8(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_utf8)]
-Int64 = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
-Count = Annotated[int, Field(ge=1, le=SEED_MAX)]  # n, best_of, max_tokens: bounded by the engine after
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=1, le=INT64_MAX)]  # n, best_of, max_tokens: bounded by the engine after
 
 # OpenAI request fields kvloom does not implement yet -> the values that ask for nothing (accepted).
+# (response_format is among _REFUSED_EXTRAS: vLLM takes it on completions too.)
 _REFUSED_CHAT: dict[str, tuple] = {
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),

@@ -1,4 +1,4 @@
-"""kvloom's C kernels (kvloom/kernels) against the PyTorch ops they replace.
+"""kvloom's C kernels (kvloom/backends/cpu) against the PyTorch ops they replace.
 
 Elementwise kernels (RMSNorm + residual, SiLU * up, rotary + cache write) must match bit for bit: they round
 where the PyTorch path rounds. Matmul-like kernels (linear, decode attention) sum in another order, so they
@@ -186,7 +186,7 @@ def test_profile_build_compiles(tmp_path):
     import ctypes
     import subprocess
 
-    from kvloom.backends.cpu.kernels import _SOURCE
+    from kvloom.backends.cpu.build import _SOURCE
 
     out = tmp_path / "profile.so"
     cmd = ["cc", "-O1", "-march=native", "-fopenmp", "-shared", "-fPIC", "-DKV_PROFILE", str(_SOURCE)]

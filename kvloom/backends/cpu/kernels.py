@@ -16,14 +16,7 @@ from pathlib import Path
 
 import torch
 
-from kvloom.backends.cpu.build import (  # noqa: F401 - cache_dir, _SOURCE and prebuild_cpu_kernels are used from here
-    _SOURCE,
-    _build,
-    _unsupported,
-    cache_dir,
-    prebuild_cpu_kernels,
-    wait_for_prebuild,
-)
+from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
