@@ -56,6 +56,7 @@ class AsyncEngine:
         engine: LLMEngine | Callable[[], LLMEngine],
         observer: StepObserver | None = None,
         on_abort: AbortObserver | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
     ) -> None:
         """``engine``: an LLMEngine, or a function that builds one, called on the engine thread by
         ``start()`` (see the module's docstring)."""
@@ -65,6 +66,10 @@ class AsyncEngine:
         self._build_error: BaseException | None = None
         self.observer = observer
         self.on_abort = on_abort
+        # A step failure the engine cannot go on from (a tensor-parallel rank died): the loop stops, every
+        # request gets an EngineDeadError, and on_fatal is told (the server then exits non-zero).
+        self.on_fatal = on_fatal
+        self.fatal: BaseException | None = None
         self._ops: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -154,6 +159,14 @@ class AsyncEngine:
             try:
                 outputs = engine.step()
             except Exception as e:  # noqa: BLE001 - a failed step must not kill the server
+                if engine.is_fatal(e):
+                    logger.critical("engine step failed, the engine cannot go on: %s", e)
+                    self.fatal = e
+                    self._stop.set()
+                    self._fail_all(EngineDeadError(f"the engine stopped: {e}"), "error")
+                    if self.on_fatal is not None:
+                        self.on_fatal(e)
+                    break
                 logger.exception("engine step failed; aborting the requests in flight")
                 self._fail_all(EngineDeadError(f"engine step failed: {e}"), "error")
                 outputs = []

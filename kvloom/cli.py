@@ -125,8 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # was installed before it. A no-op one there makes a graceful shutdown exit with status 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    serve_app(app, sock, async_engine, args.shutdown_timeout, args.log_level)
-    return 0
+    return serve_app(app, sock, async_engine, args.shutdown_timeout, args.log_level)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

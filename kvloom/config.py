@@ -78,11 +78,22 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the work is spread: CPU threads."""
+    """How the work is spread: CPU threads, tensor-parallel ranks, the machines they run on."""
 
     num_threads: int | None = option(
-        None, "CPU threads, fixed (default: torch's count, fewer while other processes keep the CPUs busy)"
+        None,
+        "CPU threads per rank, fixed (default: torch's count split between this host's ranks; with one "
+        "rank, fewer while other processes keep the CPUs busy)",
     )
+    tensor_parallel_size: int = option(
+        1, "tensor-parallel ranks, one process each: heads, MLP and vocabulary split between them (default: 1)"
+    )
+    nnodes: int = option(1, "machines the ranks run on, tensor_parallel_size / nnodes each (default: 1)")
+    node_rank: int = option(0, "this machine's index, 0 .. nnodes - 1; 0 runs the engine (default: 0)")
+    dist_init_addr: str | None = option(
+        None, "HOST:PORT of node 0 where the ranks meet (default with one node: a free loopback port)"
+    )
+    dist_timeout: int = option(120, "seconds a rank waits for the others to connect (default: 120)")
 
 
 @dataclass(frozen=True)
@@ -175,9 +186,15 @@ class EngineConfig:
         return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
     @property
+    def num_local_kv_heads(self) -> int:
+        """KV heads each tensor-parallel rank keeps (split, or one replicated when there are fewer)."""
+        return max(1, self.hf_config.num_key_value_heads // self.parallel.tensor_parallel_size)
+
+    @property
     def kv_bytes_per_token(self) -> int:
+        """One rank's KV bytes per token."""
         c = self.hf_config
-        return 2 * c.num_hidden_layers * c.num_key_value_heads * self.head_dim * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.num_local_kv_heads * self.head_dim * self.dtype.itemsize
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

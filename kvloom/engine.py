@@ -20,7 +20,7 @@ from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 from kvloom.spec.proposers import build_proposer
 from kvloom.worker.cpu_threads import ThreadGovernor
-from kvloom.worker.model_runner import ModelRunner
+from kvloom.executor.executor import Executor
 
 logger = init_logger(__name__)
 
@@ -57,7 +57,8 @@ class LLMEngine:
         # and the weight loading spends much of its time in numpy/torch with the GIL released.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvloom-tokenizer") as pool:
             tokenizer = pool.submit(config.checkpoint.load_tokenizer)
-            self.runner = ModelRunner(config, show_progress)
+            self.executor = Executor.create(config, show_progress)
+            self.runner = self.executor.runner
             self.tokenizer = tokenizer.result()
         self.kv_cache_manager = KVCacheManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
@@ -78,7 +79,11 @@ class LLMEngine:
         self.num_generation_tokens = 0
         self._last_log = time.monotonic()
         # NOTE: fewer threads while other processes keep the CPUs busy (see kvloom/worker/cpu_threads.py).
-        self.threads = ThreadGovernor.create(config.device.device, config.parallel.num_threads)
+        self.threads = (
+            ThreadGovernor.create(config.device.device, config.parallel.num_threads)
+            if config.parallel.tensor_parallel_size == 1
+            else None  # ranks keep their share of the CPUs
+        )
         num_tokens = self.runner.num_blocks * config.cache.block_size
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs; sampling seed %d; %d threads (%s)",
@@ -103,6 +108,15 @@ class LLMEngine:
             min(config.scheduler.max_num_seqs, num_tokens // config.model.max_model_len),
             config.scheduler.max_num_batched_tokens,
         )
+
+    def is_fatal(self, error: BaseException) -> bool:
+        """Whether a failed step leaves the engine unable to go on: with tensor parallel the ranks are no
+        longer in step (a rank died, or its collectives failed)."""
+        return self.config.parallel.tensor_parallel_size > 1
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes, if any (also done at exit)."""
+        self.executor.shutdown()
 
     @classmethod
     def from_args(cls, model: str | None = None, show_progress: bool = True, **kwargs: Any) -> LLMEngine:

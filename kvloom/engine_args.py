@@ -79,6 +79,43 @@ def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _check_parallel(parallel: ParallelConfig, hf_config: Any, device: str, spec: SpeculativeConfig) -> None:
+    """Tensor-parallel options against the model's shapes, before anything loads (as vLLM checks them)."""
+    tp = parallel.tensor_parallel_size
+    _positive("tensor_parallel_size", tp, allow_none=False)
+    _positive("nnodes", parallel.nnodes, allow_none=False)
+    _positive("dist_timeout", parallel.dist_timeout, allow_none=False)
+    if tp % parallel.nnodes:
+        raise ValueError(f"tensor_parallel_size {tp} must be a multiple of nnodes {parallel.nnodes}")
+    if not isinstance(parallel.node_rank, int) or not 0 <= parallel.node_rank < parallel.nnodes:
+        raise ValueError(f"node_rank must be in [0, nnodes - 1 = {parallel.nnodes - 1}], got {parallel.node_rank!r}")
+    addr = parallel.dist_init_addr
+    if addr is not None and (":" not in addr or not addr.rpartition(":")[2].isdigit()):
+        raise ValueError(f"dist_init_addr must be HOST:PORT, got {addr!r}")
+    if parallel.nnodes > 1 and addr is None:
+        raise ValueError("dist_init_addr: several nodes need HOST:PORT of node 0 (--dist-init-addr)")
+    if tp == 1:
+        return
+    heads, kv = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide the model's {heads} attention heads")
+    if kv % tp and tp % kv:
+        raise ValueError(
+            f"tensor_parallel_size {tp} and the model's {kv} KV heads: one must divide the other "
+            "(KV heads are split, or replicated when there are fewer than ranks)"
+        )
+    if hf_config.intermediate_size % tp:
+        raise ValueError(
+            f"tensor_parallel_size {tp} must divide the model's MLP size {hf_config.intermediate_size}"
+        )
+    if device != "cpu":
+        raise ValueError(f"tensor_parallel_size > 1 runs on the cpu device only so far (got {device})")
+    if spec.speculative_method == "draft":
+        raise ValueError(
+            "speculative_method: a draft model does not run with tensor_parallel_size > 1 yet (ngram does)"
+        )
+
+
 def _one_of(name: str, value: Any, choices: tuple, allow_none: bool = False) -> None:
     if not (value in choices or (allow_none and value is None)):
         unset = " (or unset)" if allow_none else ""
@@ -112,6 +149,7 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _positive("max_num_batched_tokens", sched.max_num_batched_tokens)
     _positive("num_kv_blocks", cache.num_kv_blocks)
     _positive("num_threads", parallel.num_threads)
+    _check_parallel(parallel, hf_config, dev, spec)
     _one_of("scheduling_policy", sched.scheduling_policy, SCHEDULING_POLICIES)
     _one_of("quantization", m.quantization, QUANTIZATIONS)
     quant = m.quantization

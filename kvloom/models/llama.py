@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvloom.distributed.parallel_state import get_tp, local_heads
 from kvloom.layers.attention import AttentionMetadata, paged_attention
-from kvloom.layers.linear import Embedding, Linear
+from kvloom.layers.linear import Embedding, Linear, LMHead, column_parallel, row_parallel
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight
 from kvloom.layers.rotary import RotaryEmbedding
@@ -44,15 +45,19 @@ class Attention(nn.Module):
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        # this rank's heads (all of them without tensor parallel)
+        self.num_heads, self.num_kv_heads, kv_start = local_heads(
+            config.num_attention_heads, config.num_key_value_heads
+        )
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.window = opts.window
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias)
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=opts.o_bias)
+        kv = (kv_start * self.head_dim, self.kv_size)
+        column_parallel(self.qkv_proj, [(get_tp().rank * self.q_size, self.q_size), kv, kv])
+        self.o_proj = row_parallel(Linear(self.q_size, config.hidden_size, bias=opts.o_bias))
         if opts.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -104,9 +109,12 @@ class MLP(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        tp = get_tp()
+        self.intermediate_size = n = config.intermediate_size // tp.size  # this rank's
+        self.gate_up_proj = column_parallel(
+            Linear(config.hidden_size, 2 * n, bias=bias), [(tp.rank * n, n)] * 2
+        )
+        self.down_proj = row_parallel(Linear(n, config.hidden_size, bias=bias))
         if getattr(config, "hidden_act", "silu") != "silu":
             raise ValueError(f"model: activation {config.hidden_act!r} is not supported")
 
@@ -182,7 +190,7 @@ class LlamaForCausalLM(nn.Module):
             self.rotary = RotaryEmbedding(config, head_dim, max_positions, dtype)
         options = [self.attention_options(config, i) for i in range(config.num_hidden_layers)]
         self.model = DecoderModel(config, options, self.rotary)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size)
 
     def forward(
         self,
@@ -204,16 +212,40 @@ class LlamaForCausalLM(nn.Module):
             h, residual = h[meta.output_rows], residual[meta.output_rows]
         return self.model.norm(h, residual)[0]  # [num_outputs, hidden_size]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)  # [num_seqs, vocab_size], model dtype (the sampler converts)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[num_seqs, vocab_size], model dtype (the sampler converts); None on tensor-parallel ranks but
+        the first."""
+        return self.lm_head.logits(hidden)
 
     # Set by a backend (backends/cpu: FusedDecodeLayers): all layers in one call on the steps it takes.
     fused_decode = None
 
+    def checkpoint_slice(self, name: str) -> tuple[int, int, int] | None:
+        """Which (dim, start, length) of checkpoint tensor ``name`` this tensor-parallel rank loads; None:
+        all of it. The loaders read only that part."""
+        if get_tp().size == 1:
+            return None
+        parts = name.split(".")
+        shard = 0
+        if len(parts) >= 2 and parts[-2] in _STACKED:
+            parts[-2], shard = _STACKED[parts[-2]]
+        module = self.get_submodule(".".join(parts[:-1])) if len(parts) > 1 else None
+        if isinstance(module, Embedding):
+            start = module.vocab_start
+            return 0, start, min(module.num_embeddings, module.vocab_size - start)
+        if isinstance(module, Linear) and module.shard_slices is not None:
+            dim, start, n = module.shard_slices[shard]
+            if parts[-1] == "bias":
+                return None if dim == 1 else (0, start, n)  # a row-parallel bias is whole (rank 0 adds it)
+            return dim, start, n
+        return None
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy checkpoint tensors (transformers names) into the parameters, fusing q/k/v and gate/up."""
+        """Copy checkpoint tensors (transformers names, this rank's slices: ``checkpoint_slice``) into the
+        parameters, fusing q/k/v and gate/up."""
         tied = getattr(self.config, "tie_word_embeddings", False)
         params = dict(self.named_parameters(remove_duplicate=False))
+        vocab_split = {"model.embed_tokens.weight", "lm_head.weight"}
         loaded: set[tuple[str, int]] = set()
         # Quantized linear weights (GGUF kept as is) wait here, by parameter and shard, for the backend
         # that runs them (backends/cpu: use_cpu_kernels).
@@ -229,6 +261,8 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(
                         f"model: checkpoint tensor {name!r} has no place in {type(self).__name__}"
                     )
+                if target == "lm_head.weight" and tensor.shape[0] < self.lm_head.out_features:
+                    tensor = tensor.pad_rows(self.lm_head.out_features)  # the last rank's vocabulary slice
                 self.quantized.setdefault(target, {})[shard] = tensor
                 loaded.add((target, shard))
                 continue
@@ -242,7 +276,10 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 raise ValueError(f"model: checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[target].data
-            if shard is None:
+            if target in vocab_split and tensor.shape[0] < param.shape[0]:
+                param[tensor.shape[0] :].zero_()  # the last rank's padding rows
+                dst = param.narrow(0, 0, tensor.shape[0])
+            elif shard is None:
                 dst = param
             else:
                 sizes = self._shard_sizes(parts[-2])
@@ -253,6 +290,10 @@ class LlamaForCausalLM(nn.Module):
                     f"model: {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}"
                 )
             dst.copy_(tensor)
+            if parts[-1] == "bias" and get_tp().rank > 0:
+                owner = self.get_submodule(".".join(parts[:-1]))
+                if owner.reduce_output:
+                    dst.zero_()  # rank 0 adds the bias of a row-parallel layer once
             loaded.add((target, 0 if shard is None else shard))
         if tied and "lm_head.weight" not in self.quantized:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -266,11 +307,11 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"model: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
     def _shard_sizes(self, fused: str) -> list[int]:
-        c = self.config
+        """This rank's rows of each checkpoint shard of a fused layer."""
         if fused == "qkv_proj":
-            head_dim = self.model.layers[0].self_attn.head_dim
-            kv = c.num_key_value_heads * head_dim
-            return [c.num_attention_heads * head_dim, kv, kv]
+            a = self.model.layers[0].self_attn
+            return [a.q_size, a.kv_size, a.kv_size]
         if fused == "gate_up_proj":
-            return [c.intermediate_size, c.intermediate_size]
+            n = self.model.layers[0].mlp.intermediate_size
+            return [n, n]
         return [0]

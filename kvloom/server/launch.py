@@ -63,10 +63,20 @@ class _Server(uvicorn.Server):
 
 def serve_app(
     app: FastAPI, sock: socket.socket, engine: AsyncEngine, shutdown_timeout: float, log_level: str
-) -> None:
-    """Serve ``app`` on the bound ``sock`` until SIGTERM/SIGINT; requests in flight get
-    ``shutdown_timeout`` seconds to finish."""
+) -> int:
+    """Serve ``app`` on the bound ``sock`` until SIGTERM/SIGINT, or until the engine stops for good
+    (``AsyncEngine.fatal``); requests in flight get ``shutdown_timeout`` seconds to finish. Returns the
+    exit status: 0, or 1 after a fatal engine error."""
     config = uvicorn.Config(
         app, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout + _UVICORN_GRACE_S
     )
-    _Server(config, engine, shutdown_timeout).run(sockets=[sock])
+    server = _Server(config, engine, shutdown_timeout)
+
+    def stop(_: BaseException) -> None:
+        server.should_exit = True  # uvicorn's main loop reads it every 0.1 s
+
+    engine.on_fatal = stop
+    if engine.fatal is not None:
+        return 1
+    server.run(sockets=[sock])
+    return 0 if engine.fatal is None else 1

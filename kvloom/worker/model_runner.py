@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import cdiv
 from kvloom.core.scheduler import SchedulerOutput
+from kvloom.distributed.parallel_state import get_tp
 from kvloom.layers.attention import AttentionMetadata, PrefillSeq
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
@@ -55,6 +56,20 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
                     store[name] = (
                         torch.nn.Parameter(new, requires_grad=False) if store is module._parameters else new
                     )
+
+
+@dataclass
+class ModelInput:
+    """One forward's inputs, as plain data: what rank 0 sends the other tensor-parallel ranks each step.
+    Rows are the step's tokens, the single-token queries (decodes) first."""
+
+    input_ids: np.ndarray  # [rows] int64
+    positions: np.ndarray  # [rows] int64
+    slots: np.ndarray  # [rows] int64: where each row's K/V go in the pool
+    query_lens: list[int]  # rows of each sequence, in row order
+    block_tables: list[list[int]]  # each sequence's blocks, up to its last row's
+    output_rows: list[int] | None  # the rows whose hidden state is used; None: all
+    logit_rows: list[int]  # rows (of the output rows) to compute logits of
 
 
 @dataclass
@@ -114,8 +129,9 @@ class ModelRunner:
             )
         # GGUF blocks run as they are under "auto"; int8/int4 re-quantize the dequantized weights.
         keep_quantized = self.kernels is not None and config.model.quantization == "auto"
+        self.tp = get_tp()
         weights = tqdm(
-            ckpt.iter_tensors(config.dtype, keep_quantized=keep_quantized),
+            ckpt.iter_tensors(config.dtype, keep_quantized=keep_quantized, shard=model.checkpoint_slice),
             total=ckpt.num_tensors(),
             desc=f"Loading {ckpt.path.name}",
             unit="tensor",
@@ -147,7 +163,7 @@ class ModelRunner:
         shape = (
             hf.num_hidden_layers,
             2,
-            hf.num_key_value_heads,  # head-major: a head's blocks are rows the attention gathers whole
+            config.num_local_kv_heads,  # head-major: a head's blocks are rows the attention gathers whole
             self.num_blocks,
             config.cache.block_size,
             config.head_dim,
@@ -229,31 +245,24 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput, keep_probs: bool = False) -> ModelRunnerOutput:
         """Run one step; sample every request that reached its last token, verifying its proposals.
         ``keep_probs``: also return the distribution each request's token was drawn from (a draft
-        model's proposals need them)."""
+        model's proposals need them). With tensor parallel, the other ranks get the step's ModelInput and
+        run the same forward (``serve_peer``)."""
         bs = self.config.cache.block_size
         dev = self.device
         # Single-token queries first: the attention batches them in one call.
         entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
-        num_decodes = sum(1 for s in entries if s.num_new_tokens == 1)
-        # With the CPU kernels every row, decode or prefill, is one query over the paged cache (K/V are
-        # written first), so every step runs each layer as one C call. Prefill attention this way
-        # measured 2-3x faster than the PyTorch path's batched matmuls: 128 rows 0.35 vs 0.75 ms,
-        # 1024 rows 11.6 vs 30.1 ms, 2 x 2048 rows 97 vs 160 ms (per layer, SmolLM2 shapes).
-        use_token_tables = self.kernel_attention
-
         # NOTE: plain lists, one array each at the end: per-row numpy calls cost 0.1-0.15 ms of a 32-row
         # decode step (execute without the model: 400-540 -> 260-380 us).
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        tables: list[list[int]] = []  # token tables (the kernels' path), or the decodes' tables
-        prefills: list[PrefillSeq] = []
+        tables: list[list[int]] = []
         sample_rows: list[int] = []
         samplers: list[Request | SampleRow] = []
         owners: list[tuple[Request, int, int]] = []  # (request, its first sampler index, proposals)
         prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
         row = 0
-        for i, s in enumerate(entries):
+        for s in entries:
             end = s.start + s.num_new_tokens
             input_ids += s.request.token_ids_slice(s.start, end - s.num_spec)
             spec = s.request.spec_token_ids[: s.num_spec]
@@ -261,13 +270,7 @@ class ModelRunner:
             blocks = s.block_ids
             positions += range(s.start, end)
             slots += [blocks[p // bs] * bs + p % bs for p in range(s.start, end)]
-            if use_token_tables:
-                tables.append(blocks[: cdiv(end, bs)])
-            elif i < num_decodes:
-                tables.append(blocks)
-            else:
-                block_ids = torch.tensor(blocks[: cdiv(end, bs)], dtype=torch.long, device=dev)
-                prefills.append(PrefillSeq(row, s.num_new_tokens, s.start, block_ids))
+            tables.append(blocks[: cdiv(end, bs)])
             # Row r predicts the token at position start + r + 1; keep those that are prompt tokens
             # this request has no logprobs for yet (a recompute after preemption does not repeat them).
             if s.request.sampling_params.prompt_logprobs is not None:
@@ -283,7 +286,6 @@ class ModelRunner:
                     sample_rows.append(row - 1 - s.num_spec + j)
                     samplers.append(s.request if j == 0 else SampleRow.of(s.request, spec[:j]))
 
-        flat_positions = np.array(positions, dtype=np.int64)
         # The rows whose hidden state is used (sampled, or prompt logprobs), as llama.cpp's output ids: the
         # model returns those alone, and the fused layers skip the last layer's attention, o and MLP for
         # the others (all but 16 rows of a 2048-token prefill step). Indices below are into these rows.
@@ -292,43 +294,36 @@ class ModelRunner:
             wanted.update(range(first_row, first_row + count))
         output_rows = None
         if len(wanted) < row:
-            kept = sorted(wanted)
-            output_rows = torch.tensor(kept, dtype=torch.long, device=dev)
-            index = {r: i for i, r in enumerate(kept)}
+            output_rows = sorted(wanted)
+            index = {r: i for i, r in enumerate(output_rows)}
             sample_rows = [index[r] for r in sample_rows]
             prompt_lp = [(req, index[first], pos, count) for req, first, pos, count in prompt_lp]
-        table = _padded(tables)
-        tensors: dict[str, torch.Tensor | None] = {"decode_block_tables": None, "decode_context_lens": None}
-        if use_token_tables:
-            lens = np.array([s.num_new_tokens for s in entries])
-            row_table = np.repeat(np.arange(len(entries), dtype=np.int64), lens)  # each row's table
-            tensors["token_block_tables"] = torch.from_numpy(table)
-            tensors["token_table_index"] = torch.from_numpy(row_table)
-            tensors["token_context_lens"] = torch.from_numpy(flat_positions + 1)
-        elif num_decodes:
-            tensors["decode_block_tables"] = torch.from_numpy(table).to(dev)
-            tensors["decode_context_lens"] = torch.from_numpy(flat_positions[:num_decodes] + 1).to(dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=num_decodes,
-            prefills=prefills,  # empty on the kernels' path, which reads the token tables
-            block_size=bs,
-            output_rows=output_rows,
-            **tensors,
+        # One output layer call: the sampled rows, then each prompt-logprobs request's rows.
+        logit_rows = list(sample_rows)
+        for _, first_row, _, count in prompt_lp:
+            logit_rows += range(first_row, first_row + count)
+        inp = ModelInput(
+            np.array(input_ids, dtype=np.int64),
+            np.array(positions, dtype=np.int64),
+            np.array(slots, dtype=np.int64),
+            [s.num_new_tokens for s in entries],
+            tables,
+            output_rows,
+            logit_rows,
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.long, device=dev),
-            torch.from_numpy(flat_positions).to(dev),
-            self.kv_caches,
-            meta,
-        )
+        if self.tp.size > 1:
+            self.tp.send(inp)
+        logits = self.forward(inp)
         result = ModelRunnerOutput()
-        for request, first_row, first_pos, count in prompt_lp:
-            rows = hidden[first_row : first_row + count]
-            result.prompt_logprobs[request.request_id] = self._prompt_logprobs(rows, request, first_pos)
+        at = len(sample_rows)
+        for request, _, first_pos, count in prompt_lp:
+            result.prompt_logprobs[request.request_id] = self._prompt_logprobs(
+                logits[at : at + count], request, first_pos
+            )
+            at += count
         if not sample_rows:
             return result
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])
+        logits = logits[: len(sample_rows)]
         speculating = any(k for _, _, k in owners)
         keep = keep_probs or speculating
         fast = not keep and self.kernels is not None and self.kernels.argmax_ok(logits)
@@ -373,6 +368,59 @@ class ModelRunner:
         if sampled.logprob is not None:
             result.logprobs = _token_logprobs(emitted, sampled)
         return result
+
+    @torch.inference_mode()
+    def forward(self, inp: ModelInput) -> torch.Tensor | None:
+        """One forward over a step's tokens: the logits of ``inp.logit_rows`` (None on tensor-parallel
+        ranks but the first, and when no row wants them)."""
+        dev = self.device
+        meta = self._attention_metadata(inp)
+        hidden = self.model(
+            torch.from_numpy(inp.input_ids).to(dev), torch.from_numpy(inp.positions).to(dev), self.kv_caches, meta
+        )
+        if not inp.logit_rows:
+            return None
+        return self.model.compute_logits(hidden[torch.tensor(inp.logit_rows, device=dev)])
+
+    def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
+        bs = self.config.cache.block_size
+        dev = self.device
+        lens = inp.query_lens
+        num_decodes = sum(1 for n in lens if n == 1)  # decodes come first
+        table = _padded(inp.block_tables)
+        tensors: dict[str, torch.Tensor | None] = {"decode_block_tables": None, "decode_context_lens": None}
+        prefills: list[PrefillSeq] = []
+        if self.kernel_attention:
+            # With the CPU kernels every row, decode or prefill, is one query over the paged cache (K/V are
+            # written first), so every step runs each layer as one C call. Prefill attention this way
+            # measured 2-3x faster than the PyTorch path's batched matmuls: 128 rows 0.35 vs 0.75 ms,
+            # 1024 rows 11.6 vs 30.1 ms, 2 x 2048 rows 97 vs 160 ms (per layer, SmolLM2 shapes).
+            row_table = np.repeat(np.arange(len(lens), dtype=np.int64), lens)  # each row's table
+            tensors["token_block_tables"] = torch.from_numpy(table)
+            tensors["token_table_index"] = torch.from_numpy(row_table)
+            tensors["token_context_lens"] = torch.from_numpy(inp.positions + 1)
+        else:
+            if num_decodes:
+                tensors["decode_block_tables"] = torch.from_numpy(table[:num_decodes]).to(dev)
+                tensors["decode_context_lens"] = torch.from_numpy(inp.positions[:num_decodes] + 1).to(dev)
+            row = num_decodes
+            for n, blocks in zip(lens[num_decodes:], inp.block_tables[num_decodes:], strict=True):
+                block_ids = torch.tensor(blocks, dtype=torch.long, device=dev)
+                prefills.append(PrefillSeq(row, n, int(inp.positions[row]), block_ids))
+                row += n
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(inp.slots).to(dev),
+            num_decodes=num_decodes,
+            prefills=prefills,  # empty on the kernels' path, which reads the token tables
+            block_size=bs,
+            output_rows=None if inp.output_rows is None else torch.tensor(inp.output_rows, device=dev),
+            **tensors,
+        )
+
+    def serve_peer(self) -> None:
+        """A tensor-parallel rank other than the first: run each step rank 0 sends until it sends None."""
+        while (inp := self.tp.recv()) is not None:
+            self.forward(inp)
 
     def _verify_generator(self, request: Request) -> torch.Generator:
         """Seeded requests draw their acceptance tests from their own generator (keyed like their

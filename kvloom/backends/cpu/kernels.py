@@ -349,6 +349,8 @@ class FusedDecodeLayers:
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
             if a.qk_norm or any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
                 return False
+            if any(lin.reduce_output for lin in linears):  # tensor parallel: sums between the layers' halves
+                return False
             if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
                 return False
             if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:

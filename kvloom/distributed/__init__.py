@@ -1,0 +1,1 @@
+"""Tensor-parallel ranks: who this process is among them, and the collectives the layers call."""
