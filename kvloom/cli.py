@@ -88,8 +88,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"model: given twice ({args.model_tag!r} and --model {args.model!r})")
         args.model = args.model_tag
     origins = _allowed_origins(args.allowed_origins)
+    # Machines other than node 0 (and torchrun's other ranks) run tensor-parallel ranks, no server.
+    worker_node = args.node_rank > 0 or (
+        "LOCAL_WORLD_SIZE" in os.environ and os.environ.get("RANK", "0") != "0"
+    )
     # Before anything loads: a port in use is found in milliseconds, not after the model warmed up.
-    sock = bind_socket(args.host, args.port)
+    sock = None if worker_node else bind_socket(args.host, args.port)
 
     from kvloom.async_engine import AsyncEngine
     from kvloom.engine import LLMEngine
@@ -101,6 +105,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logger = init_logger("kvloom.serve")
     config = create_engine_config(args.model, **engine_kwargs(args))
+    if worker_node:
+        from kvloom.executor.executor import run_worker_node
+
+        logger.info(
+            "Node %d: running tensor-parallel ranks for the engine at %s", args.node_rank, args.dist_init_addr
+        )
+        return run_worker_node(config)
 
     def build() -> LLMEngine:
         engine = LLMEngine(config, show_progress=True)
@@ -305,11 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runs_engine = args.command in ("generate", "serve") or getattr(args, "bench_command", None) != "serve"
-    if runs_engine and getattr(args, "cpu_kernels", True):
+    if runs_engine:
         # A first start compiles the CPU kernels (~5 s of one core): start now, before torch is imported.
-        from kvloom.backends.cpu.build import prebuild_cpu_kernels
+        from kvloom.backends import start_build
 
-        prebuild_cpu_kernels()
+        start_build(getattr(args, "device", "cpu"), getattr(args, "backend", "auto"))
     try:
         return args.func(args)
     except ValueError as e:

@@ -18,6 +18,7 @@ from typing import Any
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
 SPECULATIVE_METHODS = ("ngram", "draft")
+BACKENDS = ("auto", "torch")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, cli_scale: int | None = None) -> Any:
@@ -37,8 +38,8 @@ class ModelConfig:
     max_model_len: int | None = option(None, "context length (default: the model's)")
     quantization: str = option(
         "auto",
-        "weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where kvloom's CPU kernels "
-        "run), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
+        "weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where the backend runs them: "
+        "the CPU kernels), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
         choices=QUANTIZATIONS,
     )
     seed: int | None = option(
@@ -86,7 +87,8 @@ class ParallelConfig:
         "rank, fewer while other processes keep the CPUs busy)",
     )
     tensor_parallel_size: int = option(
-        1, "tensor-parallel ranks, one process each: heads, MLP and vocabulary split between them (default: 1)"
+        1,
+        "tensor-parallel ranks, one process each: heads, MLP and vocabulary split between them (default: 1)",
     )
     nnodes: int = option(1, "machines the ranks run on, tensor_parallel_size / nnodes each (default: 1)")
     node_rank: int = option(0, "this machine's index, 0 .. nnodes - 1; 0 runs the engine (default: 0)")
@@ -126,11 +128,14 @@ class SpeculativeConfig:
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    """Where the model runs, and whether kvloom's CPU kernels may run it."""
+    """Where the model runs, and on which backend (kvloom/backends)."""
 
     device: str = option("cpu", "cpu or cuda[:N] (default: cpu)")
-    cpu_kernels: bool = option(
-        True, "bf16 on CPU: kvloom's AVX-512 BF16 kernels where supported (default: on; off: PyTorch ops)"
+    backend: str = option(
+        "auto",
+        "auto (default: the device's own; on the CPU, bf16 models run on kvloom's AVX-512 BF16 kernels where "
+        "the CPU has them) or torch (PyTorch ops, the reference)",
+        choices=BACKENDS,
     )
 
 
@@ -170,11 +175,6 @@ class EngineConfig:
     checkpoint: Any  # kvloom.loader.checkpoint.Checkpoint
     hf_config: Any  # transformers.PretrainedConfig (or GGUFConfig)
     dtype: Any  # torch.dtype: model.dtype resolved
-
-    @property
-    def wants_cpu_kernels(self) -> bool:
-        """Whether the model runs on kvloom's CPU kernels where the machine has them (bf16 on the CPU)."""
-        return self.device.cpu_kernels and self.model.dtype == "bfloat16" and self.device.device == "cpu"
 
     @property
     def model_type(self) -> str:

@@ -9,18 +9,19 @@ from typing import Any
 
 import torch
 
+from kvloom.backends import start_build
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.core.scheduler import Scheduler
 from kvloom.detokenizer import IncrementalDetokenizer
 from kvloom.engine_args import create_engine_config
+from kvloom.executor.executor import Executor
 from kvloom.logger import init_logger
 from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 from kvloom.spec.proposers import build_proposer
 from kvloom.worker.cpu_threads import ThreadGovernor
-from kvloom.executor.executor import Executor
 
 logger = init_logger(__name__)
 
@@ -48,10 +49,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
         t0 = time.perf_counter()
-        if config.wants_cpu_kernels:
-            from kvloom.backends.cpu.build import prebuild_cpu_kernels
-
-            prebuild_cpu_kernels()  # a first start compiles them while the tokenizer is converted
+        # a first start builds the backend's kernels while the tokenizer is converted
+        start_build(config.device.device, config.device.backend)
         # The tokenizer loads on a thread of its own while the weights load: a GGUF file's first start
         # converts it with transformers (2-3 s with the import), HF folders import transformers (1-2 s),
         # and the weight loading spends much of its time in numpy/torch with the GIL released.

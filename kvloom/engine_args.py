@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from kvloom.config import (
+    BACKENDS,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
     SPECULATIVE_METHODS,
@@ -88,7 +89,9 @@ def _check_parallel(parallel: ParallelConfig, hf_config: Any, device: str, spec:
     if tp % parallel.nnodes:
         raise ValueError(f"tensor_parallel_size {tp} must be a multiple of nnodes {parallel.nnodes}")
     if not isinstance(parallel.node_rank, int) or not 0 <= parallel.node_rank < parallel.nnodes:
-        raise ValueError(f"node_rank must be in [0, nnodes - 1 = {parallel.nnodes - 1}], got {parallel.node_rank!r}")
+        raise ValueError(
+            f"node_rank must be in [0, nnodes - 1 = {parallel.nnodes - 1}], got {parallel.node_rank!r}"
+        )
     addr = parallel.dist_init_addr
     if addr is not None and (":" not in addr or not addr.rpartition(":")[2].isdigit()):
         raise ValueError(f"dist_init_addr must be HOST:PORT, got {addr!r}")
@@ -152,6 +155,7 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _check_parallel(parallel, hf_config, dev, spec)
     _one_of("scheduling_policy", sched.scheduling_policy, SCHEDULING_POLICIES)
     _one_of("quantization", m.quantization, QUANTIZATIONS)
+    _one_of("backend", device.backend, BACKENDS)
     quant = m.quantization
     resolved_dtype = resolve_dtype(
         "bfloat16" if quant in ("int8", "int4") and dtype == "auto" else dtype,

@@ -67,7 +67,9 @@ class TensorParallel:
             return
         import torch.distributed as dist
 
-        data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        data = torch.frombuffer(
+            bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
+        )
         dist.broadcast(torch.tensor([data.numel()], dtype=torch.int64), src=0)
         dist.broadcast(data, src=0)
 
@@ -152,7 +154,9 @@ def init_tensor_parallel(rank: int, size: int, local_size: int, addr: str, timeo
         ) from e
     group = TensorParallel(rank, size, local_size)
     hosts = {h for h, _ in pids}
-    if len(hosts) == 1:
+    # NOTE: by the launch's own count (nnodes), not only host names: two "nodes" on one host (tests, or
+    # containers sharing a name) talk through gloo as separate machines would.
+    if len(hosts) == 1 and local_size == size:
         group.pids = [p for _, p in pids]
         name = [None]
         if rank == 0:
@@ -178,7 +182,7 @@ def init_tensor_parallel(rank: int, size: int, local_size: int, addr: str, timeo
         "Tensor parallel: rank %d of %d (%s), collectives through %s",
         rank,
         size,
-        f"{len(hosts)} hosts",
+        f"{size // local_size} node{'s' if size > local_size else ''}",
         "shared memory" if group.shm is not None else "gloo",
     )
     _group = group

@@ -61,13 +61,16 @@ class ShmGroup:
         # counters: [0, r]: rank r's collectives done; [1, r]: messages rank r has read; [2, 0]: messages sent
         self._counters = np.ndarray((3, world, 8), dtype=np.int64, buffer=buf[: 3 * world * 64])
         self._lengths = np.ndarray((2,), dtype=np.int64, buffer=buf[_HEADER - 16 : _HEADER])
-        slots = np.ndarray((2, world, SLOT_BYTES), dtype=np.uint8, buffer=buf[_HEADER : _HEADER + 2 * world * SLOT_BYTES])
+        slots = np.ndarray(
+            (2, world, SLOT_BYTES), dtype=np.uint8, buffer=buf[_HEADER : _HEADER + 2 * world * SLOT_BYTES]
+        )
         self._slots = torch.from_numpy(slots)
         start = _HEADER + 2 * world * SLOT_BYTES
         self._messages = buf[start : start + 2 * MESSAGE_BYTES]
         self._seq = int(self._counters[0, rank, 0])
         self._read = int(self._counters[1, rank, 0])
         self.alive: Callable[[], str | None] = lambda: None  # a dead peer's description, or None
+        self.oversubscribed = False  # this host's ranks have more threads than it has CPUs
 
     @staticmethod
     def size(world: int) -> int:
@@ -104,6 +107,9 @@ class ShmGroup:
         start = last_check = time.monotonic()
         while not ready():
             spins += 1
+            if self.oversubscribed:
+                # more threads than CPUs: the rank we wait for may need this CPU
+                os.sched_yield()
             if spins > (200 if idle else 20000):
                 now = time.monotonic()
                 # sleep in growing steps: 50 us at first, 1 ms after a second of waiting

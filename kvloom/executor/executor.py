@@ -44,11 +44,51 @@ class Executor:
         return Executor(config, show_progress)
 
 
-def torchrun_rank() -> tuple[int, int, int] | None:
-    """(rank, world size, ranks on this host) when started by torchrun, else None."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+def torchrun_rank(config: EngineConfig) -> tuple[int, int] | None:
+    """(rank, ranks on this host) when started by torchrun (one process per rank), else None."""
+    if "LOCAL_WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
         return None
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    world = int(os.environ["WORLD_SIZE"])
+    if world != config.parallel.tensor_parallel_size:
+        raise ValueError(
+            f"tensor_parallel_size {config.parallel.tensor_parallel_size} differs from torchrun's "
+            f"{world} processes (WORLD_SIZE)"
+        )
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+
+
+def is_worker_node(config: EngineConfig) -> bool:
+    """Whether this process only runs ranks for another machine's engine (--node-rank > 0, or a
+    torchrun process other than rank 0)."""
+    if config.parallel.tensor_parallel_size == 1:
+        return False
+    env = torchrun_rank(config)
+    return env[0] != 0 if env is not None else config.parallel.node_rank > 0
+
+
+def _placement(config: EngineConfig) -> tuple[int, int, str, bool]:
+    """(this process's rank, ranks on this host, where they meet, whether this process starts the
+    host's other ranks)."""
+    p = config.parallel
+    env = torchrun_rank(config)
+    if env is not None:
+        return env[0], env[1], "env://", False
+    local = p.tensor_parallel_size // p.nnodes
+    return p.node_rank * local, local, p.dist_init_addr or f"127.0.0.1:{free_port()}", True
+
+
+def run_worker_node(config: EngineConfig) -> int:
+    """A machine other than node 0 (or a torchrun rank other than 0): run this host's ranks until the
+    engine stops them. Returns the exit status."""
+    rank, local, addr, starts = _placement(config)
+    procs = start_rank_processes(config, rank + 1, local - 1, addr) if starts else []
+    from kvloom.executor.worker import run_rank
+
+    try:
+        run_rank(config, rank, addr, local)
+    finally:
+        stop_rank_processes(procs)
+    return 0
 
 
 def free_port() -> int:
@@ -59,7 +99,7 @@ def free_port() -> int:
 
 def start_rank_processes(config: EngineConfig, first: int, count: int, addr: str) -> list[subprocess.Popen]:
     """Start ranks first .. first + count - 1 as worker processes of this host."""
-    payload = pickle.dumps((config, addr))
+    payload = pickle.dumps((config, addr, count + 1))
     procs = []
     for rank in range(first, first + count):
         proc = subprocess.Popen(
@@ -80,19 +120,24 @@ def stop_rank_processes(procs: list[subprocess.Popen], timeout: float = 5.0) -> 
             proc.wait()
 
 
-def join_tensor_parallel(config: EngineConfig, rank: int, addr: str) -> None:
+def join_tensor_parallel(config: EngineConfig, rank: int, addr: str, local: int) -> None:
     """This process joins the ranks as ``rank``; its threads are its share of this host's CPUs."""
     import torch
 
     p = config.parallel
-    local = p.tensor_parallel_size // p.nnodes
-    init_tensor_parallel(rank, p.tensor_parallel_size, local, addr, p.dist_timeout)
-    torch.set_num_threads(p.num_threads or threads_per_rank(local))
+    tp = init_tensor_parallel(rank, p.tensor_parallel_size, local, addr, p.dist_timeout)
+    threads = p.num_threads or threads_per_rank(local)
+    torch.set_num_threads(threads)
+    if tp.shm is not None:
+        tp.shm.oversubscribed = local * threads > _cpus()
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def threads_per_rank(local: int) -> int:
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // local)
+    return max(1, _cpus() // local)
 
 
 class MultiprocExecutor(Executor):
@@ -100,17 +145,11 @@ class MultiprocExecutor(Executor):
 
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         p = config.parallel
-        local = p.tensor_parallel_size // p.nnodes
-        self.procs: list[subprocess.Popen] = []
-        env = torchrun_rank()
-        if env is not None:
-            rank, addr = env[0], "env://"
-        else:
-            rank, addr = p.node_rank * local, p.dist_init_addr or f"127.0.0.1:{free_port()}"
-            self.procs = start_rank_processes(config, rank + 1, local - 1, addr)
+        rank, local, addr, starts = _placement(config)
+        self.procs = start_rank_processes(config, rank + 1, local - 1, addr) if starts else []
         self._finalizer = weakref.finalize(self, _shutdown, self.procs)
         try:
-            join_tensor_parallel(config, rank, addr)
+            join_tensor_parallel(config, rank, addr, local)
             logger.info(
                 "Tensor parallel %d (%d node%s): rank %d here, %d worker process%s, %d threads each",
                 p.tensor_parallel_size,

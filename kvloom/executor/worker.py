@@ -11,12 +11,12 @@ from kvloom.logger import init_logger
 logger = init_logger("kvloom.worker")
 
 
-def run_rank(config, rank: int, addr: str) -> None:  # noqa: ANN001 - EngineConfig
+def run_rank(config, rank: int, addr: str, local: int) -> None:  # noqa: ANN001 - EngineConfig
     from kvloom.distributed.parallel_state import close_tensor_parallel
     from kvloom.executor.executor import join_tensor_parallel
     from kvloom.worker.model_runner import ModelRunner
 
-    join_tensor_parallel(config, rank, addr)
+    join_tensor_parallel(config, rank, addr, local)
     try:
         ModelRunner(config, show_progress=False).serve_peer()
     finally:
@@ -25,9 +25,9 @@ def run_rank(config, rank: int, addr: str) -> None:  # noqa: ANN001 - EngineConf
 
 def main() -> int:
     rank = int(sys.argv[1])
-    config, addr = pickle.load(sys.stdin.buffer)
+    config, addr, local = pickle.load(sys.stdin.buffer)
     try:
-        run_rank(config, rank, addr)
+        run_rank(config, rank, addr, local)
     except KeyboardInterrupt:
         return 130
     except Exception:

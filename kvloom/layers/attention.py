@@ -1,4 +1,4 @@
-"""Paged attention on PyTorch ops (CPU and CUDA alike).
+"""Paged attention on PyTorch ops (CPU and CUDA alike): the reference every backend is held to.
 
 K/V of every scheduled token are written into their cache slots, then each sequence attends over the
 blocks of its block table. Single-token queries (decodes) are batched into one call over padded block
@@ -6,17 +6,17 @@ tables; longer queries (prefill chunks) get one call each, in slices of query ro
 is `_grouped_attention`: two batched matmuls with a boolean mask and an fp32 softmax, which on CPU
 measured faster than SDPA's kernels for every shape we run (see its NOTE).
 
-With kvloom's CPU kernels (bf16, shapes they take, block size a multiple of 16: the model runner decides
-once, `CpuKernels.kernel_attention_ok`), the cache is kept in the kernels' own layout, written by them (in
-the fused rope kernel when there is one), and every row, decode or prefill, is one query over its
-sequence's blocks in the C attention kernel (`meta.token_*` tables). The PyTorch path below serves
-everything else (fp32/fp16, CUDA, other shapes) with the usual [KVH, num_blocks, block_size, D] layout.
+``TorchAttention`` is the attention implementation a model's Attention layers use unless a backend gives
+them another (kvloom/backends: the CPU kernels' one keeps the cache in their own layout). An
+implementation builds its metadata once per step (``build_metadata``, from the step's ModelInput) and
+runs each layer's attention (``forward``) from the layer's fused qkv output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -34,7 +34,7 @@ class PrefillSeq:
 
 @dataclass
 class AttentionMetadata:
-    """Built once per step by the model runner and shared by all layers.
+    """TorchAttention's per-step data, shared by all layers.
 
     NOTE: the flat token batch holds the ``num_decodes`` single-token queries first, then the prefills.
     """
@@ -45,12 +45,6 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decodes] long
     prefills: list[PrefillSeq]
     block_size: int
-    # With the CPU kernels' attention, every row of the step as one query over the paged cache (its K/V
-    # written first): block tables of all scheduled sequences, each row's table index and context length
-    # (position + 1). Set by the model runner when the cache is in the kernels' layout; None otherwise.
-    token_block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] long
-    token_table_index: torch.Tensor | None = None  # [num_tokens] long
-    token_context_lens: torch.Tensor | None = None  # [num_tokens] long
     # The rows whose hidden state the step wants (ascending): the model returns those alone. None: all.
     output_rows: torch.Tensor | None = None  # [num_outputs] long
     _masks: dict = field(default_factory=dict)
@@ -134,30 +128,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
-    kernels=None,  # backends.cpu.kernels.CpuKernels: needed when meta has token tables (their cache layout)
-    cache_written: bool = False,  # K/V of this step are in the cache already (the fused rope kernel)
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if meta.token_context_lens is not None:
-        # The kernels' path: the cache is in their layout (the runner chose it), every row reads it in place.
-        if not cache_written:
-            kernels.write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        kernels.decode_attention(
-            q,
-            k_cache,
-            v_cache,
-            meta.token_block_tables,
-            meta.token_context_lens,
-            out,
-            scale,
-            window,
-            row_table=meta.token_table_index,
-        )
-        return out
-    if not cache_written:
-        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
     nd = meta.num_decodes
     if nd:
@@ -190,3 +165,56 @@ def paged_attention(
                 scale,
             )[0]
     return out
+
+
+def padded_tables(rows: list[list[int]]) -> np.ndarray:
+    """Block tables of unequal length as one [len(rows), longest] int64 array, zero-padded."""
+    width = max((len(r) for r in rows), default=0)
+    return np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows), width)
+
+
+class TorchAttention:
+    """Paged attention on PyTorch ops, the cache in the usual [KVH, num_blocks, block_size, D] layout."""
+
+    name = "PyTorch"
+
+    def build_metadata(self, inp, block_size: int, device: torch.device) -> AttentionMetadata:  # noqa: ANN001 - ModelInput
+        lens = inp.query_lens
+        num_decodes = sum(1 for n in lens if n == 1)  # decodes come first
+        tables = lens_ctx = None
+        if num_decodes:
+            tables = torch.from_numpy(padded_tables(inp.block_tables[:num_decodes])).to(device)
+            lens_ctx = torch.from_numpy(inp.positions[:num_decodes] + 1).to(device)
+        prefills: list[PrefillSeq] = []
+        row = num_decodes
+        for n, blocks in zip(lens[num_decodes:], inp.block_tables[num_decodes:], strict=True):
+            block_ids = torch.tensor(blocks, dtype=torch.long, device=device)
+            prefills.append(PrefillSeq(row, n, int(inp.positions[row]), block_ids))
+            row += n
+        return AttentionMetadata(
+            slot_mapping=torch.from_numpy(inp.slots).to(device),
+            num_decodes=num_decodes,
+            decode_block_tables=tables,
+            decode_context_lens=lens_ctx,
+            prefills=prefills,
+            block_size=block_size,
+            output_rows=output_rows(inp, device),
+        )
+
+    def forward(
+        self,
+        layer,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,  # noqa: ANN001 - models' Attention
+    ) -> torch.Tensor:
+        """[tokens, q_size] attention output of ``layer`` (its fused qkv output given)."""
+        q, k, v = layer.split_qkv(positions, qkv)
+        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, layer.scale, layer.window)
+        return o.view(qkv.shape[0], layer.q_size)
+
+
+def output_rows(inp, device: torch.device) -> torch.Tensor | None:  # noqa: ANN001 - ModelInput
+    rows = inp.output_rows
+    return None if rows is None else torch.tensor(rows, dtype=torch.long, device=device)

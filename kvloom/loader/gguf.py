@@ -185,7 +185,9 @@ class GGUFFile:
 
         tied = getattr(hf_config, "tie_word_embeddings", False)
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        head_dim = (
+            getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        )
         for t in self.tensors:
             name = _hf_name(t.name)
             if name is None:
@@ -208,7 +210,9 @@ class GGUFFile:
                     block, type_size = GGML_QUANT_SIZES[qtype]
                     if start % block == 0 and n % block == 0:
                         b = raw.reshape(rows, t.nbytes // rows)
-                        raw = np.ascontiguousarray(b[:, start // block * type_size : (start + n) // block * type_size])
+                        raw = np.ascontiguousarray(
+                            b[:, start // block * type_size : (start + n) // block * type_size]
+                        )
                         cols = shape[1] = n
                         raw = raw.reshape(-1)
                     else:
@@ -372,7 +376,8 @@ def _config_kwargs(metadata: dict, tensor_names: set[str], a: str) -> dict:
 @functools.cache
 def _log_dense_cut(name: str, qtype: str, block: int) -> None:
     logger.warning(
-        "tensor parallel: %s (%s, blocks of %d) splits within its blocks; this rank runs its slice dequantized",
+        "tensor parallel: %s (%s, blocks of %d) splits within its blocks; this rank runs its slice "
+        "dequantized",
         name,
         qtype,
         block,

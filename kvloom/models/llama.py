@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvloom.distributed.parallel_state import get_tp, local_heads
-from kvloom.layers.attention import AttentionMetadata, paged_attention
+from kvloom.layers.attention import TorchAttention
 from kvloom.layers.linear import Embedding, Linear, LMHead, column_parallel, row_parallel
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight
@@ -41,7 +41,8 @@ def layer_window(config: Any, layer: int) -> int | None:
 
 
 class Attention(nn.Module):
-    kernels = None  # a kvloom.backends.cpu.kernels.CpuKernels once the model runner turns them on
+    # How attention runs: PyTorch ops, or the implementation a backend gives the layer (kvloom/backends).
+    impl = TorchAttention()
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -65,40 +66,25 @@ class Attention(nn.Module):
         # NOTE: a plain attribute, not a submodule: the tables are shared by all layers.
         self.rotary = rotary
 
-    def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        n = x.shape[0]
-        qkv = self.qkv_proj(x)
-        kern = self.kernels
-        # With the cache in the kernels' layout (token tables set), they rotate q/k in place in the fused qkv
-        # output and write K/V to the cache in one pass.
-        fused_rope = meta.token_context_lens is not None and not self.qk_norm
-        if fused_rope:
-            kern.rope_and_cache(
-                qkv,
-                self.num_heads,
-                self.num_kv_heads,
-                self.head_dim,
-                positions,
-                self.rotary.cos,
-                self.rotary.sin,
-                kv_cache[0],
-                kv_cache[1],
-                meta.slot_mapping,
-            )
+    def split_qkv(
+        self, positions: torch.Tensor, qkv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fused projection's output -> q [n, H, D], k, v [n, KVH, D]: q/k normalized (where the
+        family does) and rotated."""
+        n = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if not fused_rope:
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
-        o = paged_attention(
-            q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, kern, cache_written=fused_rope
-        )
-        return self.o_proj(o.view(n, self.q_size))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        return q, k, v
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, kv_cache: torch.Tensor, meta: Any
+    ) -> torch.Tensor:
+        return self.o_proj(self.impl.forward(self, positions, self.qkv_proj(x), kv_cache, meta))
 
 
 class MLP(nn.Module):
@@ -142,7 +128,7 @@ class DecoderLayer(nn.Module):
         h: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (h, residual): the residual stream is summed inside the next norm."""
         if residual is None:
@@ -197,11 +183,11 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[torch.Tensor],  # per layer [2, num_kv_heads, num_blocks, block_size, head_dim]
-        meta: AttentionMetadata,
+        meta: Any,
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         fused = self.fused_decode
-        if fused is not None and meta.token_context_lens is not None:
+        if fused is not None and fused.takes(meta):
             # skips the last layer's attention, o and MLP for the rows not in meta.output_rows
             h, residual = fused(h, positions, kv_caches, meta)
             return self.model.norm(h, residual)[0]
@@ -217,7 +203,8 @@ class LlamaForCausalLM(nn.Module):
         the first."""
         return self.lm_head.logits(hidden)
 
-    # Set by a backend (backends/cpu: FusedDecodeLayers): all layers in one call on the steps it takes.
+    # Set by a backend (backends/cpu: FusedDecodeLayers): all layers in one call on the steps it takes
+    # (``takes(meta)``), the same computation as the layers' own forward (held equal by the tests).
     fused_decode = None
 
     def checkpoint_slice(self, name: str) -> tuple[int, int, int] | None:

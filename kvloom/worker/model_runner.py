@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
-import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from numpy._core.multiarray import _set_madvise_hugepage
 from tqdm.auto import tqdm
 
+from kvloom.backends import get_backend
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import cdiv
 from kvloom.core.scheduler import SchedulerOutput
 from kvloom.distributed.parallel_state import get_tp
-from kvloom.layers.attention import AttentionMetadata, PrefillSeq
-from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
@@ -29,9 +22,6 @@ from kvloom.request import Request, TokenLogprobs
 from kvloom.spec.verify import verify
 
 logger = init_logger(__name__)
-
-PAGE = 4096  # the KV pool's alignment (bytes)
-MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
 @contextlib.contextmanager
@@ -117,21 +107,10 @@ class ModelRunner:
             model = model_cls(hf, config.model.max_model_len, config.dtype, self.device)
         _materialize(model, self.device)
         ckpt = config.checkpoint
-        self.kernels = None
-        if config.wants_cpu_kernels:
-            from kvloom.backends.cpu.kernels import load_cpu_kernels, use_cpu_kernels
-
-            self.kernels = load_cpu_kernels()
-        if self.kernels is None and config.model.quantization in ("int8", "int4"):
-            raise ValueError(
-                f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "
-                "AVX-512 BF16, a C compiler, cpu_kernels on); they are not available here"
-            )
-        # GGUF blocks run as they are under "auto"; int8/int4 re-quantize the dequantized weights.
-        keep_quantized = self.kernels is not None and config.model.quantization == "auto"
+        self.backend = get_backend(config)
         self.tp = get_tp()
         weights = tqdm(
-            ckpt.iter_tensors(config.dtype, keep_quantized=keep_quantized, shard=model.checkpoint_slice),
+            ckpt.iter_tensors(config.dtype, self.backend.keep_quantized, shard=model.checkpoint_slice),
             total=ckpt.num_tensors(),
             desc=f"Loading {ckpt.path.name}",
             unit="tensor",
@@ -139,27 +118,17 @@ class ModelRunner:
             leave=False,
         )
         model.load_weights(weights)
-        if self.kernels is not None:
-            use_cpu_kernels(model, self.kernels, config.model.quantization)
-        formats = Counter(
-            m.quant for m in model.modules() if isinstance(m, Linear) and type(m.method) is not LinearMethod
-        )
+        self.backend.prepare(model)
         logger.info(
             "Compute: %s on %s, %s",
             str(config.dtype).removeprefix("torch."),
             self.device,
-            "kvloom CPU kernels, linear weights "
-            + ", ".join(f"{n} {k}" for k, n in sorted(formats.items()))
-            + (", one call per layer" if model.fused_decode is not None else "")
-            if self.kernels is not None
-            else "PyTorch ops",
+            self.backend.describe(model),
         )
         self.model = model.eval()
         self.vocab_size = hf.vocab_size
 
         self.num_blocks = num_kv_blocks(config)
-        # NOTE: zero-filled, not empty: padded block-table entries and unwritten slots are read (then
-        # masked out), and garbage there could be NaN, which masking does not remove.
         shape = (
             hf.num_hidden_layers,
             2,
@@ -168,78 +137,9 @@ class ModelRunner:
             config.cache.block_size,
             config.head_dim,
         )
-        if self.device.type == "cpu":
-            # numpy's zeros come from calloc: the OS maps zero pages as they are first touched, instead of
-            # torch.zeros writing the whole pool up front (3 s for 2 GiB here). NOTE: without numpy's
-            # MADV_HUGEPAGE: the first token of each (layer, K/V, head) region would fault in and zero a
-            # whole 2 MB page, 360 MB for SmolLM2, which took the first step 0.6-1 s here; with it only
-            # when reserve_kv_cache writes every page now anyway (fewer, larger faults).
-            # NOTE: page-aligned. calloc's memory starts 16 bytes into a page, which put every 64-byte load
-            # of the cache across two cache lines, and the last 16 bytes of a block on the next block's
-            # page: attention reading them mapped the zero page there, so the first write to that block
-            # faulted again and flushed every core's TLB (IPIs). 32 x (128, 128): 468-528 -> 550-597 tok/s.
-            nbytes = int(np.prod(shape)) * config.dtype.itemsize
-            hugepages = _set_madvise_hugepage(config.cache.reserve_kv_cache)
-            try:
-                raw = np.zeros(nbytes + PAGE, dtype=np.uint8)
-            finally:
-                _set_madvise_hugepage(hugepages)
-            start = -raw.ctypes.data % PAGE
-            self.kv_cache = torch.from_numpy(raw[start : start + nbytes]).view(config.dtype).view(shape)
-            if config.cache.reserve_kv_cache:
-                self._reserve_kv_pool()
-        else:
-            self.kv_cache = torch.zeros(shape, dtype=config.dtype, device=self.device)
+        self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype)
         self.kv_caches = list(self.kv_cache.unbind(0))
-        # The kernels' attention (and their cache layout) for every step, when they take this model.
-        attn0 = model.model.layers[0].self_attn
-        self.kernel_attention = self.kernels is not None and self.kernels.kernel_attention_ok(
-            config.dtype, attn0.num_heads, attn0.num_kv_heads, attn0.head_dim, config.cache.block_size
-        )
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
-
-    def _reserve_kv_pool(self) -> None:
-        """Make every page of the CPU KV pool resident now (reserve_kv_cache).
-
-        Otherwise the OS maps the pool's pages as steps first write K/V into fresh blocks, and blocks are
-        handed out in order, so every block is fresh until the pool has been used once: those faults cost
-        a 2048-token prefill step 90 ms of its 1.25 s here, and 32 x (128, 128) about 2-5% of its
-        throughput (docs/architecture.md, "The KV pool is page-aligned"). Committing the memory up front
-        is also what a server wants: a pool the host cannot back fails at start-up, not mid-request.
-        madvise(MADV_POPULATE_WRITE) (Linux 5.14+) from as many threads as the engine has; elsewhere, or
-        where the kernel refuses it, the pool is written with zeros (it is all zeros already)."""
-        t0 = time.perf_counter()
-        flat = self.kv_cache.view(-1)
-        nbytes = flat.numel() * flat.element_size()
-        madvise = None
-        if sys.platform.startswith("linux"):
-            madvise = ctypes.CDLL(None, use_errno=True).madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        failed: list[int] = []
-
-        def populate(lo: int, hi: int) -> None:  # byte range, page-aligned lo
-            for a in range(lo, hi, 64 << 20):
-                if failed:
-                    return
-                if madvise(flat.data_ptr() + a, min(64 << 20, hi - a), MADV_POPULATE_WRITE) != 0:
-                    failed.append(ctypes.get_errno())
-
-        if madvise is not None:
-            n = max(1, torch.get_num_threads())
-            cuts = [nbytes * i // n // PAGE * PAGE for i in range(n)] + [nbytes]
-            threads = [threading.Thread(target=populate, args=(cuts[i], cuts[i + 1])) for i in range(n)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        if madvise is None or failed:
-            flat.zero_()
-        logger.info(
-            "KV cache: %.1f MiB reserved (every page written%s) in %.2fs",
-            nbytes / (1 << 20),
-            f"; madvise failed, errno {failed[0]}: zeros written" if failed else "",
-            time.perf_counter() - t0,
-        )
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, keep_probs: bool = False) -> ModelRunnerOutput:
@@ -326,7 +226,7 @@ class ModelRunner:
         logits = logits[: len(sample_rows)]
         speculating = any(k for _, _, k in owners)
         keep = keep_probs or speculating
-        fast = not keep and self.kernels is not None and self.kernels.argmax_ok(logits)
+        fast = not keep and self.backend.argmax_ok(logits)
         batch = (
             None
             if fast and SamplingBatch.argmax_only(samplers)
@@ -334,10 +234,10 @@ class ModelRunner:
         )
         if fast and (batch is None or batch.plain_greedy):
             # Greedy without logprobs, bias or penalties: the argmax of the model-dtype logits (exact; the
-            # min_tokens ban is -inf in any dtype), one pass in C instead of fp32 conversion + torch.argmax.
+            # min_tokens ban is -inf in any dtype), one pass in the backend instead of fp32 + torch.argmax.
             if batch is not None and batch.banned is not None:
                 logits[batch.banned] = float("-inf")
-            sampled = SamplerOutput(self.kernels.argmax(logits), None, None, None, None)
+            sampled = SamplerOutput(self.backend.argmax(logits), None, None, None, None)
         else:
             sampled = sample(logits.float(), batch, self.generator, keep_probs=keep)
         tokens = sampled.tokens.tolist()  # the one host copy per step (more only when logprobs are asked)
@@ -374,48 +274,16 @@ class ModelRunner:
         """One forward over a step's tokens: the logits of ``inp.logit_rows`` (None on tensor-parallel
         ranks but the first, and when no row wants them)."""
         dev = self.device
-        meta = self._attention_metadata(inp)
+        meta = self.backend.build_metadata(inp)
         hidden = self.model(
-            torch.from_numpy(inp.input_ids).to(dev), torch.from_numpy(inp.positions).to(dev), self.kv_caches, meta
+            torch.from_numpy(inp.input_ids).to(dev),
+            torch.from_numpy(inp.positions).to(dev),
+            self.kv_caches,
+            meta,
         )
         if not inp.logit_rows:
             return None
-        return self.model.compute_logits(hidden[torch.tensor(inp.logit_rows, device=dev)])
-
-    def _attention_metadata(self, inp: ModelInput) -> AttentionMetadata:
-        bs = self.config.cache.block_size
-        dev = self.device
-        lens = inp.query_lens
-        num_decodes = sum(1 for n in lens if n == 1)  # decodes come first
-        table = _padded(inp.block_tables)
-        tensors: dict[str, torch.Tensor | None] = {"decode_block_tables": None, "decode_context_lens": None}
-        prefills: list[PrefillSeq] = []
-        if self.kernel_attention:
-            # With the CPU kernels every row, decode or prefill, is one query over the paged cache (K/V are
-            # written first), so every step runs each layer as one C call. Prefill attention this way
-            # measured 2-3x faster than the PyTorch path's batched matmuls: 128 rows 0.35 vs 0.75 ms,
-            # 1024 rows 11.6 vs 30.1 ms, 2 x 2048 rows 97 vs 160 ms (per layer, SmolLM2 shapes).
-            row_table = np.repeat(np.arange(len(lens), dtype=np.int64), lens)  # each row's table
-            tensors["token_block_tables"] = torch.from_numpy(table)
-            tensors["token_table_index"] = torch.from_numpy(row_table)
-            tensors["token_context_lens"] = torch.from_numpy(inp.positions + 1)
-        else:
-            if num_decodes:
-                tensors["decode_block_tables"] = torch.from_numpy(table[:num_decodes]).to(dev)
-                tensors["decode_context_lens"] = torch.from_numpy(inp.positions[:num_decodes] + 1).to(dev)
-            row = num_decodes
-            for n, blocks in zip(lens[num_decodes:], inp.block_tables[num_decodes:], strict=True):
-                block_ids = torch.tensor(blocks, dtype=torch.long, device=dev)
-                prefills.append(PrefillSeq(row, n, int(inp.positions[row]), block_ids))
-                row += n
-        return AttentionMetadata(
-            slot_mapping=torch.from_numpy(inp.slots).to(dev),
-            num_decodes=num_decodes,
-            prefills=prefills,  # empty on the kernels' path, which reads the token tables
-            block_size=bs,
-            output_rows=None if inp.output_rows is None else torch.tensor(inp.output_rows, device=dev),
-            **tensors,
-        )
+        return self.model.compute_logits(hidden[torch.tensor(inp.logit_rows, dtype=torch.long, device=dev)])
 
     def serve_peer(self) -> None:
         """A tensor-parallel rank other than the first: run each step rank 0 sends until it sends None."""
@@ -430,9 +298,9 @@ class ModelRunner:
         key = hash((request.sampling_params.seed, request.index, request.num_output_tokens, "verify"))
         return torch.Generator(self.device).manual_seed(key & ((1 << 63) - 1))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, request: Request, pos: int) -> list[TokenLogprobs]:
-        """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per hidden row."""
-        logprobs = self.model.compute_logits(hidden).float().log_softmax(dim=-1)  # [rows, vocab]
+    def _prompt_logprobs(self, logits: torch.Tensor, request: Request, pos: int) -> list[TokenLogprobs]:
+        """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per row of logits."""
+        logprobs = logits.float().log_softmax(dim=-1)  # [rows, vocab]
         targets = torch.tensor(request.prompt_token_ids[pos : pos + len(logprobs)], device=logprobs.device)
         chosen = logprobs.gather(1, targets[:, None]).squeeze(1)
         ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
@@ -449,12 +317,6 @@ class ModelRunner:
                 strict=True,
             )
         ]
-
-
-def _padded(rows: list[list[int]]) -> np.ndarray:
-    """Block tables of unequal length as one [len(rows), longest] int64 array, zero-padded."""
-    width = max((len(r) for r in rows), default=0)
-    return np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64).reshape(len(rows), width)
 
 
 def _token_logprobs(

@@ -47,7 +47,7 @@ def test_kernels_match_pytorch_path(name, tmp_path, stories):
     save_random_model(CONFIGS[name](), tmp_path, stories)
     prompts = random_prompts(6, [1, 5, 17, 40, 90, 130], 512, seed=3)
     on = LLM(str(tmp_path), dtype="bfloat16", max_num_batched_tokens=64, show_progress=False)
-    assert on.engine.runner.kernels is not None
+    assert on.engine.runner.backend.kernels is not None
     params = SamplingParams(max_tokens=40, temperature=0, logprobs=0, ignore_eos=True)
     outs = on.generate(prompts, params, use_tqdm=False)
     seqs = [list(o.prompt_token_ids) + list(o.outputs[0].token_ids) for o in outs]
@@ -57,7 +57,7 @@ def test_kernels_match_pytorch_path(name, tmp_path, stories):
         )
         for o in outs
     ]
-    off = _scored(LLM(str(tmp_path), dtype="bfloat16", cpu_kernels=False, show_progress=False), seqs)
+    off = _scored(LLM(str(tmp_path), dtype="bfloat16", backend="torch", show_progress=False), seqs)
     ref = _scored(LLM(str(tmp_path), dtype="float32", show_progress=False), seqs)
     on_scored = _scored(on, seqs)
     for p, dec, a, b, r in zip(prompts, decoded, on_scored, off, ref, strict=True):
@@ -119,8 +119,9 @@ def test_block_size_the_kernel_attention_does_not_take():
     prompts = ["The capital of France is", "def fib(n):"]
     small = LLM(block_size=8, show_progress=False)
     usual = LLM(block_size=16, show_progress=False)
-    assert not small.engine.runner.kernel_attention and usual.engine.runner.kernel_attention
-    assert small.engine.runner.kernels is not None
+    assert small.engine.runner.backend.attention.name == "PyTorch"
+    assert usual.engine.runner.backend.attention.name == "kvloom CPU kernels"
+    assert small.engine.runner.backend.kernels is not None
     a, b = (llm.generate(prompts, sp, use_tqdm=False) for llm in (small, usual))
     for x, y in zip(a, b, strict=True):
         tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids

@@ -33,12 +33,12 @@ def test_every_option_is_a_flag_and_a_keyword_argument():
     # the defaults on the command line are the fields' defaults
     assert kwargs == {f.name: f.default for cls in GROUPS.values() for f in dataclasses.fields(cls)}
     args = p.parse_args(
-        ["--block-size", "32", "--kv-cache-memory", "0.5", "--no-prefix-caching", "--no-cpu-kernels"]
+        ["--block-size", "32", "--kv-cache-memory", "0.5", "--no-prefix-caching", "--backend", "torch"]
         + ["--scheduling-policy", "fair", "--speculative-method", "ngram", "--num-threads", "3"]
     )
     kwargs = kwargs_from_cli(args)
     assert kwargs["block_size"] == 32 and kwargs["kv_cache_memory"] == 1 << 29
-    assert kwargs["enable_prefix_caching"] is False and kwargs["cpu_kernels"] is False
+    assert kwargs["enable_prefix_caching"] is False and kwargs["backend"] == "torch"
     assert kwargs["scheduling_policy"] == "fair" and kwargs["speculative_method"] == "ngram"
     assert kwargs["num_threads"] == 3
     assert kwargs_from_cli(p.parse_args(["--enable-prefix-caching"]))["enable_prefix_caching"] is True

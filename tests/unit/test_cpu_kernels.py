@@ -135,8 +135,8 @@ def test_kernels_off_by_config(stories):
     from kvloom import LLM
 
     on = LLM(str(stories), dtype="bfloat16", show_progress=False)
-    off = LLM(str(stories), dtype="bfloat16", cpu_kernels=False, show_progress=False)
-    assert on.engine.runner.kernels is not None and off.engine.runner.kernels is None
+    off = LLM(str(stories), dtype="bfloat16", backend="torch", show_progress=False)
+    assert on.engine.runner.backend.kernels is not None and off.engine.runner.backend.kernels is None
     assert on.engine.runner.model.lm_head.weight is None  # packed in place, no second copy
 
 

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import torch
 
+from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.logger import init_logger
-from kvloom.models.llama import MLP, Attention
+from kvloom.models.llama import MLP
 
 logger = init_logger(__name__)
 
@@ -170,21 +171,8 @@ class CpuKernels:
     # -- rotary + KV cache write -----------------------------------------------------------------------
     # The kernels keep the KV cache in a layout of their own (cpu_kernels.c, "KV cache layout"): within each
     # block, K as [D / 2, block_size, 2] and V as [block_size / 2, D, 2]. The pool's shape is unchanged;
-    # only the kernels write and read it (the model runner picks this layout with kernel_attention_ok).
-    @staticmethod
-    def kernel_attention_ok(
-        dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
-    ) -> bool:
-        """Whether a model's attention runs on the kernels (cache in their layout) for every step."""
-        return (
-            dtype == torch.bfloat16
-            and head_dim % 16 == 0
-            and head_dim <= 256
-            and num_heads % num_kv_heads == 0
-            and num_heads // num_kv_heads <= 16
-            and block_size % 16 == 0
-        )
-
+    # only the kernels write and read it (the CPU backend picks this layout where KernelAttention.supports
+    # the model).
     @staticmethod
     def to_kernel_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[KVH, num_blocks, block_size, D] caches in the usual layout -> the same in the kernels' layout."""
@@ -357,6 +345,11 @@ class FusedDecodeLayers:
                 return False
         return cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
 
+    @staticmethod
+    def takes(meta) -> bool:  # noqa: ANN001
+        """Every step whose attention runs on the kernels (their cache layout)."""
+        return isinstance(meta, KernelAttentionMetadata)
+
     def __call__(
         self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -374,7 +367,7 @@ class FusedDecodeLayers:
         a = torch.empty(s, H * D, dtype=h.dtype)
         gu = torch.empty(s, 2 * inter, dtype=h.dtype)
         act = torch.empty(s, inter, dtype=h.dtype)
-        tables = meta.token_block_tables
+        tables = meta.block_tables
         k0 = kv_caches[0][0]
         # decode steps want every row; then attention writes each row's K/V itself (no row table)
         decode = tables.shape[0] == s
@@ -396,9 +389,9 @@ class FusedDecodeLayers:
             self.sin,
             _ptr(meta.slot_mapping),
             _ptr(tables),
-            None if decode else _ptr(meta.token_table_index),
+            None if decode else _ptr(meta.table_index),
             tables.shape[1],
-            _ptr(meta.token_context_lens),
+            _ptr(meta.context_lens),
             k0.shape[1],
             k0.shape[2],
             _ptr(x),
@@ -510,7 +503,5 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
             module.fused = KernelRMSNorm(kernels)
         elif isinstance(module, MLP):
             module.fused_act = KernelSiluMul(kernels)
-        elif isinstance(module, Attention):
-            module.kernels = kernels
     if FusedDecodeLayers.supports(model):
         model.fused_decode = FusedDecodeLayers(kernels, model)

@@ -1,0 +1,59 @@
+"""The backend interface, implemented with PyTorch ops (the reference, any device).
+
+A backend is applied to a built, loaded model (``prepare``): it may give layers methods of its own (a
+LinearMethod per weight format, an attention implementation, fused norms and activation, a fused decoder
+stack that declares the steps it takes). It allocates the KV pool in the layout its attention reads,
+builds that attention's metadata from each step's ModelInput, and may take the greedy argmax. Models and
+layers never ask which backend runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvloom.config import EngineConfig
+from kvloom.layers.attention import TorchAttention
+from kvloom.models.llama import Attention
+
+
+class Backend:
+    name = "torch"
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device.device)
+        self.attention = TorchAttention()
+        if config.model.quantization in ("int8", "int4"):
+            raise ValueError(
+                f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "
+                "AVX-512 BF16, a C compiler, --backend auto); they are not available here"
+            )
+
+    @property
+    def keep_quantized(self) -> bool:
+        """Whether GGUF blocks load as they are (a linear method runs them), instead of dequantized."""
+        return False
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Apply this backend to a built, loaded model."""
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.impl = self.attention
+
+    def describe(self, model: torch.nn.Module) -> str:
+        return "PyTorch ops"
+
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        # NOTE: zero-filled, not empty: padded block-table entries and unwritten slots are read (then
+        # masked out), and garbage there could be NaN, which masking does not remove.
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def build_metadata(self, inp):  # noqa: ANN001, ANN201 - ModelInput -> the attention's metadata
+        return self.attention.build_metadata(inp, self.config.cache.block_size, self.device)
+
+    def argmax_ok(self, logits: torch.Tensor) -> bool:
+        """Whether ``argmax`` takes these model-dtype logits (a faster greedy pick than fp32 + torch)."""
+        return False
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(dim=-1)
