@@ -48,7 +48,7 @@ def tiny(request, tmp_path_factory, stories):
 
 
 def _greedy(model, tp: int, prompts, max_tokens: int, **kwargs) -> list:
-    llm = LLM(str(model), tensor_parallel_size=tp, show_progress=False, **kwargs)
+    llm = LLM(None if model is None else str(model), tensor_parallel_size=tp, show_progress=False, **kwargs)
     try:
         return llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, logprobs=5))
     finally:
@@ -116,7 +116,13 @@ def _config_only(tmp_path, **kw):
     [(4, 2, 3, "attention heads"), (12, 4, 6, "KV heads"), (6, 6, 4, "attention heads")],
 )
 def test_indivisible_shapes_refused_before_loading(tmp_path, heads, kv, tp, what):
-    folder = _config_only(tmp_path, num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=144)
+    folder = _config_only(
+        tmp_path,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        hidden_size=16 * heads,
+        intermediate_size=144,
+    )
     with pytest.raises(ValueError, match="tensor_parallel_size") as e:  # no weights: nothing loaded
         create_engine_config(str(folder), tensor_parallel_size=tp)
     assert what in str(e.value)
