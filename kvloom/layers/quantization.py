@@ -1,11 +1,12 @@
 """Group-quantized linear weights: GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K read as they are, and round-to-nearest
-int8/int4 for dense checkpoints (``--quantization``). Executed by the CPU kernels without expanding them.
+int8/int4 for dense checkpoints (``--quantization``). A backend's linear method runs them without
+expanding them (kvloom/backends/cpu: pack_quantized, the kernels' layout).
 
 Every format here is one of two kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
 - kind 4: q in 0..15 (Q4_0, Q4_1, Q4_K, int4), group 32, with a min;
 - kind 8: q in -128..127 (Q8_0: group 32; Q6_K: group 16, q - 32 in -32..31; int8: group 32), no min.
-Scales and mins are fp32: GGUF's fp16 d, m (and Q4_K's d * 6-bit scale) convert to them exactly, so the
-kernels compute with the file's exact weights.
+Scales and mins are fp32: GGUF's fp16 d, m (and Q4_K's d * 6-bit scale) convert to them exactly, so a
+backend computes with the file's exact weights.
 """
 
 from __future__ import annotations
@@ -78,35 +79,6 @@ class QuantizedWeight:
 
         return QuantizedWeight(self.kind, apply(self.q), apply(self.scale), apply(self.min), self.group)
 
-    def pack(self) -> tuple[torch.Tensor, bool]:
-        """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
-        group of inputs, its q, scales and mins together, so a thread reads one sequential stream.
-        Returns (bytes, has_min)."""
-        n, k = self.q.shape
-        pad = -n % 32
-        g = k // self.group
-        items = (n + pad) // 32
-
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
-
-        # [items, blocks, outputs j, k pairs, e] -> [items, groups, pairs in group, blocks, 32 lanes (2j + e)]
-        q = rows(self.q).view(items, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)
-        q = q.reshape(items, g, self.group // 2, 2, 32)
-        mins = self.min
-        if self.kind == 4:  # four pairs per 16-bit lane: pair 4c + i in nibble i
-            q = q.reshape(items, g, self.group // 8, 4, 2, 32).transpose(3, 4).to(torch.int32)
-            q = q[..., 0, :] | (q[..., 1, :] << 4) | (q[..., 2, :] << 8) | (q[..., 3, :] << 12)
-            q = torch.from_numpy(q.numpy().astype(np.uint16))  # [items, g, chunks, blocks, 32]
-            # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
-            mins = (0.0 if mins is None else mins) - 128.0 * self.scale
-        parts = [q.reshape(items, g, -1).view(torch.uint8)]
-        for t in (self.scale, mins):
-            if t is not None:  # [N, g] -> [items, g, blocks x 16]
-                t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
-                parts.append(t.view(torch.uint8))
-        return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), mins is not None
-
 
 def quantize_rtn(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedWeight:
     """Round to nearest, group-wise: int8 symmetric (absmax / 127), int4 asymmetric (min, 15 steps)."""
@@ -164,7 +136,7 @@ def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeig
         q = ((ql | (qh << 4)).astype(np.int8) - np.int8(32)).reshape(nb, 256)
         scale = _f16(b[:, 208:210]) * np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
         return _make(8, q, scale, None, 16, rows, cols)
-    raise ValueError(f"no native kernel for GGUF type {qtype.name}")
+    raise ValueError(f"GGUF type {qtype.name} is not read as blocks (only {[t.name for t in GGUF_NATIVE]})")
 
 
 def _make(kind, q, scale, mins, group, rows, cols) -> QuantizedWeight:  # noqa: ANN001

@@ -11,7 +11,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
-from kvloom.backends.cpu.kernels import load_cpu_kernels
+from kvloom.backends.cpu.kernels import load_cpu_kernels, pack_quantized
 from kvloom.layers.quantization import QuantizedWeight, from_gguf, quantize_rtn
 
 K = load_cpu_kernels()
@@ -72,7 +72,7 @@ def test_quantized_linear_matches_dequantized(name, m):
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(BF)
     bias = torch.randn(n, generator=g).to(BF)
-    packed = qw.pack()
+    packed = pack_quantized(qw)
     y = K.run_linear(K.linear_desc(packed, bias, qw.kind, qw.group), x, k, n)
     ref = F.linear(x.float(), qw.dequantize(), bias.float())
     assert y.shape == (m, n)

@@ -14,6 +14,7 @@ import ctypes
 import functools
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
@@ -101,7 +102,7 @@ class CpuKernels:
         packed: torch.Tensor | tuple, bias: torch.Tensor | None, kind: int = 0, group: int = 0
     ) -> KvLin:
         """The C descriptor of a packed layer: a packed bf16 weight, or (bytes, has_min) of a quantized one
-        (QuantizedWeight.pack). NOTE: it holds raw addresses; the caller keeps the tensors alive."""
+        (pack_quantized). NOTE: it holds raw addresses; the caller keeps the tensors alive."""
         if kind == 0:
             return KvLin(0, _ptr(packed), 0, 0, _ptr(bias))
         buf, has_min = packed
@@ -420,6 +421,36 @@ def load_cpu_kernels() -> CpuKernels | None:
         return None
 
 
+def pack_quantized(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
+    """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
+    group of inputs, its q, scales and mins together, so a thread reads one sequential stream.
+    Returns (bytes, has_min)."""
+    n, k = w.q.shape
+    pad = -n % 32
+    g = k // w.group
+    items = (n + pad) // 32
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+
+    # [items, blocks, outputs j, k pairs, e] -> [items, groups, pairs in group, blocks, 32 lanes (2j + e)]
+    q = rows(w.q).view(items, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)
+    q = q.reshape(items, g, w.group // 2, 2, 32)
+    mins = w.min
+    if w.kind == 4:  # four pairs per 16-bit lane: pair 4c + i in nibble i
+        q = q.reshape(items, g, w.group // 8, 4, 2, 32).transpose(3, 4).to(torch.int32)
+        q = q[..., 0, :] | (q[..., 1, :] << 4) | (q[..., 2, :] << 8) | (q[..., 3, :] << 12)
+        q = torch.from_numpy(q.numpy().astype(np.uint16))  # [items, g, chunks, blocks, 32]
+        # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
+        mins = (0.0 if mins is None else mins) - 128.0 * w.scale
+    parts = [q.reshape(items, g, -1).view(torch.uint8)]
+    for t in (w.scale, mins):
+        if t is not None:  # [N, g] -> [items, g, blocks x 16]
+            t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
+            parts.append(t.view(torch.uint8))
+    return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), mins is not None
+
+
 class PackedLinearMethod(LinearMethod):
     """A Linear on the kernels: its weight packed (bf16) or kept quantized (``QuantizedWeight``: GGUF
     blocks as loaded, or int8/int4 from --quantization), in place of the plain one. NOTE: ``desc`` holds
@@ -441,7 +472,7 @@ class PackedLinearMethod(LinearMethod):
                     f"model: quantized weight of shape {quantized.shape} for a "
                     f"{layer.out_features}x{layer.in_features} layer"
                 )
-            packed = quantized.pack()
+            packed = pack_quantized(quantized)
             desc = kernels.linear_desc(packed, layer.bias, quantized.kind, quantized.group)
             method = cls(kernels, packed, desc, f"q{quantized.kind}")
         layer.weight = None
