@@ -331,20 +331,25 @@ class FusedDecodeLayers:
         self.cos, self.sin = _ptr(attn0.rotary.cos), _ptr(attn0.rotary.sin)
 
     @staticmethod
-    def supports(model) -> bool:
+    def unsupported(model) -> str | None:  # noqa: ANN001
+        """Why the fused call cannot run this model (the layers then run one by one), or None."""
         cfg = model.config
         for layer in model.model.layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            if a.qk_norm or any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
-                return False
-            if any(lin.reduce_output for lin in linears):  # tensor parallel: sums between the layers' halves
-                return False
+            if a.qk_norm:
+                return "q/k norms"
+            if any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
+                return "a linear layer the kernels do not run"
+            if any(lin.reduce_output for lin in linears):
+                return "tensor parallel (sums over the ranks between the layers' halves)"
             if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
-                return False
+                return f"{a.num_heads}/{a.num_kv_heads} heads of {a.head_dim}"
             if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
-                return False
-        return cfg.hidden_size % 16 == 0 and cfg.intermediate_size % 16 == 0
+                return "two norm epsilons in a layer"
+        if cfg.hidden_size % 16 or cfg.intermediate_size % 16:
+            return f"hidden size {cfg.hidden_size} / MLP size {cfg.intermediate_size} not multiples of 16"
+        return None
 
     @staticmethod
     def takes(meta) -> bool:  # noqa: ANN001
@@ -534,5 +539,8 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
             module.fused = KernelRMSNorm(kernels)
         elif isinstance(module, MLP):
             module.fused_act = KernelSiluMul(kernels)
-    if FusedDecodeLayers.supports(model):
+    reason = FusedDecodeLayers.unsupported(model)
+    if reason is None:
         model.fused_decode = FusedDecodeLayers(kernels, model)
+    else:
+        logger.info("CPU kernels: the decoder layers run one by one (no fused call: %s)", reason)
