@@ -68,8 +68,12 @@ class LLMEngine:
             config.scheduler.max_num_seqs,
             config.model.max_model_len,
             config.scheduler.scheduling_policy,
+            # a draft model writes K/V for its proposals past each request's tokens
+            num_lookahead_tokens=config.speculative.num_speculative_tokens
+            if config.speculative.speculative_method == "draft"
+            else 0,
         )
-        self.proposer = build_proposer(config, self.runner.vocab_size, show_progress)
+        self.proposer = build_proposer(config, self.runner.vocab_size, self.runner.num_blocks, show_progress)
         self._groups: dict[str, _Group] = {}
         self._sample_group: dict[str, tuple[_Group, int]] = {}  # sample request id -> (group, index)
         self._token_text: dict[int, str] = {}
@@ -254,9 +258,6 @@ class LLMEngine:
             self.scheduler.finish_requests(
                 [r.request_id for r in group.samples], RequestStatus.FINISHED_ABORTED
             )
-            now = time.monotonic()
-            for r in group.samples:
-                r.metrics.finished_time = r.metrics.finished_time or now
             self._drop(group)
         if self.proposer is not None:
             self.proposer.forget(self.scheduler.requests)
@@ -269,26 +270,22 @@ class LLMEngine:
         """Schedule, run the model once, and return outputs of requests that got new tokens."""
         if self.threads is not None:
             self.threads.step()
+        proposals = None
         if self.proposer is not None:
-            self.proposer.propose(self.scheduler.running)
-        out = self.scheduler.schedule()
+            proposals = self.proposer.propose(self.scheduler.running, self.kv_cache_manager.get_block_ids)
+        out = self.scheduler.schedule(proposals)
         if out.is_empty:
             return []
-        now = time.monotonic()
-        for s in out.scheduled:
-            if s.request.metrics.first_scheduled_time is None:
-                s.request.metrics.first_scheduled_time = now
         t_exec = time.perf_counter()
         result = self.runner.execute(out)
         t_exec = time.perf_counter() - t_exec
+        requests = self.scheduler.requests
         self.num_prompt_tokens += sum(
-            max(0, min(s.start + s.num_new_tokens, s.request.num_prompt_tokens) - s.start)
+            max(0, min(s.start + s.num_new_tokens, requests[s.request_id].num_prompt_tokens) - s.start)
             for s in out.scheduled
         )
         if self.proposer is not None:
             self.proposer.record(out, result, t_exec)
-        for request_id, entries in result.prompt_logprobs.items():
-            self.scheduler.requests[request_id].prompt_logprobs.extend(entries)
 
         touched: dict[str, _Group] = {}
 
@@ -300,28 +297,22 @@ class LLMEngine:
             detok = group.detokenizers[i]
             detok.add_token(token)
             lps = result.logprobs.get(request.request_id)
-            if lps is not None:
-                request.cumulative_logprob += lps[j].logprob
-                if group.params.logprobs is not None:
-                    group.logprobs[i].append(self._position_logprobs(lps[j]))
+            if lps is not None and group.params.logprobs is not None:
+                group.logprobs[i].append(self._position_logprobs(lps[j]))
             # NOTE: stop strings count only once min_tokens are out (this token included).
             return detok.find_stop(active=request.num_output_tokens > group.params.min_tokens)
 
-        self.scheduler.update_from_output(out, result.sampled, on_token)
+        self.scheduler.update_from_output(
+            out, result.sampled, on_token, result.logprobs, result.prompt_logprobs
+        )
         if self.proposer is not None:
             self.proposer.forget(self.scheduler.requests)
         if time.monotonic() - self._last_log > _LOG_INTERVAL_S:
             self._last_log = time.monotonic()
             logger.info(self.stats_line())
 
-        now = time.monotonic()
         outputs = []
         for group in touched.values():
-            for r in group.samples:
-                if r.metrics.first_token_time is None and r.output_token_ids:
-                    r.metrics.first_token_time = now
-                if r.is_finished and r.metrics.finished_time is None:
-                    r.metrics.finished_time = now
             if group.final_only and not group.finished:
                 continue
             output = self._output(group)

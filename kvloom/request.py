@@ -1,4 +1,5 @@
-"""Request: the only mutable per-request state. The scheduler changes it; everyone else reads."""
+"""Request: the engine's per-request state. The scheduler is its only writer (the engine adds it, the
+proposer and the outputs read it); the model runner keeps a state of its own, fed by SchedulerOutput."""
 
 from __future__ import annotations
 
@@ -54,6 +55,16 @@ class RequestMetrics:
     num_preemptions: int = 0
 
 
+def token_ids_slice(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
+    """Token ids in [start, end) of prompt + output, without building the whole list."""
+    n = len(prompt)
+    if end <= n:
+        return prompt[start:end]
+    if start >= n:
+        return output[start - n : end - n]
+    return prompt[start:] + output[: end - n]
+
+
 @dataclass
 class Request:
     """One generation request.
@@ -88,7 +99,7 @@ class Request:
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     # Speculative decoding: tokens proposed for the positions after the last one, verified in the next
-    # step as extra tokens of the request (set by the proposer, cleared by the scheduler), and the
+    # step as extra tokens of the request (the proposer's, set by the scheduler for the step), and the
     # proposer's distributions they were drawn from ([k, vocab] float32; None for a point mass: ngram).
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: Any = None
@@ -106,13 +117,7 @@ class Request:
         return len(self.output_token_ids)
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
-        """Token ids in [start, end) of prompt + output, without building the whole list."""
-        n = len(self.prompt_token_ids)
-        if end <= n:
-            return self.prompt_token_ids[start:end]
-        if start >= n:
-            return self.output_token_ids[start - n : end - n]
-        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
+        return token_ids_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
     @property
     def is_finished(self) -> bool:

@@ -26,13 +26,16 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvloom.config import SCHEDULING_POLICIES
 from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
-from kvloom.request import Request, RequestStatus
+from kvloom.request import Request, RequestStatus, TokenLogprobs
+from kvloom.sampling_params import SamplingParams
 
 POLICIES = SCHEDULING_POLICIES
 # VTC weights of prompt and generated tokens (the paper's defaults).
@@ -40,24 +43,64 @@ _W_PROMPT, _W_OUTPUT = 1.0, 2.0
 
 
 @dataclass
+class NewRequestData:
+    """A request the model runner has not seen (or sees again after a preemption): what it keeps."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # a copy: the runner's own list from here on
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    index: int  # sample index within its group (seeded sampling keys on it)
+    num_prompt_logprobs: int  # prompt positions that already have logprobs (not computed again)
+
+    @staticmethod
+    def of(request: Request) -> NewRequestData:
+        return NewRequestData(
+            request.request_id,
+            request.prompt_token_ids,
+            list(request.output_token_ids),
+            request.sampling_params,
+            request.eos_token_ids,
+            request.index,
+            len(request.prompt_logprobs),
+        )
+
+
+@dataclass
 class ScheduledRequest:
-    request: Request
-    start: int  # == request.num_computed_tokens when scheduled
+    """One request's share of a step, as plain data (the runner keeps its own per-request state)."""
+
+    request_id: str
+    start: int  # tokens whose KV is cached (the first position computed this step)
     num_new_tokens: int
     block_ids: list[int]
     # Whether this step reaches the end of the request's tokens, so its last logits are sampled.
     samples: bool
-    # Speculative tokens at the end of this step's tokens (request.spec_token_ids, all of them scheduled):
-    # the last 1 + num_spec rows are sampled and verified.
-    num_spec: int = 0
+    # Speculative tokens at the end of this step's tokens (all of the request's proposals that fit): the
+    # last 1 + num_spec rows are sampled and verified.
+    spec_token_ids: list[int] = field(default_factory=list)
+    # The runner's output tokens become output_token_ids[:output_start] + new_token_ids.
+    output_start: int = 0
+    new_token_ids: list[int] = field(default_factory=list)
+    new: NewRequestData | None = None  # first sight (or after a preemption)
+
+    @property
+    def num_spec(self) -> int:
+        return len(self.spec_token_ids)
 
 
 @dataclass
 class SchedulerOutput:
-    """The contract between scheduler and model runner for one step."""
+    """The contract between scheduler and model runner for one step: plain data (request ids, new token
+    ids, positions, block ids; sampling parameters of requests new to the runner)."""
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Requests the runner knew that finished since the last step: it drops their state.
+    finished_request_ids: list[str] = field(default_factory=list)
+    # The draft's distributions of the scheduled proposals ([k, vocab] float32; point masses: absent).
+    spec_probs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -76,6 +119,7 @@ class Scheduler:
         max_num_seqs: int,
         max_model_len: int,
         policy: str = "fcfs",
+        num_lookahead_tokens: int = 0,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -84,6 +128,9 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.policy = policy
+        # Slots past every running request's scheduled tokens that stay allocated for a draft model's
+        # K/V of its proposals (the draft writes its own pool at the same blocks).
+        self.lookahead = num_lookahead_tokens
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -93,6 +140,9 @@ class Scheduler:
         self.user_counters: dict[str | None, float] = {}
         self._active_per_user: Counter[str | None] = Counter()
         self.num_preemptions = 0
+        # request id -> output tokens the model runner has of it (absent: it has no state of it)
+        self._runner_outputs: dict[str, int] = {}
+        self._runner_dropped: list[str] = []  # finished since the last step, known to the runner
 
     # ---- queue management -------------------------------------------------------------------------
     def add_request(self, request: Request, forks: list[Request] | None = None) -> None:
@@ -156,8 +206,14 @@ class Scheduler:
         return min(self.waiting, key=self._key)
 
     # ---- one step ---------------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+    def schedule(self, proposals: dict[str, tuple[list[int], Any]] | None = None) -> SchedulerOutput:
+        """One step's work. ``proposals``: speculative tokens per decoding request (and the draft's
+        distributions, or None), from the proposer; they join the request's uncomputed tokens."""
+        out = SchedulerOutput(finished_request_ids=self._runner_dropped)
+        self._runner_dropped = []
+        proposals = proposals or {}
+        for request in self.running:
+            request.spec_token_ids, request.spec_probs = proposals.get(request.request_id, ([], None))
         budget = self.max_num_batched_tokens
         if self.policy == "priority":
             self._preempt_for_priority(out, budget)
@@ -173,7 +229,7 @@ class Scheduler:
                 request.num_tokens + len(request.spec_token_ids) - request.num_computed_tokens,
                 max(1, budget - reserve),
             )
-            while not self.kv.allocate_slots(request, num_new):
+            while not self.kv.allocate_slots(request, num_new + self.lookahead):
                 # Out of blocks: preempt the last running request (the newest, or the lowest-priority).
                 victim = self.running.pop()
                 self._preempt(victim, out)
@@ -181,7 +237,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                out.scheduled.append(self._scheduled(request, num_new))
+                out.scheduled.append(self._scheduled(request, num_new, out))
                 budget -= num_new
                 i += 1
 
@@ -193,7 +249,7 @@ class Scheduler:
             hits = self.kv.get_computed_blocks(request) if fresh else []
             num_cached = len(hits) * self.kv.block_size
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
-            if not self.kv.allocate_slots(request, num_new, hits):
+            if not self.kv.allocate_slots(request, num_new + self.lookahead, hits):
                 break
             if fresh:
                 request.num_computed_tokens = num_cached
@@ -209,7 +265,7 @@ class Scheduler:
                 bisect.insort(self.running, request, key=self._key)
             else:
                 self.running.append(request)
-            out.scheduled.append(self._scheduled(request, num_new))
+            out.scheduled.append(self._scheduled(request, num_new, out))
             budget -= num_new
         return out
 
@@ -232,6 +288,8 @@ class Scheduler:
         out: SchedulerOutput,
         sampled: dict[str, list[int]],
         on_token: Callable[[Request, int, int], str | None] | None = None,
+        logprobs: dict[str, list[TokenLogprobs]] | None = None,
+        prompt_logprobs: dict[str, list[TokenLogprobs]] | None = None,
     ) -> list[Request]:
         """Advance computed tokens, cache full blocks, append sampled tokens, fork samples, finish requests.
 
@@ -239,12 +297,19 @@ class Scheduler:
         accepted proposals, then the target's own token). They are appended one by one and the rest are
         dropped once one of them finishes the request. ``on_token(request, i, token)`` is called after
         the i-th is appended and returns a stop string the text now contains (the detokenizer's), or None.
-        Returns the requests that finished.
+        ``logprobs``: the sampled tokens' (summed into cumulative_logprob); ``prompt_logprobs``: new
+        prompt positions' (appended to the request's). Returns the requests that finished.
         """
         finished = []
+        logprobs = logprobs or {}
+        for request_id, entries in (prompt_logprobs or {}).items():
+            request = self.requests.get(request_id)
+            if request is not None:
+                request.prompt_logprobs.extend(entries)
+        now = time.monotonic()
         for s in out.scheduled:
-            request = s.request
-            if request.is_finished:
+            request = self.requests.get(s.request_id)
+            if request is None or request.is_finished:
                 continue
             tokens = sampled.get(request.request_id)
             request.num_computed_tokens += s.num_new_tokens
@@ -253,15 +318,20 @@ class Scheduler:
                 num_rejected = s.num_spec - (len(tokens) - 1)
                 request.num_computed_tokens -= num_rejected
                 if num_rejected:
-                    self.kv.truncate(request, request.num_computed_tokens)
+                    self.kv.truncate(request, request.num_computed_tokens + self.lookahead)
                 request.spec_token_ids, request.spec_probs = [], None
             self.kv.cache_blocks(request)
             if tokens is None:
                 continue
+            lps = logprobs.get(request.request_id)
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
             for i, token in enumerate(tokens):
                 if self.policy == "fair":
                     self._charge(request.user, _W_OUTPUT)
                 request.output_token_ids.append(token)
+                if lps is not None:
+                    request.cumulative_logprob += lps[i].logprob
                 if request.request_id in self._forks:
                     self._fork(request)
                 status = self._check_stop(request, token)
@@ -279,25 +349,36 @@ class Scheduler:
     def _charge(self, user: str | None, service: float) -> None:
         self.user_counters[user] = self.user_counters.get(user, 0.0) + service
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(self, request: Request, num_new: int, out: SchedulerOutput) -> ScheduledRequest:
+        rid = request.request_id
         start = request.num_computed_tokens
+        if request.metrics.first_scheduled_time is None:
+            request.metrics.first_scheduled_time = time.monotonic()
         # Proposals that do not fit the token budget are dropped; a partial set is still verified.
         num_spec = max(0, start + num_new - request.num_tokens)
         if num_spec < len(request.spec_token_ids):
             del request.spec_token_ids[num_spec:]
             if request.spec_probs is not None:
                 request.spec_probs = request.spec_probs[:num_spec]
+        if request.spec_probs is not None:
+            out.spec_probs[rid] = request.spec_probs
+        known = self._runner_outputs.get(rid)
+        self._runner_outputs[rid] = request.num_output_tokens
         return ScheduledRequest(
-            request,
+            rid,
             start,
             num_new,
-            self.kv.get_block_ids(request.request_id),
+            self.kv.get_block_ids(rid),
             start + num_new >= request.num_tokens,
-            num_spec,
+            list(request.spec_token_ids),
+            output_start=request.num_output_tokens if known is None else known,
+            new_token_ids=[] if known is None else request.output_token_ids[known:],
+            new=NewRequestData.of(request) if known is None else None,
         )
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
         request.spec_token_ids, request.spec_probs = [], None
+        self._runner_outputs.pop(request.request_id, None)  # out.preempted_request_ids tells the runner
         self.kv.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -318,6 +399,10 @@ class Scheduler:
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
+        if request.metrics.finished_time is None:
+            request.metrics.finished_time = time.monotonic()
+        if self._runner_outputs.pop(request.request_id, None) is not None:
+            self._runner_dropped.append(request.request_id)
         self.kv.forget(request)
         del self.requests[request.request_id]
         self._active_per_user[request.user] -= 1

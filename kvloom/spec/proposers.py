@@ -1,16 +1,18 @@
 """Proposers for speculative decoding, and how many tokens each request speculates.
 
-Before every step the engine asks the proposer for tokens that follow each decoding request
-(``request.spec_token_ids``); the scheduler schedules them as extra tokens of the request and the model
-runner verifies them (kvloom/spec/verify.py). Two proposers:
+Before every step the engine asks the proposer for tokens that follow each decoding request (``propose``
+returns them by request id); the scheduler schedules them as extra tokens of the request and the model
+runner verifies them (kvloom/spec/verify.py). Proposers read requests, never write them. Two proposers:
 
 - ``ngram`` (prompt lookup): the last n tokens (n from prompt_lookup_max down to prompt_lookup_min) are
   looked up in the request's own prompt and output; the tokens that followed their latest earlier
   occurrence are proposed. Free to compute; strong when the output copies its input (edits, summaries,
   code refactoring).
 - ``draft``: a smaller model with the same vocabulary (a separate checkpoint, or the target itself with
-  int4 weights) runs k single-token steps per engine step on its own paged KV cache. Its KV cache keeps
-  what it computed for tokens the target accepted, so each step only catches up on the new ones.
+  int4 weights) runs k single-token passes per engine step on a KV pool of its own with the target's
+  block tables: the scheduler allocates k lookahead slots past every running request's tokens for it
+  (``num_lookahead_tokens``), as vLLM does for its drafts. The draft pool keeps what it computed for
+  tokens the target accepted, so each step only catches up on the new ones.
 
 How many tokens to propose is decided per request from its recent acceptance rate a (a new request starts
 from the rate over all requests) and the measured cost of a proposal: k maximizes the expected tokens per
@@ -26,15 +28,14 @@ import collections
 import dataclasses
 import statistics
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kvloom.config import EngineConfig
-from kvloom.core.kv_cache_manager import KVCacheManager
-from kvloom.core.scheduler import ScheduledRequest, SchedulerOutput
+from kvloom.core.scheduler import NewRequestData, ScheduledRequest, SchedulerOutput
 from kvloom.engine_args import create_engine_config
 from kvloom.logger import init_logger
 from kvloom.request import Request, RequestStatus
@@ -94,7 +95,7 @@ def expected_tokens(rate: float, k: int) -> float:
 
 
 class Proposer:
-    """Chooses k per request and fills ``spec_token_ids``; subclasses say what the tokens are."""
+    """Chooses k per request and returns its proposals; subclasses say what the tokens are."""
 
     _pass_time = 0.0  # one proposal pass, seconds (median of recent ones; 0 for free proposals)
 
@@ -158,19 +159,24 @@ class Proposer:
         self._paused[rid] = (0, min(2 * pause, _MAX_PAUSE))
         return min(2, limit)
 
-    def propose(self, running: list[Request]) -> None:
-        """Set ``spec_token_ids`` of every running request that is decoding (one uncomputed token)."""
+    def propose(
+        self, running: list[Request], block_ids: Callable[[str], list[int]]
+    ) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """Proposals for the running requests that are decoding (one uncomputed token): request id ->
+        (tokens, the distributions they were drawn from, or None for point masses). ``block_ids``: a
+        request's KV blocks (the scheduler's; the draft model writes its own pool at the same blocks)."""
         wanted = []
         cost = self.proposal_cost() if self.adaptive else 0.0
         for r in running:
-            r.spec_token_ids, r.spec_probs = [], None
             if r.status == RequestStatus.RUNNING and r.num_computed_tokens == r.num_tokens - 1:
                 k = self.num_tokens_for(r, cost)
                 if k > 0:
                     wanted.append((r, k))
-        self._propose(wanted)
+        return self._propose(wanted, block_ids) if wanted else {}
 
-    def _propose(self, wanted: list[tuple[Request, int]]) -> None:
+    def _propose(
+        self, wanted: list[tuple[Request, int]], block_ids: Callable[[str], list[int]]
+    ) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         raise NotImplementedError
 
     def record(self, out: SchedulerOutput, result: ModelRunnerOutput, step_time: float) -> None:
@@ -178,7 +184,7 @@ class Proposer:
         for s in out.scheduled:
             if not s.num_spec:
                 continue
-            rid = s.request.request_id
+            rid = s.request_id
             a = result.num_accepted[rid]
             st = self.stats
             st.num_drafts += 1
@@ -239,10 +245,14 @@ class NgramProposer(Proposer):
         super().__init__(num_speculative_tokens, max_model_len, adaptive)
         self.min_n, self.max_n = min_n, max_n  # 1 <= min_n <= max_n: create_engine_config checks it
 
-    def _propose(self, wanted: list[tuple[Request, int]]) -> None:
+    def _propose(
+        self, wanted: list[tuple[Request, int]], block_ids: Callable[[str], list[int]]
+    ) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        out = {}
         for r, k in wanted:
             tokens = np.asarray(r.prompt_token_ids + r.output_token_ids, dtype=np.int64)
-            r.spec_token_ids = ngram_lookup(tokens, k, self.min_n, self.max_n)
+            out[r.request_id] = (ngram_lookup(tokens, k, self.min_n, self.max_n), None)
+        return out
 
 
 def ngram_lookup(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int]:
@@ -261,7 +271,10 @@ def ngram_lookup(tokens: np.ndarray, k: int, min_n: int, max_n: int) -> list[int
 
 
 class DraftProposer(Proposer):
-    """A draft model on its own ModelRunner and KV pool; each request has a mirror Request there."""
+    """A draft model on its own ModelRunner, whose KV pool has the target's blocks (same count and size):
+    each request's draft K/V lie at the target's block ids, in slots the scheduler allocated (k
+    lookahead slots past each running request's tokens). The draft's runner is fed plain
+    SchedulerOutputs like the target's, built here from the target's requests."""
 
     def __init__(
         self, draft_config: EngineConfig, num_speculative_tokens: int, adaptive: bool, show_progress: bool
@@ -271,77 +284,93 @@ class DraftProposer(Proposer):
         super().__init__(num_speculative_tokens, draft_config.model.max_model_len, adaptive)
         self.config = draft_config
         self.runner = ModelRunner(draft_config, show_progress)
-        self.kv = KVCacheManager(
-            self.runner.num_blocks, draft_config.cache.block_size, enable_prefix_caching=False
-        )
-        self.mirrors: dict[str, Request] = {}
+        # request id -> (its preemption count, positions whose draft K/V are in the pool, target output
+        # tokens the draft's runner holds)
+        self.computed: dict[str, tuple[int, int, int]] = {}
         # Pass times (median: robust to the odd slow pass, such as the first one, which faults in the weights)
         self._recent_passes: collections.deque[float] = collections.deque(maxlen=15)
 
     def forget(self, live: Collection[str]) -> None:
-        """Also free the draft KV blocks of finished requests."""
+        """Also drop the draft runner's state of finished requests."""
         super().forget(live)
-        for rid in [rid for rid in self.mirrors if rid not in live]:
-            self.kv.forget(self.mirrors.pop(rid))
+        for rid in [rid for rid in self.computed if rid not in live]:
+            del self.computed[rid]
+            self.runner.requests.pop(rid, None)
 
-    def _propose(self, wanted: list[tuple[Request, int]]) -> None:
-        if not wanted:
-            return
-        active = []
+    def _propose(
+        self, wanted: list[tuple[Request, int]], block_ids: Callable[[str], list[int]]
+    ) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        # (request, k, proposals, their distributions), filled pass by pass
+        active: list[tuple[Request, int, list[int], list[torch.Tensor]]] = []
+        first_pass: dict[str, ScheduledRequest] = {}
         for r, k in wanted:
-            m = self.mirrors.get(r.request_id)
-            if m is None:
-                m = self.mirrors[r.request_id] = Request(
-                    r.request_id,
-                    r.prompt_token_ids,
-                    _draft_params(r.sampling_params),
-                    r.eos_token_ids,
-                    index=r.index,
-                )
-            # Its KV holds what it computed for the tokens the target has since accepted (and maybe its
-            # own rejected proposals after them, which are rolled back here).
-            m.num_computed_tokens = min(m.num_computed_tokens, r.num_computed_tokens)
-            m.output_token_ids = list(r.output_token_ids)
-            self.kv.truncate(m, m.num_computed_tokens)
-            active.append((r, m, k, [], []))
-        proposals = list(active)  # (request, mirror, k, tokens, distributions), filled pass by pass
+            rid = r.request_id
+            preemptions = r.metrics.num_preemptions
+            known = self.computed.get(rid)
+            if known is None or known[0] != preemptions:  # new, or its blocks were freed since
+                start, new = 0, NewRequestData.of(r)
+                new.sampling_params = _draft_params(r.sampling_params)
+                held = r.num_output_tokens
+            else:
+                # the draft K/V of tokens the target has since accepted stay; its rejected proposals
+                # after them are computed again
+                start, new, held = min(known[1], r.num_computed_tokens), None, known[2]
+            first_pass[rid] = ScheduledRequest(
+                rid,
+                start,
+                r.num_tokens - start,
+                block_ids(rid),
+                True,
+                output_start=held,
+                new_token_ids=[] if new is not None else r.output_token_ids[held:],
+                new=new,
+            )
+            self.computed[rid] = (preemptions, start, r.num_output_tokens)
+            active.append((r, k, [], []))
+        proposals = list(active)
         while active:
             out = SchedulerOutput()
-            for _, m, _, _, _ in active:
-                num_new = m.num_tokens - m.num_computed_tokens
-                if not self.kv.allocate_slots(m, num_new):
-                    continue  # the draft's pool is full: this request stops proposing for now
-                out.scheduled.append(
-                    ScheduledRequest(
-                        m, m.num_computed_tokens, num_new, self.kv.get_block_ids(m.request_id), True
+            for r, _, tokens, _ in active:
+                rid = r.request_id
+                if not tokens:
+                    out.scheduled.append(first_pass[rid])
+                else:  # one more token: the last proposal
+                    pos = r.num_tokens + len(tokens) - 1
+                    out.scheduled.append(
+                        ScheduledRequest(
+                            rid,
+                            pos,
+                            1,
+                            block_ids(rid),
+                            True,
+                            output_start=r.num_output_tokens + len(tokens) - 1,
+                            new_token_ids=tokens[-1:],
+                        )
                     )
-                )
-            if out.is_empty:
-                break
             t0 = time.perf_counter()
             result = self.runner.execute(out, keep_probs=True)
             # NOTE: a pass that catches up on more than the two tokens of steady speculation (the whole
             # prompt the first time, or the tokens of a pause) is not timed as a proposal pass.
             if max(s.num_new_tokens for s in out.scheduled) <= 2:
                 self._recent_passes.append(time.perf_counter() - t0)
-            scheduled = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
             still = []
-            for r, m, k, tokens, probs in active:
-                if m.request_id not in scheduled:
-                    continue
-                m.num_computed_tokens += scheduled[m.request_id]
-                token = result.sampled[m.request_id][0]
-                m.output_token_ids.append(token)
+            for r, k, tokens, probs in active:
+                rid = r.request_id
+                token = result.sampled[rid][0]
                 tokens.append(token)
-                if m.request_id in result.probs:  # sampled (temperature > 0): the rejection rule needs q
-                    probs.append(result.probs[m.request_id])
+                if rid in result.probs:  # sampled (temperature > 0): the rejection rule needs q
+                    probs.append(result.probs[rid])
+                # draft K/V now stand for every position before the new proposal
+                preemptions, _, held = self.computed[rid]
+                self.computed[rid] = (preemptions, r.num_tokens + len(tokens) - 1, held)
                 if len(tokens) < k:
-                    still.append((r, m, k, tokens, probs))
+                    still.append((r, k, tokens, probs))
             active = still
-        for r, _, _, tokens, probs in proposals:
-            r.spec_token_ids, r.spec_probs = tokens, torch.stack(probs) if probs else None
         if self._recent_passes:
             self._pass_time = statistics.median(self._recent_passes)
+        return {
+            r.request_id: (tokens, torch.stack(probs) if probs else None) for r, _, tokens, probs in proposals
+        }
 
 
 def _draft_params(params: SamplingParams) -> SamplingParams:
@@ -351,8 +380,11 @@ def _draft_params(params: SamplingParams) -> SamplingParams:
     return dataclasses.replace(params, n=1, best_of=None, logprobs=None, prompt_logprobs=None, seed=seed)
 
 
-def build_proposer(config: EngineConfig, vocab_size: int, show_progress: bool = True) -> Proposer | None:
-    """The proposer the config asks for (None without speculation)."""
+def build_proposer(
+    config: EngineConfig, vocab_size: int, num_blocks: int, show_progress: bool = True
+) -> Proposer | None:
+    """The proposer the config asks for (None without speculation). ``num_blocks``: the target's KV pool
+    (the draft's pool has as many blocks, addressed by the target's block tables)."""
     method = config.speculative.speculative_method
     if method is None:
         return None
@@ -364,7 +396,7 @@ def build_proposer(config: EngineConfig, vocab_size: int, show_progress: bool = 
             config.speculative.prompt_lookup_max,
             config.speculative.adaptive_speculation,
         )
-    # The draft: the target's options, its own checkpoint and weights, no prefix caching of its own.
+    # The draft: the target's options, its own checkpoint and weights, a pool of the target's blocks.
     options = {
         k: v for g in ("model", "cache", "scheduler", "device") for k, v in vars(getattr(config, g)).items()
     }
@@ -372,7 +404,7 @@ def build_proposer(config: EngineConfig, vocab_size: int, show_progress: bool = 
         model=config.speculative.speculative_model or str(config.checkpoint.path),
         dtype=config.dtype,
         quantization=config.speculative.speculative_quantization,
-        enable_prefix_caching=False,
+        num_kv_blocks=num_blocks,
     )
     draft_config = create_engine_config(**options)
     proposer = DraftProposer(

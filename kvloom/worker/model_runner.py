@@ -13,12 +13,13 @@ from tqdm.auto import tqdm
 from kvloom.backends import get_backend
 from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import cdiv
-from kvloom.core.scheduler import SchedulerOutput
+from kvloom.core.scheduler import NewRequestData, SchedulerOutput
 from kvloom.distributed.parallel_state import get_tp
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
-from kvloom.request import Request, TokenLogprobs
+from kvloom.request import TokenLogprobs, token_ids_slice
+from kvloom.sampling_params import SamplingParams
 from kvloom.spec.verify import verify
 
 logger = init_logger(__name__)
@@ -46,6 +47,43 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
                     store[name] = (
                         torch.nn.Parameter(new, requires_grad=False) if store is module._parameters else new
                     )
+
+
+@dataclass
+class CachedRequest:
+    """The runner's own state of a request (from the scheduler's NewRequestData, then kept up to date by
+    each step's new token ids): what building inputs, sampling and verification read."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
+    index: int
+    num_prompt_logprobs: int
+
+    @staticmethod
+    def of(new: NewRequestData) -> CachedRequest:
+        return CachedRequest(
+            new.request_id,
+            new.prompt_token_ids,
+            new.output_token_ids,
+            new.sampling_params,
+            new.eos_token_ids,
+            new.index,
+            new.num_prompt_logprobs,
+        )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        return token_ids_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
 
 @dataclass
@@ -140,6 +178,7 @@ class ModelRunner:
         self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
+        self.requests: dict[str, CachedRequest] = {}  # the requests the scheduler has scheduled, by id
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, keep_probs: bool = False) -> ModelRunnerOutput:
@@ -149,6 +188,19 @@ class ModelRunner:
         run the same forward (``serve_peer``)."""
         bs = self.config.cache.block_size
         dev = self.device
+        states = self.requests
+        for rid in out.finished_request_ids:
+            states.pop(rid, None)
+        for rid in out.preempted_request_ids:
+            states.pop(rid, None)
+        for s in out.scheduled:
+            if s.new is not None:
+                states[s.request_id] = CachedRequest.of(s.new)
+                continue
+            st = states[s.request_id]
+            if s.new_token_ids or s.output_start != len(st.output_token_ids):
+                del st.output_token_ids[s.output_start :]
+                st.output_token_ids += s.new_token_ids
         # Single-token queries first: the attention batches them in one call.
         entries = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
         # NOTE: plain lists, one array each at the end: per-row numpy calls cost 0.1-0.15 ms of a 32-row
@@ -158,14 +210,15 @@ class ModelRunner:
         slots: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
-        samplers: list[Request | SampleRow] = []
-        owners: list[tuple[Request, int, int]] = []  # (request, its first sampler index, proposals)
-        prompt_lp: list[tuple[Request, int, int, int]] = []  # (request, first row, first position, count)
+        samplers: list[CachedRequest | SampleRow] = []
+        owners: list[tuple[CachedRequest, int, list[int]]] = []  # (request, first sampler index, proposals)
+        prompt_lp: list[tuple[CachedRequest, int, int, int]] = []  # (request, first row, position, count)
         row = 0
         for s in entries:
+            req = states[s.request_id]
             end = s.start + s.num_new_tokens
-            input_ids += s.request.token_ids_slice(s.start, end - s.num_spec)
-            spec = s.request.spec_token_ids[: s.num_spec]
+            input_ids += req.token_ids_slice(s.start, end - s.num_spec)
+            spec = s.spec_token_ids
             input_ids += spec
             blocks = s.block_ids
             positions += range(s.start, end)
@@ -173,18 +226,19 @@ class ModelRunner:
             tables.append(blocks[: cdiv(end, bs)])
             # Row r predicts the token at position start + r + 1; keep those that are prompt tokens
             # this request has no logprobs for yet (a recompute after preemption does not repeat them).
-            if s.request.sampling_params.prompt_logprobs is not None:
-                first = max(s.start + 1, len(s.request.prompt_logprobs) + 1)
-                count = min(end, s.request.num_prompt_tokens - 1) - first + 1
+            if req.sampling_params.prompt_logprobs is not None:
+                first = max(s.start + 1, req.num_prompt_logprobs + 1)
+                count = min(end, req.num_prompt_tokens - 1) - first + 1
                 if count > 0:
-                    prompt_lp.append((s.request, row + first - 1 - s.start, first, count))
+                    prompt_lp.append((req, row + first - 1 - s.start, first, count))
+                    req.num_prompt_logprobs = first + count - 1
             row += s.num_new_tokens
             if s.samples:
                 # Row j of the last 1 + num_spec predicts the token after proposals 1..j.
-                owners.append((s.request, len(samplers), s.num_spec))
+                owners.append((req, len(samplers), spec))
                 for j in range(s.num_spec + 1):
                     sample_rows.append(row - 1 - s.num_spec + j)
-                    samplers.append(s.request if j == 0 else SampleRow.of(s.request, spec[:j]))
+                    samplers.append(req if j == 0 else SampleRow.of(req, spec[:j]))
 
         # The rows whose hidden state is used (sampled, or prompt logprobs), as llama.cpp's output ids: the
         # model returns those alone, and the fused layers skip the last layer's attention, o and MLP for
@@ -224,7 +278,7 @@ class ModelRunner:
         if not sample_rows:
             return result
         logits = logits[: len(sample_rows)]
-        speculating = any(k for _, _, k in owners)
+        speculating = any(spec for _, _, spec in owners)
         keep = keep_probs or speculating
         fast = not keep and self.backend.argmax_ok(logits)
         batch = (
@@ -241,18 +295,19 @@ class ModelRunner:
         else:
             sampled = sample(logits.float(), batch, self.generator, keep_probs=keep)
         tokens = sampled.tokens.tolist()  # the one host copy per step (more only when logprobs are asked)
-        emitted: list[tuple[Request, int, list[int]]] = []  # (request, first sampler index, new tokens)
+        emitted: list[tuple[CachedRequest, int, list[int]]] = []  # (request, first sampler index, tokens)
         replaced = False
-        for request, i, k in owners:
+        for request, i, spec in owners:
             new = tokens[i : i + 1]
-            if k:
+            if spec:
+                k = len(spec)
                 params = request.sampling_params
                 new = verify(
                     tokens[i : i + k + 1],
-                    request.spec_token_ids[:k],
+                    spec,
                     params.greedy,
                     sampled.probs[i : i + k + 1] if sampled.probs is not None else None,
-                    request.spec_probs,
+                    out.spec_probs.get(request.request_id),
                     self._verify_generator(request),
                 )
                 result.num_accepted[request.request_id] = len(new) - 1
@@ -290,7 +345,7 @@ class ModelRunner:
         while (inp := self.tp.recv()) is not None:
             self.forward(inp)
 
-    def _verify_generator(self, request: Request) -> torch.Generator:
+    def _verify_generator(self, request: CachedRequest) -> torch.Generator:
         """Seeded requests draw their acceptance tests from their own generator (keyed like their
         samples), so a seeded request's output does not depend on the batch."""
         if request.sampling_params.seed is None:
@@ -298,7 +353,7 @@ class ModelRunner:
         key = hash((request.sampling_params.seed, request.index, request.num_output_tokens, "verify"))
         return torch.Generator(self.device).manual_seed(key & ((1 << 63) - 1))
 
-    def _prompt_logprobs(self, logits: torch.Tensor, request: Request, pos: int) -> list[TokenLogprobs]:
+    def _prompt_logprobs(self, logits: torch.Tensor, request: CachedRequest, pos: int) -> list[TokenLogprobs]:
         """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per row of logits."""
         logprobs = logits.float().log_softmax(dim=-1)  # [rows, vocab]
         targets = torch.tensor(request.prompt_token_ids[pos : pos + len(logprobs)], device=logprobs.device)
@@ -320,7 +375,7 @@ class ModelRunner:
 
 
 def _token_logprobs(
-    emitted: list[tuple[Request, int, list[int]]], out: SamplerOutput
+    emitted: list[tuple[CachedRequest, int, list[int]]], out: SamplerOutput
 ) -> dict[str, list[TokenLogprobs]]:
     """Logprobs of each request's new tokens (rows i, i + 1, ... of the sampled ones)."""
     logprob, rank = out.logprob.tolist(), out.rank.tolist()

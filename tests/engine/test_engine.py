@@ -37,10 +37,10 @@ def record_schedules(engine: LLMEngine, monkeypatch) -> list:
     seen = []
     original = Scheduler.schedule
 
-    def schedule(self):
-        out = original(self)
+    def schedule(self, proposals=None):
+        out = original(self, proposals)
         seen.append(
-            [(s.request.request_id, s.start, s.num_new_tokens, s.samples) for s in out.scheduled]
+            [(s.request_id, s.start, s.num_new_tokens, s.samples) for s in out.scheduled]
             + [("preempted", p) for p in out.preempted_request_ids]
         )
         return out

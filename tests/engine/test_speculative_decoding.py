@@ -72,8 +72,10 @@ def _assert_no_leak(engine: LLMEngine) -> None:
     assert kv.num_free_blocks == engine.runner.num_blocks
     assert not kv._blocks
     p = engine.proposer
-    if hasattr(p, "mirrors"):
-        assert not p.mirrors and p.kv.num_free_blocks == p.runner.num_blocks
+    # the runner drops finished requests' state at the next step (told by SchedulerOutput)
+    assert set(engine.runner.requests) <= set(engine.scheduler._runner_dropped)
+    if hasattr(p, "computed"):
+        assert not p.computed and not p.runner.requests
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
@@ -346,7 +348,7 @@ def test_samples_of_one_request_and_warm_up(stories, random_draft):
         adaptive_speculation=False,
     )
     engine.warm_up(num_requests=2, prompt_len=20, max_tokens=6)
-    assert engine.proposer.stats.num_drafts == 0 and not engine.proposer.mirrors
+    assert engine.proposer.stats.num_drafts == 0 and not engine.proposer.computed
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
     engine.add_request("r", PROMPTS[0], params)
     out = None

@@ -17,6 +17,6 @@ def make_scheduler(num_blocks=16, block_size=4, budget=64, max_seqs=8, max_model
 def fake_step(sched: Scheduler, token: int = 7) -> SchedulerOutput:
     """One scheduler step with a stand-in model that samples ``token`` for every finished catch-up."""
     out = sched.schedule()
-    sampled = {s.request.request_id: [token] for s in out.scheduled if s.samples}
+    sampled = {s.request_id: [token] for s in out.scheduled if s.samples}
     sched.update_from_output(out, sampled)
     return out

@@ -10,7 +10,7 @@ def test_prompt_then_decodes_one_token_per_step():
     r = make_request("a", 10, max_tokens=3)
     sched.add_request(r)
     out = fake_step(sched)
-    assert [(s.request.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("a", 0, 10)]
+    assert [(s.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("a", 0, 10)]
     assert out.scheduled[0].block_ids == [0, 1, 2]
     assert r.num_computed_tokens == 10 and r.output_token_ids == [7]
     out = fake_step(sched)
@@ -42,7 +42,7 @@ def test_decodes_never_starved_by_a_long_prefill():
     sched.add_request(long)
     for _ in range(10):
         out = fake_step(sched)
-        got = {s.request.request_id: s.num_new_tokens for s in out.scheduled}
+        got = {s.request_id: s.num_new_tokens for s in out.scheduled}
         assert all(got[d.request_id] == 1 for d in decoders)
         assert out.num_scheduled_tokens <= 8
         assert got["long"] == 5  # the rest of the budget
@@ -57,9 +57,9 @@ def test_waiting_requests_join_once_a_running_prefill_completes():
     for s in shorts:
         sched.add_request(s)
     out = fake_step(sched)  # FCFS: long's chunk takes the whole budget
-    assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {"long": 8}
+    assert {s.request_id: s.num_new_tokens for s in out.scheduled} == {"long": 8}
     out = fake_step(sched)  # long's last 4 prompt tokens, and the shorts fill the rest of the budget
-    assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {
+    assert {s.request_id: s.num_new_tokens for s in out.scheduled} == {
         "long": 4,
         "s0": 1,
         "s1": 1,
@@ -67,7 +67,7 @@ def test_waiting_requests_join_once_a_running_prefill_completes():
     }
     for _ in range(5):
         out = fake_step(sched)
-        assert {s.request.request_id: s.num_new_tokens for s in out.scheduled} == {
+        assert {s.request_id: s.num_new_tokens for s in out.scheduled} == {
             "long": 1,
             "s0": 1,
             "s1": 1,
@@ -165,7 +165,7 @@ def test_waiting_head_blocks_until_memory_frees():
     sched.add_request(a)
     sched.add_request(b)
     out = fake_step(sched)
-    assert [s.request.request_id for s in out.scheduled] == ["a"]  # b does not fit yet
+    assert [s.request_id for s in out.scheduled] == ["a"]  # b does not fit yet
     fake_step(sched)  # a finishes
     out = fake_step(sched)
-    assert [s.request.request_id for s in out.scheduled] == ["b"]
+    assert [s.request_id for s in out.scheduled] == ["b"]

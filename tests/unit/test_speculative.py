@@ -118,8 +118,7 @@ def test_scheduler_verifies_proposals_and_rolls_back_rejected_ones():
     out = sched.schedule()
     sched.update_from_output(out, {"a": [10]})
     assert (r.num_computed_tokens, r.num_tokens) == (6, 7)
-    r.spec_token_ids = [11, 12, 13, 14]
-    out = sched.schedule()
+    out = sched.schedule({"a": ([11, 12, 13, 14], None)})
     (s,) = out.scheduled
     assert (s.start, s.num_new_tokens, s.num_spec, s.samples) == (6, 5, 4, True)
     assert len(s.block_ids) == 3  # 11 tokens
@@ -128,8 +127,7 @@ def test_scheduler_verifies_proposals_and_rolls_back_rejected_ones():
     assert r.output_token_ids == [10, 11, 12, 20]
     assert r.num_computed_tokens == 9 and r.spec_token_ids == []
     assert len(sched.kv.get_block_ids("a")) == 3  # 9 computed tokens need 3 blocks: none to free
-    r.spec_token_ids = [21, 22]
-    out = sched.schedule()
+    out = sched.schedule({"a": ([21, 22], None)})
     sched.update_from_output(out, {"a": [30]})  # all rejected
     assert r.num_computed_tokens == 10 and len(sched.kv.get_block_ids("a")) == 3
 
@@ -139,9 +137,8 @@ def test_scheduler_drops_proposals_past_the_budget_and_stops_mid_list():
     r = make_request("a", 2, max_tokens=4)
     sched.add_request(r)
     sched.update_from_output(sched.schedule(), {"a": [10]})
-    r.spec_token_ids = [11, 12, 13, 14]
-    out = sched.schedule()
-    assert out.scheduled[0].num_spec == 2 and r.spec_token_ids == [11, 12]
+    out = sched.schedule({"a": ([11, 12, 13, 14], None)})
+    assert out.scheduled[0].spec_token_ids == [11, 12] and r.spec_token_ids == [11, 12]
     # max_tokens 4: the fourth token finishes the request and the fifth is dropped
     finished = sched.update_from_output(out, {"a": [11, 12, 13, 14]})
     assert finished == [r] and r.output_token_ids == [10, 11, 12, 13]
