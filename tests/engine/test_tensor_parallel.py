@@ -253,3 +253,37 @@ def _worker_pid(server: Server) -> int:
             found.append(int(entry))
     assert len(found) == 1, found
     return found[0]
+
+
+def test_under_torchrun(stories, tmp_path):
+    """torchrun starts one process per rank; rank 0 serves, rank 1 runs its rank."""
+    prompt = "Once upon a time"
+    llm = LLM(str(stories), dtype="float32", show_progress=False)
+    expected = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24))[0].outputs[0].text
+    port = free_port()
+    log = open(tmp_path / "torchrun.log", "w+")  # noqa: SIM115
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "kvloom.cli", "serve"]
+    cmd += [str(stories), "--dtype", "float32", "--tensor-parallel-size", "2", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--served-model-name", "m"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert proc.poll() is None, log.seek(0) or log.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.25)
+        assert _complete(url, prompt) == expected
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
