@@ -18,8 +18,7 @@ from kvloom.distributed.parallel_state import get_tp
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
-from kvloom.request import TokenLogprobs, token_ids_slice
-from kvloom.sampling_params import SamplingParams
+from kvloom.request import TokenLogprobs
 from kvloom.spec.verify import verify
 
 logger = init_logger(__name__)
@@ -47,43 +46,6 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
                     store[name] = (
                         torch.nn.Parameter(new, requires_grad=False) if store is module._parameters else new
                     )
-
-
-@dataclass
-class CachedRequest:
-    """The runner's own state of a request (from the scheduler's NewRequestData, then kept up to date by
-    each step's new token ids): what building inputs, sampling and verification read."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    sampling_params: SamplingParams
-    eos_token_ids: frozenset[int]
-    index: int
-    num_prompt_logprobs: int
-
-    @staticmethod
-    def of(new: NewRequestData) -> CachedRequest:
-        return CachedRequest(
-            new.request_id,
-            new.prompt_token_ids,
-            new.output_token_ids,
-            new.sampling_params,
-            new.eos_token_ids,
-            new.index,
-            new.num_prompt_logprobs,
-        )
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    def token_ids_slice(self, start: int, end: int) -> list[int]:
-        return token_ids_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
 
 @dataclass
@@ -178,7 +140,7 @@ class ModelRunner:
         self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype)
         self.kv_caches = list(self.kv_cache.unbind(0))
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
-        self.requests: dict[str, CachedRequest] = {}  # the requests the scheduler has scheduled, by id
+        self.requests: dict[str, NewRequestData] = {}  # the requests the scheduler has scheduled, by id
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, keep_probs: bool = False) -> ModelRunnerOutput:
@@ -195,7 +157,7 @@ class ModelRunner:
             states.pop(rid, None)
         for s in out.scheduled:
             if s.new is not None:
-                states[s.request_id] = CachedRequest.of(s.new)
+                states[s.request_id] = s.new  # the runner's own from here on
                 continue
             st = states[s.request_id]
             if s.new_token_ids or s.output_start != len(st.output_token_ids):
@@ -210,9 +172,9 @@ class ModelRunner:
         slots: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
-        samplers: list[CachedRequest | SampleRow] = []
-        owners: list[tuple[CachedRequest, int, list[int]]] = []  # (request, first sampler index, proposals)
-        prompt_lp: list[tuple[CachedRequest, int, int, int]] = []  # (request, first row, position, count)
+        samplers: list[NewRequestData | SampleRow] = []
+        owners: list[tuple[NewRequestData, int, list[int]]] = []  # (request, first sampler index, proposals)
+        prompt_lp: list[tuple[NewRequestData, int, int, int]] = []  # (request, first row, position, count)
         row = 0
         for s in entries:
             req = states[s.request_id]
@@ -295,7 +257,7 @@ class ModelRunner:
         else:
             sampled = sample(logits.float(), batch, self.generator, keep_probs=keep)
         tokens = sampled.tokens.tolist()  # the one host copy per step (more only when logprobs are asked)
-        emitted: list[tuple[CachedRequest, int, list[int]]] = []  # (request, first sampler index, tokens)
+        emitted: list[tuple[NewRequestData, int, list[int]]] = []  # (request, first sampler index, tokens)
         replaced = False
         for request, i, spec in owners:
             new = tokens[i : i + 1]
@@ -345,7 +307,7 @@ class ModelRunner:
         while (inp := self.tp.recv()) is not None:
             self.forward(inp)
 
-    def _verify_generator(self, request: CachedRequest) -> torch.Generator:
+    def _verify_generator(self, request: NewRequestData) -> torch.Generator:
         """Seeded requests draw their acceptance tests from their own generator (keyed like their
         samples), so a seeded request's output does not depend on the batch."""
         if request.sampling_params.seed is None:
@@ -353,7 +315,9 @@ class ModelRunner:
         key = hash((request.sampling_params.seed, request.index, request.num_output_tokens, "verify"))
         return torch.Generator(self.device).manual_seed(key & ((1 << 63) - 1))
 
-    def _prompt_logprobs(self, logits: torch.Tensor, request: CachedRequest, pos: int) -> list[TokenLogprobs]:
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, request: NewRequestData, pos: int
+    ) -> list[TokenLogprobs]:
         """Logprobs of the prompt tokens at positions pos, pos + 1, ..., one per row of logits."""
         logprobs = logits.float().log_softmax(dim=-1)  # [rows, vocab]
         targets = torch.tensor(request.prompt_token_ids[pos : pos + len(logprobs)], device=logprobs.device)
@@ -375,7 +339,7 @@ class ModelRunner:
 
 
 def _token_logprobs(
-    emitted: list[tuple[CachedRequest, int, list[int]]], out: SamplerOutput
+    emitted: list[tuple[NewRequestData, int, list[int]]], out: SamplerOutput
 ) -> dict[str, list[TokenLogprobs]]:
     """Logprobs of each request's new tokens (rows i, i + 1, ... of the sampled ones)."""
     logprob, rank = out.logprob.tolist(), out.rank.tolist()

@@ -75,9 +75,14 @@ def test_stories_tp2_fp32_equal_and_bf16_close(stories):
     assert _tokens(one) == _tokens(two)
     # bf16: equal until the first mismatch, where each side's token is in the other's top 5 (as vLLM's
     # check_logprobs_close)
-    one = _greedy(stories, 1, prompts, 40, dtype="bfloat16")
-    two = _greedy(stories, 2, prompts, 40, dtype="bfloat16")
-    for a, b in zip(one, two, strict=True):
+    _assert_close(
+        _greedy(stories, 1, prompts, 40, dtype="bfloat16"), _greedy(stories, 2, prompts, 40, dtype="bfloat16")
+    )
+
+
+def _assert_close(one, other) -> None:
+    """Equal until the first mismatch, where each side's token is in the other's top 5."""
+    for a, b in zip(one, other, strict=True):
         a, b = a.outputs[0], b.outputs[0]
         for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
             if x != y:
@@ -96,14 +101,9 @@ def test_smollm2_gguf_tp3_fp32_equal():
 def test_smollm2_gguf_tp3_quantized_close():
     """bf16 on the CPU kernels, the Q4_1 blocks run as they are, each rank its rows / block columns."""
     prompts = ["What is the capital of France?", "def fib(n):"]
-    one = _greedy(None, 1, prompts, 16, max_model_len=256)
-    three = _greedy(None, 3, prompts, 16, max_model_len=256)
-    for a, b in zip(one, three, strict=True):
-        a, b = a.outputs[0], b.outputs[0]
-        for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
-            if x != y:
-                assert x in b.logprobs[i] and y in a.logprobs[i], f"position {i}: {x} vs {y}"
-                break
+    _assert_close(
+        _greedy(None, 1, prompts, 16, max_model_len=256), _greedy(None, 3, prompts, 16, max_model_len=256)
+    )
 
 
 def _config_only(tmp_path, **kw):
