@@ -13,15 +13,23 @@ if TYPE_CHECKING:
     from kvloom.engine import LLMEngine
     from kvloom.llm import LLM
     from kvloom.outputs import CompletionOutput, RequestOutput
-    from kvloom.sampling_params import SamplingParams
+    from kvloom.sampling_params import SamplingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = [
+    "LLM",
+    "LLMEngine",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "RequestOutput",
+    "CompletionOutput",
+]
 __version__ = "0.1.0"
 
 _WHERE = {
     "LLM": "kvloom.llm",
     "LLMEngine": "kvloom.engine",
     "SamplingParams": "kvloom.sampling_params",
+    "StructuredOutputsParams": "kvloom.sampling_params",
     "RequestOutput": "kvloom.outputs",
     "CompletionOutput": "kvloom.outputs",
 }

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 from kvloom.config import add_cli_args, kwargs_from_cli
 from kvloom.sampling_params import SamplingParams
@@ -25,6 +26,23 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _structured_outputs(args: argparse.Namespace) -> dict | None:
+    """--json-schema (JSON text or @FILE), --json-object, --regex, --choice, --grammar (text or @FILE)."""
+
+    def read(value: str) -> str:
+        return Path(value[1:]).read_text() if value.startswith("@") else value
+
+    given = {
+        "json": None if args.json_schema is None else read(args.json_schema),
+        "json_object": args.json_object or None,
+        "regex": args.regex,
+        "choice": args.choice,
+        "grammar": None if args.grammar is None else read(args.grammar),
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from kvloom.llm import LLM
 
@@ -37,6 +55,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        structured_outputs=_structured_outputs(args),
     )
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not text:
@@ -220,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--stop", action="append", default=None, help="stop string (repeat the flag for more)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    fmt = gen.add_argument_group("structured output (one of)")
+    fmt.add_argument(
+        "--json-schema", default=None, help="the output follows this JSON schema (JSON text, or @FILE)"
+    )
+    fmt.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    fmt.add_argument("--regex", default=None, help="the output matches this regular expression")
+    fmt.add_argument(
+        "--choice", action="append", default=None, help="the output is one of these (repeat the flag)"
+    )
+    fmt.add_argument(
+        "--grammar", default=None, help="the output follows this EBNF/GBNF grammar (text, or @FILE)"
+    )
     add_engine_args(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -21,6 +21,7 @@ from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestO
 from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 from kvloom.spec.proposers import build_proposer
+from kvloom.structured.backend import StructuredOutputs
 from kvloom.worker.cpu_threads import ThreadGovernor
 
 logger = init_logger(__name__)
@@ -75,6 +76,9 @@ class LLMEngine:
         )
         self.proposer = build_proposer(config, self.runner.vocab_size, self.runner.num_blocks, show_progress)
         self._groups: dict[str, _Group] = {}
+        # Structured outputs: the grammars (llguidance, imported on first use) and the groups they constrain
+        self.structured = StructuredOutputs(self.tokenizer, self.runner.vocab_size, config.eos_token_ids)
+        self._constrained: set[str] = set()
         self._sample_group: dict[str, tuple[_Group, int]] = {}  # sample request id -> (group, index)
         self._token_text: dict[int, str] = {}
         # Monotonic counters for metrics: prompt tokens computed (recomputes included), tokens generated.
@@ -188,6 +192,9 @@ class LLMEngine:
             )
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        matchers = []
+        if params.structured_outputs is not None:  # a bad format is a ValueError here, before queueing
+            matchers = [self.structured.matcher(params.structured_outputs) for _ in range(params.num_samples)]
         k = params.num_samples
         # NOTE: samples of one request get internal ids; the user's id names the group.
         sample_ids = [request_id] if k == 1 else [f"{request_id}\x00{i}" for i in range(k)]
@@ -205,6 +212,10 @@ class LLMEngine:
             )
             for i, sid in enumerate(sample_ids)
         ]
+        if matchers:
+            for r, m in zip(samples, matchers, strict=True):
+                r.grammar = m
+            self._constrained.add(request_id)
         self.scheduler.add_request(samples[0], forks=samples[1:])
         group = _Group(
             request_id,
@@ -276,6 +287,8 @@ class LLMEngine:
         out = self.scheduler.schedule(proposals)
         if out.is_empty:
             return []
+        if self._constrained:
+            out.grammar = self.structured.bitmask(out, self.scheduler.requests)
         t_exec = time.perf_counter()
         result = self.runner.execute(out)
         t_exec = time.perf_counter() - t_exec
@@ -342,6 +355,7 @@ class LLMEngine:
     # ---- outputs ------------------------------------------------------------------------------------
     def _drop(self, group: _Group) -> None:
         del self._groups[group.request_id]
+        self._constrained.discard(group.request_id)
         for r in group.samples:
             del self._sample_group[r.request_id]
 

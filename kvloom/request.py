@@ -103,6 +103,8 @@ class Request:
     # proposer's distributions they were drawn from ([k, vocab] float32; None for a point mass: ngram).
     spec_token_ids: list[int] = field(default_factory=list)
     spec_probs: Any = None
+    # Structured outputs: the request's grammar matcher (xgrammar), advanced by every token appended.
+    grammar: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json as jsonlib
 import math
 from dataclasses import dataclass, field
 
@@ -22,6 +23,70 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A format the output must follow, enforced token by token (vLLM's ``structured_outputs``): exactly
+    one of a JSON schema (a dict, or its JSON text), any JSON object, a regular expression, one of a list
+    of strings, or an EBNF grammar (xgrammar's dialect, which reads GBNF)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object is True else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs: give exactly one of json, json_object, regex, choice, grammar"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
+        if self.json_object not in (True, False):
+            raise ValueError(f"structured_outputs.json_object must be a boolean, got {self.json_object!r}")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    schema = jsonlib.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json: not valid JSON: {e}") from None
+            else:
+                schema = self.json
+            if not isinstance(schema, (dict, bool)):
+                raise ValueError("structured_outputs.json must be a JSON schema (an object)")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) for c in self.choice)
+        ):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(kind, spec as text): what a compiled grammar is cached under."""
+        kind = self.kind
+        if kind == "json":
+            spec = self.json if isinstance(self.json, str) else jsonlib.dumps(self.json)
+        elif kind == "choice":
+            spec = jsonlib.dumps(self.choice)
+        elif kind == "json_object":
+            spec = ""
+        else:
+            spec = getattr(self, kind)
+        return kind, spec
+
+
 @dataclass
 class SamplingParams:
     """Decoding parameters of one request, as OpenAI and vLLM define them.
@@ -39,6 +104,8 @@ class SamplingParams:
       prompt_logprobs: the same for each prompt token.
     - n: completions returned; best_of: completions generated (the n with the highest cumulative
       logprob are returned). They share the prompt's KV blocks.
+    - structured_outputs: a format the output must follow (StructuredOutputsParams, or a dict of its
+      fields), enforced token by token.
 
     Invalid values raise ``ValueError`` naming the field, before any engine state is touched.
     """
@@ -63,6 +130,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self._check_int("n", 1)
@@ -119,6 +187,17 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            if not isinstance(self.structured_outputs, dict):
+                raise ValueError(
+                    "structured_outputs must be a StructuredOutputsParams or a dict of its fields"
+                )
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise ValueError(f"structured_outputs: {e}") from None
         self.temperature = float(self.temperature)
         self.top_p = float(self.top_p)
         self.stop_token_ids = list(self.stop_token_ids)

@@ -34,9 +34,11 @@ from typing import Any
 
 from kvloom.config import SCHEDULING_POLICIES
 from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
+from kvloom.logger import init_logger
 from kvloom.request import Request, RequestStatus, TokenLogprobs, token_ids_slice
 from kvloom.sampling_params import SamplingParams
 
+logger = init_logger(__name__)
 POLICIES = SCHEDULING_POLICIES
 # VTC weights of prompt and generated tokens (the paper's defaults).
 _W_PROMPT, _W_OUTPUT = 1.0, 2.0
@@ -114,6 +116,9 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)
     # The draft's distributions of the scheduled proposals ([k, vocab] float32; point masses: absent).
     spec_probs: dict[str, Any] = field(default_factory=dict)
+    # Structured outputs: (token bitmask [rows, ceil(V / 32)] int32, request id -> its first row, one row
+    # per sampled row), filled by the engine after scheduling; None when no request is constrained.
+    grammar: tuple[Any, dict[str, int]] | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:
@@ -345,9 +350,21 @@ class Scheduler:
                 request.output_token_ids.append(token)
                 if lps is not None:
                     request.cumulative_logprob += lps[i].logprob
+                grammar_done = False
+                if request.grammar is not None:
+                    # the mask allowed only tokens it accepts; a refusal is a dead end (finished, logged)
+                    if not request.grammar.consume_token(token):
+                        logger.warning(
+                            "request %s: its grammar refused token %d; finished", request.request_id, token
+                        )
+                        grammar_done = True
+                    else:
+                        grammar_done = request.grammar.is_stopped()
                 if request.request_id in self._forks:
                     self._fork(request)
                 status = self._check_stop(request, token)
+                if status is None and grammar_done:  # the format is complete (or cannot go on)
+                    status = RequestStatus.FINISHED_STOPPED
                 stop = on_token(request, i, token) if on_token is not None else None
                 if stop is not None:
                     status, request.stop_reason = RequestStatus.FINISHED_STOPPED, stop

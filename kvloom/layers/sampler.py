@@ -152,9 +152,11 @@ class SamplingBatch:
 
 
 def _min_tokens_ban(r: Request | SampleRow) -> set[int]:
-    """The stop tokens a row may not sample yet: its own and (unless ignore_eos) EOS, until min_tokens."""
+    """The stop tokens a row may not sample yet: its own and (unless ignore_eos) EOS, until min_tokens.
+    NOTE: none for structured outputs: the grammar decides when the output may end (a ban could leave a
+    finished format no token at all)."""
     p = r.sampling_params
-    if r.num_output_tokens >= p.min_tokens:
+    if r.num_output_tokens >= p.min_tokens or p.structured_outputs is not None:
         return set()
     return set(p.stop_token_ids) | (set() if p.ignore_eos else set(r.eos_token_ids))
 

@@ -112,6 +112,17 @@ def build_app(
     async def off_loop(fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(tokenizer_thread, fn, *args)
 
+    async def check_format(req: Any) -> None:
+        """An invalid schema, regex or grammar is a 400 naming its field before anything runs (built
+        off the loop and cached: the engine's copy for the request is then cheap)."""
+        params, field = req.structured()
+        if params is None:
+            return
+        try:
+            await off_loop(engine.engine.structured.matcher, params, field)
+        except ValueError as e:
+            raise OpenAIError(str(e), param=field) from None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if not engine.is_running:
@@ -337,6 +348,7 @@ def build_app(
             ]
         except ValueError as e:
             raise _value_error(e) from None
+        await check_format(req)
         base = f"cmpl-{uuid.uuid4().hex}"
         request_ids = [f"{base}-{i}" for i in range(len(encoded))]
         created = int(time.time())
@@ -468,6 +480,7 @@ def build_app(
             params = req.sampling_params(max_tokens_for(len(ids), req.requested_max_tokens(), "messages"))
         except ValueError as e:
             raise _value_error(e) from None
+        await check_format(req)
         top_n = req.top_logprobs or 0
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

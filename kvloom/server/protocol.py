@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from kvloom.logger import init_logger
-from kvloom.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams
+from kvloom.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
 logger = init_logger(__name__)
 
@@ -50,7 +50,6 @@ Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 Count = Annotated[int, Field(ge=1, le=INT64_MAX)]  # n, best_of, max_tokens: bounded by the engine after
 
 # OpenAI request fields kvloom does not implement yet -> the values that ask for nothing (accepted).
-# (response_format is among _REFUSED_EXTRAS: vLLM takes it on completions too.)
 _REFUSED_CHAT: dict[str, tuple] = {
     "tools": ([],),
     "tool_choice": ("none",),
@@ -79,7 +78,6 @@ _REFUSED_EXTRAS: dict[str, tuple] = {
         "guided_grammar",
         "guided_decoding_backend",
         "guided_whitespace_pattern",
-        "structured_outputs",
         "use_beam_search",
         "length_penalty",
         "prompt_logprobs",
@@ -93,7 +91,7 @@ _REFUSED_EXTRAS: dict[str, tuple] = {
         "documents",
         "vllm_xargs",
     )
-} | {"echo": (False,), "spaces_between_special_tokens": (True,), "response_format": ({"type": "text"},)}
+} | {"echo": (False,), "spaces_between_special_tokens": (True,)}
 _logged_extras: set[str] = set()
 
 
@@ -106,14 +104,17 @@ class _Checked(BaseModel):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     REFUSED: ClassVar[dict[str, tuple]] = _REFUSED_EXTRAS
+    WHERE: ClassVar[str] = ""  # the path of nested objects ("structured_outputs."), for error messages
+    STRICT: ClassVar[bool] = False  # refuse every unknown field (nested objects), not only REFUSED ones
 
     def refuse_unsupported(self) -> None:
         """Raise a 400 naming the first field kvloom would have to ignore; log other unknown fields once."""
         ignored = []
         for name, value in (self.model_extra or {}).items():
-            if name in self.REFUSED:
-                if not _asks_nothing(value, self.REFUSED[name]):
-                    raise OpenAIError(f"{name} is not supported by kvloom", param=name, code="unsupported")
+            if name in self.REFUSED or self.STRICT:
+                if self.STRICT or not _asks_nothing(value, self.REFUSED[name]):
+                    where = self.WHERE + name
+                    raise OpenAIError(f"{where} is not supported by kvloom", param=where, code="unsupported")
             elif name not in _logged_extras:
                 _logged_extras.add(name)
                 ignored.append(name)
@@ -125,6 +126,42 @@ class StreamOptions(_Checked):
     REFUSED: ClassVar[dict[str, tuple]] = {"include_obfuscation": (False,)}
 
     include_usage: bool = False
+
+
+class JsonSchema(_Checked):
+    REFUSED: ClassVar[dict[str, tuple]] = {}
+    WHERE: ClassVar[str] = "response_format.json_schema."
+    STRICT: ClassVar[bool] = True
+
+    name: Text
+    description: Text | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Checked):
+    """OpenAI's response_format: text (no constraint), json_object or json_schema."""
+
+    REFUSED: ClassVar[dict[str, tuple]] = {}
+    WHERE: ClassVar[str] = "response_format."
+    STRICT: ClassVar[bool] = True
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+
+class StructuredOutputs(_Checked):
+    """vLLM's structured_outputs extra: exactly one of json, regex, choice, grammar (or json_object)."""
+
+    REFUSED: ClassVar[dict[str, tuple]] = {}
+    WHERE: ClassVar[str] = "structured_outputs."
+    STRICT: ClassVar[bool] = True
+
+    json: dict[str, Any] | Text | None = None
+    json_object: bool | None = None
+    regex: Text | None = None
+    choice: list[Text] | None = None
+    grammar: Text | None = None
 
 
 class _SamplingRequest(_Checked):
@@ -157,6 +194,8 @@ class _SamplingRequest(_Checked):
     include_stop_str_in_output: bool | None = False
     priority: Int64 | None = 0  # lower first, under --scheduling-policy priority
     cache_salt: Text | None = None  # requests with different salts never share prefix-cache blocks
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -164,6 +203,41 @@ class _SamplingRequest(_Checked):
             if not self.stream:
                 raise OpenAIError("stream_options needs stream to be true", param="stream_options")
             self.stream_options.refuse_unsupported()
+        if self.response_format is not None:
+            self.response_format.refuse_unsupported()
+            if self.response_format.json_schema is not None:
+                self.response_format.json_schema.refuse_unsupported()
+        if self.structured_outputs is not None:
+            self.structured_outputs.refuse_unsupported()
+
+    def structured(self) -> tuple[StructuredOutputsParams | None, str]:
+        """The format asked for (response_format or structured_outputs) and the field that asked."""
+        rf = self.response_format
+        wants_format = rf is not None and rf.type != "text"
+        if wants_format and self.structured_outputs is not None:
+            raise OpenAIError("give response_format or structured_outputs, not both", param="response_format")
+        try:
+            if self.structured_outputs is not None:
+                so = self.structured_outputs
+                return StructuredOutputsParams(
+                    json=so.json,
+                    json_object=bool(so.json_object),
+                    regex=so.regex,
+                    choice=so.choice,
+                    grammar=so.grammar,
+                ), "structured_outputs"
+            if not wants_format:
+                return None, ""
+            if rf.type == "json_object":
+                return StructuredOutputsParams(json_object=True), "response_format"
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                raise OpenAIError(
+                    "response_format of type json_schema needs json_schema.schema", param="response_format"
+                )
+            return StructuredOutputsParams(json=rf.json_schema.schema_), "response_format"
+        except ValueError as e:
+            field = "response_format" if self.structured_outputs is None else "structured_outputs"
+            raise OpenAIError(str(e).replace("structured_outputs", field, 1), param=field) from None
 
     def scheduling(self) -> dict:
         """What LLMEngine.add_request takes beside the sampling parameters."""
@@ -194,6 +268,7 @@ class _SamplingRequest(_Checked):
             ignore_eos=bool(self.ignore_eos),
             skip_special_tokens=self.skip_special_tokens is not False,
             logprobs=logprobs,
+            structured_outputs=self.structured()[0],
             **extra,
         )
 

@@ -20,6 +20,7 @@ from kvloom.logger import init_logger
 from kvloom.models import get_model_class
 from kvloom.request import TokenLogprobs
 from kvloom.spec.verify import verify
+from kvloom.structured.bitmask import apply_bitmask
 
 logger = init_logger(__name__)
 
@@ -240,6 +241,15 @@ class ModelRunner:
         if not sample_rows:
             return result
         logits = logits[: len(sample_rows)]
+        if out.grammar is not None:  # structured outputs: forbidden tokens' logits to -inf
+            bitmask, first = out.grammar
+            logit_rows, mask_rows = [], []
+            for request, i, spec in owners:
+                row = first.get(request.request_id)
+                if row is not None:
+                    logit_rows += range(i, i + len(spec) + 1)
+                    mask_rows += range(row, row + len(spec) + 1)
+            apply_bitmask(logits, bitmask, logit_rows, mask_rows)
         speculating = any(spec for _, _, spec in owners)
         keep = keep_probs or speculating
         fast = not keep and self.backend.argmax_ok(logits)

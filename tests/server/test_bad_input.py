@@ -79,7 +79,12 @@ def sampling_cases(tag: str, path: str, base: dict) -> None:
         "some_vendor_extra": [{"x": 1}],
         "prompt_cache_key": ["k"],
         "safety_identifier": ["u"],
-        "response_format": [{"type": "text"}],
+        "response_format": [
+            {"type": "text"},
+            {"type": "json_object"},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        ],
+        "structured_outputs": [{"regex": "[a-z]+"}, {"choice": ["a", "b"]}],
     }
     for field, values in good.items():
         for i, v in enumerate(values):
@@ -102,11 +107,20 @@ def sampling_cases(tag: str, path: str, base: dict) -> None:
     for extra in ("guided_json", "guided_regex", "guided_choice", "structured_outputs", "use_beam_search"):
         case(f"{tag}-vllm-extra-{extra}", path, body(base, **{extra: {"type": "object"}}), 400, extra)
     case(
-        f"{tag}-response_format-json",
+        f"{tag}-response_format-schema-invalid",
         path,
-        body(base, response_format={"type": "json_object"}),
+        body(
+            base, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}
+        ),
         400,
         "response_format",
+    )
+    case(
+        f"{tag}-structured_outputs-unknown-field",
+        path,
+        body(base, structured_outputs={"regex": "a", "backend_options": 1}),
+        400,
+        "structured_outputs.backend_options",
     )
 
 
@@ -199,7 +213,6 @@ case(
     200,
 )
 unsupported = {
-    "response_format": [{"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}],
     "tools": [[TOOL]],
     "tool_choice": ["auto", "required", {"type": "function", "function": {"name": "f"}}],
     "functions": [[TOOL["function"]]],
