@@ -8,12 +8,12 @@ import re
 
 import jsonschema
 import pytest
-from transformers import LlamaConfig
 
 from kvloom import LLM, SamplingParams
 from kvloom.sampling_params import StructuredOutputsParams
 
 from ..models.reference import save_random_model
+from .test_speculative_decoding import _tiny_llama
 
 SCHEMA = {
     "type": "object",
@@ -43,19 +43,9 @@ def plain(stories):
 
 @pytest.fixture(scope="module")
 def random_draft(tmp_path_factory, stories):
+    """A random draft with stories260K's vocabulary (test_speculative_decoding's shape)."""
     folder = tmp_path_factory.mktemp("so-draft")
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    save_random_model(config, folder, stories, seed=3)
+    save_random_model(_tiny_llama(512, bos_token_id=1, eos_token_id=2), folder, stories, seed=3)
     return folder
 
 
