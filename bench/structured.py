@@ -6,7 +6,8 @@ unconstrained (throughput, alternated A B A B), and time to first token of one r
     python bench/structured.py --rounds 3
 
 The schema ends in a string of at least 2000 characters, so constrained requests run to max_tokens like
-the unconstrained ones (ignore_eos): both runs produce the same number of tokens in the same batches. Run it alone on the machine.
+the unconstrained ones (ignore_eos): both runs produce the same number of tokens in the same batches.
+Run it alone on the machine.
 """
 
 from __future__ import annotations
