@@ -121,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kvloom.server.api import build_app
     from kvloom.server.launch import serve_app
     from kvloom.server.metrics import ServerMetrics
+    from kvloom.server.tools import read_template
 
     logger = init_logger("kvloom.serve")
     config = create_engine_config(args.model, **engine_kwargs(args))
@@ -149,6 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_mb << 20,
         metrics=metrics,
         allowed_origins=origins,
+        chat_template=None if args.chat_template is None else read_template(args.chat_template),
+        tool_call_parser=args.tool_call_parser,
     )
     logger.info("Serving %r on http://%s:%d (OpenAI API under /v1)", name, args.host, args.port)
     # NOTE: uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler that
@@ -273,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument(
         "--served-model-name", default=None, help="model name clients send (default: file/folder name)"
+    )
+    srv.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template file in place of the model's, or one of kvloom's: chatml_tools (ChatML "
+        "with Hermes tool calls)",
+    )
+    srv.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=("hermes",),
+        help="how tool calls are read under tool_choice auto (default: what the chat template calls for)",
     )
     srv.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default: 8)")
     srv.add_argument(

@@ -25,7 +25,7 @@ from kvloom.async_engine import AsyncEngine, EngineDeadError
 from kvloom.logger import init_logger
 from kvloom.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from kvloom.sampling_params import SamplingParams
-from kvloom.server import responses
+from kvloom.server import responses, tools
 from kvloom.server.metrics import ServerMetrics
 from kvloom.server.middleware import DEFAULT_MAX_BODY_BYTES, ApiKeyAuth, BodySizeLimit
 from kvloom.server.protocol import (
@@ -68,6 +68,17 @@ def _longest_token_bytes(tokenizer: Any) -> int:
     return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=64)
 
 
+def _before_marker(text: str, marker: str) -> int:
+    """How much of ``text`` surely comes before ``marker``: up to it, or up to a prefix of it at the end."""
+    at = text.find(marker)
+    if at >= 0:
+        return at
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:n]):
+            return len(text) - n
+    return len(text)
+
+
 def _value_error(e: ValueError) -> OpenAIError:
     """Engine and SamplingParams errors name the field first ("temperature must be ...", "prompt: ...")."""
     m = re.match(r"^(\w+)", str(e))
@@ -81,8 +92,12 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     metrics: ServerMetrics | None = None,
     allowed_origins: list[str] | None = None,
+    chat_template: str | None = None,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
-    """The app. ``allowed_origins``: browser origins allowed by CORS (``["*"]`` for any); None = no CORS."""
+    """The app. ``allowed_origins``: browser origins allowed by CORS (``["*"]`` for any); None = no CORS.
+    ``chat_template``: a template in place of the model's; ``tool_call_parser``: how tool calls are read
+    from the output under tool_choice "auto" (default: what the template's format calls for)."""
     config = engine.engine.config
     max_model_len = config.model.max_model_len
     # NOTE: the engine thread owns its tokenizer; handlers use their own copy (fast tokenizers must not be
@@ -216,12 +231,23 @@ def build_app(
             return await off_loop(lambda: tokenizer(prompt).input_ids)
         return list(prompt)
 
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    parser = tool_call_parser or tools.pick_parser(template)
+
     async def chat_ids(
-        messages: list, add_generation_prompt: bool | None, template_kwargs: dict | None
+        messages: list,
+        add_generation_prompt: bool | None,
+        template_kwargs: dict | None,
+        tool_defs: list[dict] | None = None,
     ) -> list[int]:
-        if not getattr(tokenizer, "chat_template", None):
+        if not template:
             raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
         conversation = [m.conversation_entry(i) for i, m in enumerate(messages)]
+        extra = dict(template_kwargs or {})
+        if tool_defs:
+            extra["tools"] = [{"type": "function", "function": d} for d in tool_defs]
+        if chat_template is not None:
+            extra["chat_template"] = chat_template
 
         def render() -> list[int]:
             try:
@@ -229,7 +255,7 @@ def build_app(
                     conversation,
                     tokenize=False,
                     add_generation_prompt=add_generation_prompt is not False,
-                    **(template_kwargs or {}),
+                    **extra,
                 )
             except Exception as e:  # noqa: BLE001 - the template's own checks (raise_exception, ...)
                 message = f"messages: the chat template refused them: {e}"
@@ -313,7 +339,8 @@ def build_app(
         if (req.prompt is None) == (req.messages is None):
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
-            ids = await chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+            defs = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
+            ids = await chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs, defs)
         else:
             special = req.add_special_tokens
             ids = await off_loop(lambda: tokenizer(req.prompt, add_special_tokens=special).input_ids)
@@ -475,12 +502,34 @@ def build_app(
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         req.refuse_unsupported()
         check_model(req.model)
-        ids = await chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        mode = req.tool_mode
+        if mode == "auto" and parser is None:
+            field = "tools" if req.tool_choice is None else "tool_choice"
+            raise OpenAIError(
+                f"{field}: tool_choice auto needs a tool-call format kvloom can read, and this chat template "
+                "has none; serve with --tool-call-parser or --chat-template, or ask for tool_choice required "
+                "or a named function",
+                param=field,
+            )
+        defs = req.tool_defs() if mode is not None else None
+        ids = await chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs, defs)
         try:
             params = req.sampling_params(max_tokens_for(len(ids), req.requested_max_tokens(), "messages"))
         except ValueError as e:
             raise _value_error(e) from None
         await check_format(req)
+        names = {d["name"] for d in defs or []}
+
+        def tool_calls(text: str) -> tuple[str | None, list[tools.ToolCall]]:
+            """(content, calls) of a finished output under this request's tool mode."""
+            if mode == "required":
+                return None, tools.calls_from_required(text)
+            if mode == "named":
+                return None, [tools.ToolCall(req.tool_choice.function.name, text)]
+            if mode == "auto":
+                return tools.parse_hermes(text, names)
+            return text, []
+
         top_n = req.top_logprobs or 0
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -515,7 +564,14 @@ def build_app(
                                 "finish_reason": None,
                             }
                             yield responses.sse({**head("chat.completion.chunk"), "choices": [role], **extra})
-                        text = c.text[sent_text[c.index] :]
+                        # under tools, the text of calls is not streamed as content: required / named
+                        # hold it all, auto from the parser's start marker on
+                        shown = len(c.text)
+                        if mode in ("required", "named"):
+                            shown = 0
+                        elif mode == "auto":
+                            shown = _before_marker(c.text, tools.HERMES_START)
+                        text = c.text[sent_text[c.index] : max(shown, sent_text[c.index])]
                         start = sent_tokens[c.index]
                         if text or start < len(c.token_ids):
                             lp = responses.chat_logprobs(
@@ -527,7 +583,8 @@ def build_app(
                                 "logprobs": lp,
                                 "finish_reason": None,
                             }
-                            sent_text[c.index], sent_tokens[c.index] = len(c.text), len(c.token_ids)
+                            sent_text[c.index] += len(text)
+                            sent_tokens[c.index] = len(c.token_ids)
                             if text or lp:
                                 yield responses.sse(
                                     {**head("chat.completion.chunk"), "choices": [delta], **extra}
@@ -535,11 +592,30 @@ def build_app(
                         if c.finished:
                             done.add(c.index)
                             completion_tokens += len(c.token_ids)
+                            finish = c.finish_reason
+                            if mode is not None:  # what was held back: the calls, or text after all
+                                calls: list[tools.ToolCall] = []
+                                content = c.text
+                                if finish == "stop":
+                                    content, calls = tool_calls(c.text)
+                                delta: dict[str, Any] = {}
+                                rest = (content or "")[sent_text[c.index] :]
+                                if rest:
+                                    delta["content"] = rest
+                                if calls:
+                                    delta["tool_calls"] = [x.to_openai(i) for i, x in enumerate(calls)]
+                                    finish = "tool_calls"
+                                if delta:
+                                    chunk = {"index": c.index, "delta": delta, "logprobs": None}
+                                    chunk["finish_reason"] = None
+                                    yield responses.sse(
+                                        {**head("chat.completion.chunk"), "choices": [chunk], **extra}
+                                    )
                             last = {
                                 "index": c.index,
                                 "delta": {},
                                 "logprobs": None,
-                                "finish_reason": c.finish_reason,
+                                "finish_reason": finish,
                             }
                             yield responses.sse({**head("chat.completion.chunk"), "choices": [last], **extra})
                 if req.include_usage:
@@ -550,15 +626,27 @@ def build_app(
             return StreamingResponse(event_stream(), media_type="text/event-stream")
 
         out = await until_disconnect(raw, responses.last(stream))
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": responses.chat_logprobs(c.logprobs, c.token_ids, top_n),
-                "finish_reason": c.finish_reason,
-            }
-            for c in out.outputs
-        ]
+        choices = []
+        for c in out.outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": c.text}
+            finish = c.finish_reason
+            if mode is not None and finish == "stop":
+                content, calls = tool_calls(c.text)
+                if calls:
+                    message = {
+                        "role": "assistant",
+                        "content": content,
+                        "tool_calls": [x.to_openai() for x in calls],
+                    }
+                    finish = "tool_calls"
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": responses.chat_logprobs(c.logprobs, c.token_ids, top_n),
+                    "finish_reason": finish,
+                }
+            )
         completion_tokens = sum(len(c.token_ids) for c in out.outputs)
         return JSONResponse(
             {

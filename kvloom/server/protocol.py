@@ -9,12 +9,14 @@ vLLM does, so clients that send vendor extras keep working.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from kvloom.logger import init_logger
 from kvloom.sampling_params import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
+from kvloom.server.tools import named_schema, required_schema
 
 logger = init_logger(__name__)
 
@@ -51,11 +53,8 @@ Count = Annotated[int, Field(ge=1, le=INT64_MAX)]  # n, best_of, max_tokens: bou
 
 # OpenAI request fields kvloom does not implement yet -> the values that ask for nothing (accepted).
 _REFUSED_CHAT: dict[str, tuple] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "parallel_tool_calls": (),
     "audio": (),
     "modalities": (["text"],),
     "prediction": (),
@@ -317,6 +316,48 @@ class ContentPart(BaseModel):
     text: Text | None = None
 
 
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCallIn(BaseModel):
+    """An assistant message's earlier tool call, given back in the history."""
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDef(_Checked):
+    REFUSED: ClassVar[dict[str, tuple]] = {}
+    WHERE: ClassVar[str] = "tools[].function."
+    STRICT: ClassVar[bool] = True
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the arguments always follow the schema here, strict or not
+
+
+class Tool(_Checked):
+    REFUSED: ClassVar[dict[str, tuple]] = {}
+    WHERE: ClassVar[str] = "tools[]."
+    STRICT: ClassVar[bool] = True
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -324,21 +365,37 @@ class ChatMessage(BaseModel):
     content: Text | list[ContentPart] | None = None
     name: Text | None = None  # given to the chat template, as vLLM does
     tool_call_id: Text | None = None
-    # OpenAI's, not implemented yet (tool calling): refused when set.
-    tool_calls: list[Any] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    # OpenAI's, not implemented: refused when set.
     function_call: Any | None = None
     audio: Any | None = None
 
-    def conversation_entry(self, index: int) -> dict[str, str]:
+    def conversation_entry(self, index: int) -> dict[str, Any]:
         """This message as the chat template sees it; raises a 400 naming what kvloom cannot give it."""
-        for name in ("tool_calls", "function_call", "audio"):
+        for name in ("function_call", "audio"):
             if getattr(self, name):
                 where = f"messages[{index}].{name}"
                 raise OpenAIError(f"{where} is not supported by kvloom", param=where, code="unsupported")
-        entry = {"role": self.role, "content": self.text(index)}
+        entry: dict[str, Any] = {"role": self.role, "content": self.text(index)}
         for name in ("name", "tool_call_id"):
             if getattr(self, name) is not None:
                 entry[name] = getattr(self, name)
+        if self.tool_calls:
+            calls = []
+            for j, call in enumerate(self.tool_calls):
+                try:  # templates take the arguments as an object (transformers' convention)
+                    arguments = json.loads(call.function.arguments)
+                except ValueError:
+                    where = f"messages[{index}].tool_calls[{j}].function.arguments"
+                    raise OpenAIError(f"{where} must be JSON text", param=where) from None
+                calls.append(
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.function.name, "arguments": arguments},
+                    }
+                )
+            entry["tool_calls"] = calls
         return entry
 
     def text(self, index: int = 0) -> str:
@@ -363,6 +420,58 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: Int64 | None = None
     add_generation_prompt: bool | None = True
     chat_template_kwargs: dict[Text, Any] | None = None  # extra variables for the template (vLLM's)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        for tool in self.tools or []:
+            tool.refuse_unsupported()
+            tool.function.refuse_unsupported()
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) < len(names):
+            raise OpenAIError("tools: two functions have the same name", param="tools")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise OpenAIError("tool_choice needs tools", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise OpenAIError(f"tool_choice: no tool is named {choice.function.name!r}", param="tool_choice")
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools in play), "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if self.tool_choice is None or self.tool_choice == "auto":
+            return "auto"
+        return "required" if self.tool_choice == "required" else "named"
+
+    def tool_defs(self) -> list[dict]:
+        """The functions as plain dicts (what the chat template and the schemas read)."""
+        return [t.function.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def structured(self) -> tuple[StructuredOutputsParams | None, str]:
+        mode = self.tool_mode
+        if mode not in ("required", "named"):
+            return super().structured()
+        if (
+            self.response_format is not None and self.response_format.type != "text"
+        ) or self.structured_outputs:
+            raise OpenAIError(
+                "tool_choice required or a named function sets the output's format: no response_format "
+                "or structured_outputs beside it",
+                param="tool_choice",
+            )
+        defs = self.tool_defs()
+        if mode == "required":
+            schema = required_schema(defs, self.parallel_tool_calls is not False)
+        else:
+            schema = named_schema(next(d for d in defs if d["name"] == self.tool_choice.function.name))
+        try:
+            return StructuredOutputsParams(json=schema), "tools"
+        except ValueError as e:
+            raise OpenAIError(str(e).replace("structured_outputs", "tools", 1), param="tools") from None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -384,6 +493,7 @@ class TokenizeRequest(_Checked):
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[Text, Any] | None = None
+    tools: list[Tool] | None = None  # rendered by the chat template, as in a chat completion
 
 
 class DetokenizeRequest(_Checked):

@@ -1,0 +1,1 @@
+"""Chat templates kvloom ships (``--chat-template NAME``)."""
