@@ -208,3 +208,40 @@ def test_required_schema_is_one_call_without_parallel():
         jsonschema.validate([{"name": "f", "arguments": {}}] * 2, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate([{"name": "g", "arguments": {}}], schema)
+
+
+def test_an_agent_library_runs_a_tool_conversation(server):
+    """openai-agents drives the server: a required call, the tool's result back in the history, then
+    the model's answer (the library resets tool_choice to auto after a call)."""
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    cities = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather now in a city."""
+        cities.append(city)
+        return f"It is sunny and 21 C in {city}."
+
+    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    agent = Agent(
+        name="weather",
+        instructions="Answer weather questions with the get_weather tool.",
+        tools=[get_weather],
+        model=OpenAIChatCompletionsModel(model=MODEL, openai_client=client),
+        model_settings=ModelSettings(tool_choice="required", temperature=0, max_tokens=100),
+    )
+    result = Runner.run_sync(agent, "What is the weather in Paris?", max_turns=4)
+    kinds = [type(item).__name__ for item in result.new_items]
+    assert kinds[:2] == ["ToolCallItem", "ToolCallOutputItem"] and kinds[-1] == "MessageOutputItem"
+    assert len(cities) == 1 and cities[0]
+    assert isinstance(result.final_output, str) and result.final_output
