@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--tool-call-parser",
         default=None,
-        choices=("hermes",),
+        choices=("hermes", "llama3_json", "mistral"),
         help="how tool calls are read under tool_choice auto (default: what the chat template calls for)",
     )
     srv.add_argument("--max-body-mb", type=int, default=8, help="largest request body in MiB (default: 8)")

@@ -68,17 +68,6 @@ def _longest_token_bytes(tokenizer: Any) -> int:
     return max((len(t.encode("utf-8", "surrogatepass")) for t in vocab), default=64)
 
 
-def _before_marker(text: str, marker: str) -> int:
-    """How much of ``text`` surely comes before ``marker``: up to it, or up to a prefix of it at the end."""
-    at = text.find(marker)
-    if at >= 0:
-        return at
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:n]):
-            return len(text) - n
-    return len(text)
-
-
 def _value_error(e: ValueError) -> OpenAIError:
     """Engine and SamplingParams errors name the field first ("temperature must be ...", "prompt: ...")."""
     m = re.match(r"^(\w+)", str(e))
@@ -527,7 +516,7 @@ def build_app(
             if mode == "named":
                 return None, [tools.ToolCall(req.tool_choice.function.name, text)]
             if mode == "auto":
-                return tools.parse_hermes(text, names)
+                return tools.PARSERS[parser].parse(text, names)
             return text, []
 
         top_n = req.top_logprobs or 0
@@ -570,7 +559,7 @@ def build_app(
                         if mode in ("required", "named"):
                             shown = 0
                         elif mode == "auto":
-                            shown = _before_marker(c.text, tools.HERMES_START)
+                            shown = tools.PARSERS[parser].shown(c.text)
                         text = c.text[sent_text[c.index] : max(shown, sent_text[c.index])]
                         start = sent_tokens[c.index]
                         if text or start < len(c.token_ids):

@@ -4,9 +4,12 @@
   "arguments": that tool's parameters}, one or more (exactly one without parallel_tool_calls); a named
   function: the output is that function's arguments. Both are JSON schemas enforced like any structured
   output, so the calls always parse and their arguments always validate (as vLLM does).
-- tool_choice "auto": the model writes calls in its own format; a parser reads them back. ``hermes``:
-  ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` (Qwen2.5, Hermes, kvloom's
-  templates/chatml_tools.jinja), picked when the chat template mentions <tool_call>.
+- tool_choice "auto": the model writes calls in its own format; a parser reads them back, picked from
+  the chat template's markers (``pick_parser``) or given with --tool-call-parser:
+  ``hermes``: ``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` (Qwen2.5, Hermes, kvloom's
+  templates/chatml_tools.jinja); ``llama3_json``: ``{"name": ..., "parameters": ...}`` objects, after an
+  optional ``<|python_tag|>``, separated by ";" (Llama 3.1-3.3); ``mistral``: ``[TOOL_CALLS]`` then a
+  JSON array of ``{"name", "arguments"}``, or ``name[ARGS]{...}`` per call (Mistral's newer templates).
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-PARSERS = ("hermes",)
 
 
 @dataclass
@@ -64,31 +67,130 @@ def calls_from_required(text: str) -> list[ToolCall]:
 
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-HERMES_START = "<tool_call>"
+_DECODER = json.JSONDecoder()
+
+
+def _call(obj: object, names: set[str], key: str = "arguments") -> ToolCall | None:
+    """A call from a parsed object naming a defined function, or None."""
+    if not isinstance(obj, dict) or obj.get("name") not in names:
+        return None
+    arguments = obj.get(key, obj.get("arguments", obj.get("parameters", {})))
+    if isinstance(arguments, str):  # some models write the arguments as JSON text
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
 
 
 def parse_hermes(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
-    """(content before the calls, or None; the calls) from a Hermes-format output. A block that is not
-    a JSON object naming a defined function is left in the content, as text."""
+    """(content before the calls, or None; the calls). A block that is not a JSON object naming a defined
+    function is left in the content, as text."""
     calls = []
     for m in _HERMES.finditer(text):
         try:
-            obj = json.loads(m.group(1))
+            call = _call(json.loads(m.group(1)), names)
         except ValueError:
             continue
-        if isinstance(obj, dict) and obj.get("name") in names:
-            arguments = obj.get("arguments", obj.get("parameters", {}))
-            calls.append(ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False)))
+        if call is not None:
+            calls.append(call)
+    return _split(text, text.find("<tool_call>"), calls)
+
+
+def parse_llama3_json(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
+    """Llama 3.1+: the output is one or more JSON call objects (after <|python_tag|>), ";"-separated."""
+    tag = text.find("<|python_tag|>")
+    body = text[tag + len("<|python_tag|>") :] if tag >= 0 else text
+    calls, at = [], 0
+    body = body.rstrip()
+    while at < len(body):
+        at = len(body) - len(body[at:].lstrip(" \n;"))
+        if at >= len(body):
+            break
+        try:
+            obj, end = _DECODER.raw_decode(body, at)
+        except ValueError:
+            return text, []  # not (only) calls: all of it is text
+        call = _call(obj, names, "parameters")
+        if call is None:
+            return text, []
+        calls.append(call)
+        at = end
+    return _split(text, max(tag, 0), calls)
+
+
+def parse_mistral(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
+    """[TOOL_CALLS] then a JSON array of calls, or name[ARGS]{...} for each call."""
+    at = text.find("[TOOL_CALLS]")
+    if at < 0:
+        return text, []
+    calls = []
+    for part in text[at:].split("[TOOL_CALLS]")[1:]:
+        part = part.strip()
+        if "[ARGS]" in part:
+            name, _, args = part.partition("[ARGS]")
+            try:
+                call = _call({"name": name.strip(), "arguments": json.loads(args)}, names)
+            except ValueError:
+                call = None
+            calls += [call] if call is not None else []
+            continue
+        try:
+            items = json.loads(part)
+        except ValueError:
+            continue
+        for obj in items if isinstance(items, list) else [items]:
+            call = _call(obj, names)
+            calls += [call] if call is not None else []
+    return _split(text, at, calls)
+
+
+def _split(text: str, start: int, calls: list[ToolCall]) -> tuple[str | None, list[ToolCall]]:
     if not calls:
         return text, []
-    content = text[: text.find(HERMES_START)].strip()
+    content = text[:start].strip()
     return content or None, calls
+
+
+@dataclass(frozen=True)
+class Parser:
+    name: str
+    parse: Callable[[str, set[str]], tuple[str | None, list[ToolCall]]]
+    markers: tuple[str, ...]  # where calls start: streamed text stops before any of them
+
+    def shown(self, text: str) -> int:
+        """How much of a partial output is surely text, not the start of a call."""
+        if self.name == "llama3_json" and text.lstrip().startswith("{"):
+            return 0  # a bare JSON object is a call until it parses otherwise
+        cut = len(text)
+        for marker in self.markers:
+            at = text.find(marker)
+            if at >= 0:
+                cut = min(cut, at)
+                continue
+            for n in range(min(len(marker) - 1, len(text)), 0, -1):  # a marker begun at the end
+                if text.endswith(marker[:n]):
+                    cut = min(cut, len(text) - n)
+                    break
+        return cut
+
+
+PARSERS = {
+    "hermes": Parser("hermes", parse_hermes, ("<tool_call>",)),
+    "llama3_json": Parser("llama3_json", parse_llama3_json, ("<|python_tag|>",)),
+    "mistral": Parser("mistral", parse_mistral, ("[TOOL_CALLS]",)),
+}
 
 
 def pick_parser(chat_template: str | None) -> str | None:
     """The parser the chat template's format calls for, or None."""
-    if chat_template and "<tool_call>" in chat_template:
-        return "hermes"
+    for marker, name in (
+        ("<tool_call>", "hermes"),
+        ("[TOOL_CALLS]", "mistral"),
+        ("<|python_tag|>", "llama3_json"),
+    ):
+        if chat_template and marker in chat_template:
+            return name
     return None
 
 

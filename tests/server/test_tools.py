@@ -245,3 +245,32 @@ def test_an_agent_library_runs_a_tool_conversation(server):
     assert kinds[:2] == ["ToolCallItem", "ToolCallOutputItem"] and kinds[-1] == "MessageOutputItem"
     assert len(cities) == 1 and cities[0]
     assert isinstance(result.final_output, str) and result.final_output
+
+
+def test_llama3_and_mistral_parsers():
+    from kvloom.server.tools import PARSERS, parse_llama3_json, parse_mistral, pick_parser
+
+    names = {"get_time", "get_weather"}
+    one = '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}'
+    two = '{"name": "get_weather", "parameters": {"city": "Rome", "unit": "celsius"}}'
+    content, calls = parse_llama3_json(f"<|python_tag|>{one}; {two}", names)
+    assert content is None and [c.name for c in calls] == ["get_time", "get_weather"]
+    assert json.loads(calls[1].arguments) == {"city": "Rome", "unit": "celsius"}
+    assert parse_llama3_json(one, names)[1][0].name == "get_time"
+    assert parse_llama3_json('{"answer": 42}', names) == ('{"answer": 42}', [])
+    assert parse_llama3_json("Paris is sunny.", names) == ("Paris is sunny.", [])
+    array = '[{"name": "get_time", "arguments": {"timezone": "Asia/Tokyo"}}]'
+    content, calls = parse_mistral(f"Sure. [TOOL_CALLS] {array}", names)
+    assert content == "Sure." and json.loads(calls[0].arguments) == {"timezone": "Asia/Tokyo"}
+    calls = parse_mistral(
+        '[TOOL_CALLS]get_time[ARGS]{"timezone": "Asia/Tokyo"}[TOOL_CALLS]nope[ARGS]{}', names
+    )[1]
+    assert [c.name for c in calls] == ["get_time"]
+    assert parse_mistral("no calls", names) == ("no calls", [])
+    # streaming holds back from a call's start (or a marker begun at the end of the text)
+    assert PARSERS["hermes"].shown("Let me see <tool_") == len("Let me see ")
+    assert PARSERS["mistral"].shown("Ok [TOOL_CALLS] [") == len("Ok ")
+    assert PARSERS["llama3_json"].shown('{"name": "get') == 0
+    assert PARSERS["llama3_json"].shown("Plain text") == len("Plain text")
+    assert pick_parser("... [TOOL_CALLS] ...") == "mistral" and pick_parser("<|python_tag|>") == "llama3_json"
+    assert pick_parser("{{ messages }}") is None
