@@ -156,7 +156,8 @@ class StructuredOutputs(_Checked):
     WHERE: ClassVar[str] = "structured_outputs."
     STRICT: ClassVar[bool] = True
 
-    json: dict[str, Any] | Text | None = None
+    # NOTE: "json" by its alias: a field of that name would shadow pydantic's BaseModel.json
+    json_: dict[str, Any] | Text | None = Field(default=None, alias="json")
     json_object: bool | None = None
     regex: Text | None = None
     choice: list[Text] | None = None
@@ -219,7 +220,7 @@ class _SamplingRequest(_Checked):
             if self.structured_outputs is not None:
                 so = self.structured_outputs
                 return StructuredOutputsParams(
-                    json=so.json,
+                    json=so.json_,
                     json_object=bool(so.json_object),
                     regex=so.regex,
                     choice=so.choice,
