@@ -40,6 +40,7 @@ from kvloom.engine_args import create_engine_config
 from kvloom.logger import init_logger
 from kvloom.request import Request, RequestStatus
 from kvloom.sampling_params import SamplingParams
+from kvloom.structured.backend import matcher_bitmask
 
 if TYPE_CHECKING:
     from kvloom.worker.model_runner import ModelRunnerOutput
@@ -328,6 +329,9 @@ class DraftProposer(Proposer):
             self.computed[rid] = (preemptions, start, r.num_output_tokens)
             active.append((r, k, [], []))
         proposals = list(active)
+        # Structured outputs: the draft proposes within the request's format, on a copy of its matcher
+        # (proposals outside it would only be rejected)
+        matchers = {r.request_id: r.grammar.deep_copy() for r, _ in wanted if r.grammar is not None}
         while active:
             out = SchedulerOutput()
             for r, _, tokens, _ in active:
@@ -347,6 +351,9 @@ class DraftProposer(Proposer):
                             new_token_ids=tokens[-1:],
                         )
                     )
+            live = {r.request_id: matchers[r.request_id] for r, _, _, _ in active if r.request_id in matchers}
+            if live:
+                out.grammar = matcher_bitmask(live, self.runner.vocab_size)
             t0 = time.perf_counter()
             result = self.runner.execute(out, keep_probs=True)
             # NOTE: a pass that catches up on more than the two tokens of steady speculation (the whole
@@ -363,6 +370,9 @@ class DraftProposer(Proposer):
                 # draft K/V now stand for every position before the new proposal
                 preemptions, _, held = self.computed[rid]
                 self.computed[rid] = (preemptions, r.num_tokens + len(tokens) - 1, held)
+                m = matchers.get(rid)
+                if m is not None and (not m.try_consume_tokens([token]) or m.is_stopped()):
+                    continue  # the format ends here (or refuses it): no proposals after this one
                 if len(tokens) < k:
                     still.append((r, k, tokens, probs))
             active = still

@@ -132,3 +132,15 @@ def _grammar(params: StructuredOutputsParams, field: str) -> str:
         return LLMatcher.grammar_from_lark(spec)
     except Exception as e:  # noqa: BLE001 - the GBNF converter raises plain Exception
         raise ValueError(f"{field}: the {kind} does not compile: {e}") from None
+
+
+def matcher_bitmask(matchers: dict[str, Any], vocab_size: int) -> tuple[Any, dict[str, int]]:
+    """One bitmask row per matcher in its current state (a draft model's pass): (bitmask, id -> row)."""
+    import llguidance.torch as llt
+
+    bitmask = llt.allocate_token_bitmask(len(matchers), vocab_size)
+    rows = {}
+    for i, (rid, m) in enumerate(matchers.items()):
+        llt.fill_next_token_bitmask(m, bitmask, i)
+        rows[rid] = i
+    return bitmask, rows

@@ -126,3 +126,20 @@ def test_bad_formats_are_value_errors(plain, spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         plain.engine.add_request("bad", "Hi", SamplingParams(structured_outputs=spec))
     assert not plain.engine.has_unfinished_requests()
+
+
+def test_a_draft_proposes_within_the_format(stories, plain):
+    """A draft that is the target itself proposes what the target will choose, within the format too:
+    nearly every proposal is accepted (unconstrained, its proposals leave the format and are rejected)."""
+    expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, _json(temperature=0))]
+    llm = LLM(
+        str(stories),
+        dtype="float32",
+        show_progress=False,
+        speculative_method="draft",
+        speculative_model=str(stories),
+        num_speculative_tokens=3,
+        adaptive_speculation=False,
+    )
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _json(temperature=0))] == expected
+    assert llm.engine.proposer.stats.acceptance_rate > 0.9
