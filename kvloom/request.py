@@ -55,18 +55,37 @@ class RequestMetrics:
     num_preemptions: int = 0
 
 
-def token_ids_slice(prompt: list[int], output: list[int], start: int, end: int) -> list[int]:
-    """Token ids in [start, end) of prompt + output, without building the whole list."""
-    n = len(prompt)
-    if end <= n:
-        return prompt[start:end]
-    if start >= n:
-        return output[start - n : end - n]
-    return prompt[start:] + output[: end - n]
+class TokenIds:
+    """Counts and slices of ``prompt_token_ids + output_token_ids``, for the classes that hold both (the
+    scheduler's Request, the runner's NewRequestData, the sampler's SampleRow)."""
+
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """Token ids in [start, end) of prompt + output, without building the whole list."""
+        prompt, n = self.prompt_token_ids, len(self.prompt_token_ids)
+        if end <= n:
+            return prompt[start:end]
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        return prompt[start:] + self.output_token_ids[: end - n]
 
 
 @dataclass
-class Request:
+class Request(TokenIds):
     """One generation request.
 
     ``num_tokens`` (prompt + generated) and ``num_computed_tokens`` (tokens whose KV is cached) drive
@@ -105,21 +124,6 @@ class Request:
     spec_probs: Any = None
     # Structured outputs: the request's grammar matcher (xgrammar), advanced by every token appended.
     grammar: Any = None
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    def token_ids_slice(self, start: int, end: int) -> list[int]:
-        return token_ids_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
     @property
     def is_finished(self) -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 from kvloom.config import SCHEDULING_POLICIES
 from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
 from kvloom.logger import init_logger
-from kvloom.request import Request, RequestStatus, TokenLogprobs, token_ids_slice
+from kvloom.request import Request, RequestStatus, TokenIds, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 
 logger = init_logger(__name__)
@@ -45,7 +45,7 @@ _W_PROMPT, _W_OUTPUT = 1.0, 2.0
 
 
 @dataclass
-class NewRequestData:
+class NewRequestData(TokenIds):
     """A request the model runner has not seen (or sees again after a preemption): sent once, then kept
     by the runner as its own state of the request (outputs and prompt-logprobs progress updated by each
     step's ScheduledRequest), which is what building inputs, sampling and verification read."""
@@ -57,17 +57,6 @@ class NewRequestData:
     eos_token_ids: frozenset[int]
     index: int  # sample index within its group (seeded sampling keys on it)
     num_prompt_logprobs: int  # prompt positions that already have logprobs (not computed again)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
-
-    def token_ids_slice(self, start: int, end: int) -> list[int]:
-        return token_ids_slice(self.prompt_token_ids, self.output_token_ids, start, end)
 
     @staticmethod
     def of(request: Request) -> NewRequestData:

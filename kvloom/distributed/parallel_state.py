@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,9 +30,7 @@ class RankUnreachable(RuntimeError):
 class TensorParallel:
     rank: int = 0
     size: int = 1
-    local_size: int = 1  # ranks on this host
     shm: ShmGroup | None = None  # one host: collectives through shared memory; None: gloo (or one rank)
-    pids: list[int] = field(default_factory=list)  # this host's ranks' process ids, by rank
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place; every rank gets the same bits."""
@@ -152,12 +150,11 @@ def init_tensor_parallel(rank: int, size: int, local_size: int, addr: str, timeo
             f"tensor parallel: rank {rank} of {size} could not meet the others at {addr} within "
             f"{timeout_s}s (dist_init_addr, dist_timeout): {e}"
         ) from e
-    group = TensorParallel(rank, size, local_size)
+    group = TensorParallel(rank, size)
     hosts = {h for h, _ in pids}
     # NOTE: by the launch's own count (nnodes), not only host names: two "nodes" on one host (tests, or
     # containers sharing a name) talk through gloo as separate machines would.
     if len(hosts) == 1 and local_size == size:
-        group.pids = [p for _, p in pids]
         name = [None]
         if rank == 0:
             group.shm = ShmGroup.create(size)
@@ -166,7 +163,7 @@ def init_tensor_parallel(rank: int, size: int, local_size: int, addr: str, timeo
         if rank != 0:
             group.shm = ShmGroup.attach(name[0], rank, size)
         mine = os.getpid()
-        others = [(r, p) for r, p in enumerate(group.pids) if p != mine]
+        others = [(r, p) for r, (_, p) in enumerate(pids) if p != mine]
 
         def dead() -> str | None:
             for r, p in others:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvloom.request import Request
+from kvloom.request import Request, TokenIds
 from kvloom.sampling_params import SamplingParams
 
 _MIN_TEMPERATURE, _MAX_TEMPERATURE = 1e-2, 1e4
@@ -20,7 +20,7 @@ _NEG_INF = float("-inf")
 
 
 @dataclass
-class SampleRow:
+class SampleRow(TokenIds):
     """A request as the sampler sees it at a row after ``extra`` proposed tokens (speculative decoding):
     penalties, min_tokens and the seeded draw then count those tokens as already generated."""
 
@@ -39,10 +39,6 @@ class SampleRow:
             request.eos_token_ids,
             request.index,
         )
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
 
 
 @dataclass

@@ -587,16 +587,20 @@ def build_app(
                                 content = c.text
                                 if finish == "stop":
                                     content, calls = tool_calls(c.text)
-                                delta: dict[str, Any] = {}
+                                held: dict[str, Any] = {}
                                 rest = (content or "")[sent_text[c.index] :]
                                 if rest:
-                                    delta["content"] = rest
+                                    held["content"] = rest
                                 if calls:
-                                    delta["tool_calls"] = [x.to_openai(i) for i, x in enumerate(calls)]
+                                    held["tool_calls"] = [x.to_openai(i) for i, x in enumerate(calls)]
                                     finish = "tool_calls"
-                                if delta:
-                                    chunk = {"index": c.index, "delta": delta, "logprobs": None}
-                                    chunk["finish_reason"] = None
+                                if held:
+                                    chunk = {
+                                        "index": c.index,
+                                        "delta": held,
+                                        "logprobs": None,
+                                        "finish_reason": None,
+                                    }
                                     yield responses.sse(
                                         {**head("chat.completion.chunk"), "choices": [chunk], **extra}
                                     )

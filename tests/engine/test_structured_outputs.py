@@ -82,20 +82,26 @@ def test_on_off_unconstrained_requests_unchanged(plain):
     jsonschema.validate(json.loads(done["c"].text), SCHEMA)
 
 
+def _greedy_json(llm: LLM, prompts: list[str] = PROMPTS) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, _json(temperature=0))]
+
+
+def _speculating(stories, method: str, draft=None) -> LLM:  # noqa: ANN001
+    spec = {"speculative_method": method, "num_speculative_tokens": 3, "adaptive_speculation": False}
+    if draft is not None:
+        spec["speculative_model"] = str(draft)
+    return LLM(str(stories), dtype="float32", show_progress=False, **spec)
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_speculation_keeps_constrained_greedy_output(stories, plain, random_draft, method):
-    expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, _json(temperature=0))]
-    spec = {"speculative_method": method, "num_speculative_tokens": 3, "adaptive_speculation": False}
-    if method == "draft":
-        spec["speculative_model"] = str(random_draft)
-    llm = LLM(str(stories), dtype="float32", show_progress=False, **spec)
-    got = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _json(temperature=0))]
-    assert got == expected
+    llm = _speculating(stories, method, random_draft if method == "draft" else None)
+    assert _greedy_json(llm) == _greedy_json(plain)
     assert llm.engine.proposer.stats.num_drafts > 0  # it did speculate
 
 
 def test_preemption_keeps_the_grammar_state(stories, plain):
-    expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS * 2, _json(temperature=0))]
+    expected = _greedy_json(plain, PROMPTS * 2)
     small = LLM(
         str(stories),
         dtype="float32",
@@ -104,7 +110,7 @@ def test_preemption_keeps_the_grammar_state(stories, plain):
         max_model_len=128,
         max_num_batched_tokens=32,
     )
-    got = [o.outputs[0].token_ids for o in small.generate(PROMPTS * 2, _json(temperature=0))]
+    got = _greedy_json(small, PROMPTS * 2)
     assert small.engine.scheduler.num_preemptions > 0
     assert got == expected
 
@@ -131,15 +137,6 @@ def test_bad_formats_are_value_errors(plain, spec, message):
 def test_a_draft_proposes_within_the_format(stories, plain):
     """A draft that is the target itself proposes what the target will choose, within the format too:
     nearly every proposal is accepted (unconstrained, its proposals leave the format and are rejected)."""
-    expected = [o.outputs[0].token_ids for o in plain.generate(PROMPTS, _json(temperature=0))]
-    llm = LLM(
-        str(stories),
-        dtype="float32",
-        show_progress=False,
-        speculative_method="draft",
-        speculative_model=str(stories),
-        num_speculative_tokens=3,
-        adaptive_speculation=False,
-    )
-    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, _json(temperature=0))] == expected
+    llm = _speculating(stories, "draft", stories)
+    assert _greedy_json(llm) == _greedy_json(plain)
     assert llm.engine.proposer.stats.acceptance_rate > 0.9
