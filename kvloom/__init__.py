@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kvloom.engine import LLMEngine
     from kvloom.llm import LLM
-    from kvloom.outputs import CompletionOutput, RequestOutput
+    from kvloom.outputs import CompletionOutput, RequestOutput, RequestOutputKind
     from kvloom.sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "SamplingParams",
     "StructuredOutputsParams",
     "RequestOutput",
+    "RequestOutputKind",
     "CompletionOutput",
 ]
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ _WHERE = {
     "SamplingParams": "kvloom.sampling_params",
     "StructuredOutputsParams": "kvloom.sampling_params",
     "RequestOutput": "kvloom.outputs",
+    "RequestOutputKind": "kvloom.outputs",
     "CompletionOutput": "kvloom.outputs",
 }
 

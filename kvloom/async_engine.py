@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,40 @@ StepObserver = Callable[[LLMEngine, list[RequestOutput]], None]
 # HTTP request was refused).
 AbortObserver = Callable[[str], None]
 SHUTTING_DOWN = "the server is shutting down"
+
+
+class RequestStream:
+    """One request's outputs, as they come. Closing it before the request finished, or cancelling a
+    read, aborts the request (a reader that stops early must close it)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, outputs: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._outputs = outputs
+        self.finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._outputs.get()
+        except BaseException:  # cancelled: the reader went away
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True  # the engine has let go of it
+            raise item
+        self.finished = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self.finished and not self._closed:
+            self._closed = True
+            self.engine.abort(self.request_id)
 
 
 class AsyncEngine:
@@ -106,29 +140,20 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stop.is_set()
 
     # ---- called from the event loop ---------------------------------------------------------------
-    async def generate(
+    async def add(
         self, request_id: str, prompt: Prompt, params: SamplingParams, **kwargs: Any
-    ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs until it finishes. Raises ValueError on bad input.
+    ) -> RequestStream:
+        """Queue a request; return its outputs' stream once the engine has taken it. Raises ValueError
+        on bad input, before anything of it runs.
 
-        ``kwargs`` go to ``LLMEngine.add_request`` (priority, user, cache_salt)."""
+        ``kwargs`` go to ``LLMEngine.add_request`` (priority, user, cache_salt, output_kind)."""
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         added: concurrent.futures.Future = concurrent.futures.Future()
         self._submit(("add", request_id, prompt, params, kwargs, stream, added))
         await asyncio.wrap_future(added)
-        finished = False
-        try:
-            while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return RequestStream(self, request_id, stream.queue)
 
     def abort(self, request_id: str, reason: str = "client_gone") -> None:
         """Abort a request (counted under ``reason`` if it was still running)."""

@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--chat-template",
         default=None,
-        help="a Jinja chat template file in place of the model's, or one of kvloom's: chatml_tools (ChatML "
-        "with Hermes tool calls)",
+        help="a Jinja chat template file in place of the model's, or one of kvloom's, for models whose own "
+        "template has no tools: chatml_tools (ChatML, Hermes <tool_call> calls), "
+        "llama3_json_tools (Llama 3.1+ JSON calls), mistral_tools (Mistral [TOOL_CALLS])",
     )
     srv.add_argument(
         "--tool-call-parser",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from kvloom.detokenizer import IncrementalDetokenizer
 from kvloom.engine_args import create_engine_config
 from kvloom.executor.executor import Executor
 from kvloom.logger import init_logger
-from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput, RequestOutputKind
 from kvloom.request import Request, RequestStatus, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
 from kvloom.spec.proposers import build_proposer
@@ -39,7 +39,11 @@ class _Group:
     samples: list[Request]
     detokenizers: list[IncrementalDetokenizer]
     logprobs: list[list[PositionLogprobs]]
-    final_only: bool = False  # step() returns its output once, when it has finished
+    kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # DELTA: per sample, the characters and tokens already returned, and whether its end was returned
+    sent: list[tuple[int, int]] = field(default_factory=list)
+    ended: list[bool] = field(default_factory=list)
+    emitted: bool = False  # an output was returned (DELTA returns prompt logprobs once)
 
     @property
     def finished(self) -> bool:
@@ -165,15 +169,15 @@ class LLMEngine:
         priority: int = 0,
         user: str | None = None,
         cache_salt: str | None = None,
-        final_only: bool = False,
+        output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE,
     ) -> None:
         """Queue a request. Raises ValueError on bad input, leaving the engine untouched.
 
         ``priority``: lower values are served first under the "priority" policy. ``user``: the party whose
         share the "fair" policy balances. ``cache_salt``: requests with different salts never share
-        prefix-cache blocks. ``final_only``: ``step()`` returns this request's output once, when it has
-        finished, instead of its cumulative output after every step (vLLM's ``FINAL_ONLY`` output kind;
-        what ``LLM.generate`` reads, and it saves copying every request's tokens and text each step).
+        prefix-cache blocks. ``output_kind``: what ``step()`` returns of this request (RequestOutputKind):
+        everything so far after each step, only what is new (what a stream sends), or one output at the end
+        (what ``LLM.generate`` reads). The last two save copying each request's tokens and text each step.
         """
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise ValueError(f"priority must be an integer, got {priority!r}")
@@ -232,7 +236,9 @@ class LLMEngine:
                 for _ in samples
             ],
             [[] for _ in samples],
-            final_only,
+            output_kind,
+            [(0, 0)] * k,
+            [False] * k,
         )
         self._groups[request_id] = group
         for i, r in enumerate(samples):
@@ -326,7 +332,7 @@ class LLMEngine:
 
         outputs = []
         for group in touched.values():
-            if group.final_only and not group.finished:
+            if group.kind is RequestOutputKind.FINAL_ONLY and not group.finished:
                 continue
             output = self._output(group)
             if output is not None:
@@ -377,27 +383,38 @@ class LLMEngine:
         ranked = params.num_samples > params.n
         if ranked and not finished:
             return None  # best_of: the n best are known only at the end
+        delta = group.kind is RequestOutputKind.DELTA
         completions = []
-        for r, detok, logprobs in zip(group.samples, group.detokenizers, group.logprobs, strict=True):
+        for i, (r, detok) in enumerate(zip(group.samples, group.detokenizers, strict=True)):
+            text, ids, logprobs = detok.output_text(r.is_finished), r.output_token_ids, group.logprobs[i]
+            chars, tokens = group.sent[i] if delta else (0, 0)
+            if delta:
+                if group.ended[i] or (len(text) == chars and len(ids) == tokens and not r.is_finished):
+                    continue  # nothing new for this sample
+                group.sent[i], group.ended[i] = (len(text), len(ids)), r.is_finished
             completions.append(
                 CompletionOutput(
                     index=r.index,
-                    text=detok.output_text(r.is_finished),
-                    token_ids=list(r.output_token_ids),
+                    text=text[chars:],
+                    token_ids=ids[tokens:],
                     cumulative_logprob=r.cumulative_logprob if params.needs_sampled_logprob else None,
-                    logprobs=list(logprobs) if params.logprobs is not None else None,
+                    logprobs=logprobs[tokens:] if params.logprobs is not None else None,
                     finish_reason=r.status.finish_reason,
                     stop_reason=r.stop_reason,
+                    num_tokens=len(ids),
                 )
             )
+        if not completions:
+            return None
         if ranked:
             completions = sorted(completions, key=lambda c: -c.cumulative_logprob)[: params.n]
             for i, c in enumerate(completions):
                 c.index = i
         first = group.samples[0]
         prompt_logprobs = None
-        if params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None and not (delta and group.emitted):
             prompt_logprobs = [None] + [self._position_logprobs(lp) for lp in first.prompt_logprobs]
+        group.emitted = True
         return RequestOutput(
             group.request_id,
             first.prompt,

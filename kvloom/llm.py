@@ -9,7 +9,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvloom.engine import LLMEngine, Prompt
-from kvloom.outputs import RequestOutput
+from kvloom.outputs import RequestOutput, RequestOutputKind
 from kvloom.sampling_params import SamplingParams
 
 Message = dict[str, str]
@@ -60,7 +60,9 @@ class LLM:
         added: list[str] = []
         try:
             for request_id, prompt, sp, prio in zip(request_ids, prompts, params, priority, strict=True):
-                self.engine.add_request(request_id, prompt, sp, priority=prio, final_only=True)
+                self.engine.add_request(
+                    request_id, prompt, sp, priority=prio, output_kind=RequestOutputKind.FINAL_ONLY
+                )
                 added.append(request_id)
         except ValueError:
             # A bad prompt leaves no half-added batch: nothing has run yet, so aborting undoes the rest.

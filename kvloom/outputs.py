@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from kvloom.request import RequestMetrics
+
+
+class RequestOutputKind(enum.Enum):
+    """What ``LLMEngine.step()`` returns of a request (vLLM's names).
+
+    CUMULATIVE: after each step that gave it tokens, everything so far. DELTA: only what is new since its
+    last output (text, token ids, logprobs; prompt logprobs once), so a stream costs what it sends, not
+    its length, each step. FINAL_ONLY: one output, when it has finished.
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -28,6 +42,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     # The stop string or stop token id that ended this completion (None for EOS or length).
     stop_reason: str | int | None = None
+    # Tokens generated so far (with RequestOutputKind.DELTA, token_ids holds only the new ones).
+    num_tokens: int = 0
 
     @property
     def finished(self) -> bool:
@@ -36,7 +52,8 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
-    """Cumulative state of one request: ``outputs[i].text`` grows step by step until ``finished``.
+    """State of one request: ``outputs[i].text`` grows step by step until ``finished`` (cumulative; with
+    RequestOutputKind.DELTA each output holds what is new, and lists only the samples that have news).
 
     While a request runs, text that could still turn out to be the start of a stop string is held back,
     so a stream never shows any part of a stop string.

@@ -122,18 +122,20 @@ class ServerMetrics:
         if engine.proposer is not None:
             self._observe_spec(engine.proposer.stats)
         for out in outputs:
+            # NOTE: each sample's end is in one output: the server asks for DELTA or FINAL_ONLY outputs
+            for c in out.outputs:
+                if c.finished:
+                    self._success.labels(self.model_name, c.finish_reason or "abort").inc()
             if not out.finished:
                 continue
             m = out.metrics
-            for c in out.outputs:
-                self._success.labels(self.model_name, c.finish_reason or "abort").inc()
             if m.first_token_time is not None:
                 self.ttft.observe(m.first_token_time - m.arrival_time)
             if m.first_scheduled_time is not None:
                 self.queue.observe(m.first_scheduled_time - m.arrival_time)
             if m.finished_time is not None:
                 self.e2e.observe(m.finished_time - m.arrival_time)
-                n = len(out.outputs[0].token_ids)
+                n = out.outputs[0].num_tokens
                 if n > 1 and m.first_token_time is not None:
                     self.tpot.observe((m.finished_time - m.first_token_time) / (n - 1))
 

@@ -438,6 +438,13 @@ class ChatCompletionRequest(_SamplingRequest):
             raise OpenAIError("tool_choice needs tools", param="tool_choice")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             raise OpenAIError(f"tool_choice: no tool is named {choice.function.name!r}", param="tool_choice")
+        if self.tool_mode in ("required", "named") and (self.stop or self.stop_token_ids):
+            field = "stop" if self.stop else "stop_token_ids"
+            raise OpenAIError(
+                f"{field}: tool_choice required or a named function makes the output a whole call, which a "
+                "stop could cut short; leave it out",
+                param=field,
+            )
 
     @property
     def tool_mode(self) -> str | None:

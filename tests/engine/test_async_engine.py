@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from kvloom import SamplingParams
+from kvloom import RequestOutputKind, SamplingParams
 from kvloom.async_engine import AsyncEngine
 from kvloom.engine import LLMEngine
 
@@ -27,10 +27,30 @@ def test_factory_builds_on_the_engine_thread_and_serves(stories):
 
         async def run() -> list[int]:
             params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
-            outs = [o async for o in engine.generate("r", "Once upon a time", params)]
+            outs = [o async for o in await engine.add("r", "Once upon a time", params)]
             return outs[-1].outputs[0].token_ids
 
         assert len(asyncio.run(run())) == 5
+
+        async def close_early() -> tuple[int, bool]:
+            params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+            stream = await engine.add("long", "Once upon a time", params, output_kind=RequestOutputKind.DELTA)
+            first = await stream.__anext__()
+            stream.close()  # the reader goes away: the request is aborted, not run to its end
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if not engine.engine.has_unfinished_requests():
+                    break
+            return len(first.outputs[0].token_ids), engine.engine.has_unfinished_requests()
+
+        num_first, unfinished = asyncio.run(close_early())
+        assert num_first >= 1 and not unfinished
+
+        async def bad() -> None:
+            await engine.add("bad", [10**6], SamplingParams())  # refused on the engine thread
+
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            asyncio.run(bad())
     finally:
         engine.shutdown()
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from kvloom import LLM, LLMEngine, SamplingParams
+from kvloom import LLM, CompletionOutput, LLMEngine, RequestOutputKind, SamplingParams
 from kvloom.core.scheduler import Scheduler
 from kvloom.request import RequestStatus
 
@@ -152,26 +152,54 @@ def test_streamed_deltas_add_up_to_the_final_text(stories_llm):
 @pytest.mark.parametrize(
     "params",
     [
-        SamplingParams(temperature=0, max_tokens=24, logprobs=2, stop=[" the"]),
+        SamplingParams(temperature=0, max_tokens=24, logprobs=2, prompt_logprobs=1, stop=[" the"]),
         SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=24, logprobs=1),
+        SamplingParams(n=2, best_of=3, temperature=0.8, seed=3, max_tokens=12),
     ],
-    ids=["greedy-stop-logprobs", "n2-seeded"],
+    ids=["greedy-stop-logprobs", "n2-seeded", "best-of"],
 )
-def test_final_only_request_returns_once_what_the_cumulative_one_ends_with(stories_llm, params):
+def test_output_kinds_give_the_same_outputs(stories_llm, params):
+    """FINAL_ONLY returns once what CUMULATIVE ends with; DELTA's pieces, joined, are the same."""
     engine = stories_llm.engine
 
-    def run(final_only: bool) -> list:
-        engine.add_request("kind", "Once upon a time", params, final_only=final_only)
+    def run(kind: RequestOutputKind) -> list:
+        engine.add_request("kind", "Once upon a time", params, output_kind=kind)
         outs = []
         while engine.has_unfinished_requests():
             outs += engine.step()
         return outs
 
-    cumulative, final = run(False), run(True)
-    assert len(cumulative) > 1 and all(o.request_id == "kind" for o in cumulative)
-    assert len(final) == 1 and final[0].finished and cumulative[-1].finished
+    cumulative = run(RequestOutputKind.CUMULATIVE)
+    final = run(RequestOutputKind.FINAL_ONLY)
+    deltas = run(RequestOutputKind.DELTA)
+    assert all(o.request_id == "kind" for o in cumulative)
+    assert len(final) == 1 and final[0].finished and cumulative[-1].finished and deltas[-1].finished
     assert final[0].outputs == cumulative[-1].outputs  # text, token ids, logprobs, finish reasons
     assert final[0].metrics.first_token_time is not None and final[0].metrics.finished_time is not None
+    assert final[0].prompt_logprobs == cumulative[-1].prompt_logprobs
+    if params.best_of is None:
+        assert len(cumulative) > 1 and len(deltas) == len(cumulative)
+    joined = {}
+    for i, out in enumerate(deltas):
+        assert (out.prompt_logprobs is not None) == (i == 0 and params.prompt_logprobs is not None)
+        for c in out.outputs:
+            assert c.index not in joined or not joined[c.index].finished  # nothing after a sample's end
+            j = joined.setdefault(
+                c.index, CompletionOutput(c.index, "", [], logprobs=[] if c.logprobs else None)
+            )
+            j.text += c.text
+            j.token_ids += c.token_ids
+            if c.logprobs is not None:
+                j.logprobs += c.logprobs
+            j.cumulative_logprob, j.finish_reason, j.stop_reason = (
+                c.cumulative_logprob,
+                c.finish_reason,
+                c.stop_reason,
+            )
+            j.num_tokens = c.num_tokens
+            assert c.num_tokens == len(j.token_ids)
+    assert [joined[i] for i in sorted(joined)] == final[0].outputs
+    assert deltas[0].prompt_logprobs == final[0].prompt_logprobs
 
 
 def test_sampling_is_reproducible_with_the_engine_seed_and_top_k_1_is_greedy(stories):

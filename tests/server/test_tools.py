@@ -5,11 +5,12 @@ results of calls go back in the history, and the Hermes parser reads calls under
 from __future__ import annotations
 
 import json
+from unittest.mock import ANY
 
 import jsonschema
 import pytest
 
-from kvloom.server.tools import parse_hermes, required_schema
+from kvloom.server.tools import PARSERS, CallStream, assemble, parse_hermes, required_schema
 
 from .conftest import Server
 
@@ -105,28 +106,31 @@ def test_named_function(client):
     _valid([call])
 
 
-def test_streamed_calls_assemble(client):
-    stream = client.chat.completions.create(
-        model=MODEL,
-        messages=ASK,
-        tools=TOOLS,
-        tool_choice="required",
-        temperature=0.5,
-        max_tokens=300,
-        stream=True,
-    )
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_streamed_calls_arrive_piece_by_piece_and_equal_the_whole_response(client, choice):
+    kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "tool_choice": choice, "max_tokens": 300}
+    whole = client.chat.completions.create(temperature=0, **kw)
+    stream = client.chat.completions.create(temperature=0, stream=True, **kw)
     calls: dict[int, dict] = {}
+    pieces: dict[int, int] = {}
     finish = None
     for chunk in stream:
-        for choice in chunk.choices:
-            for d in choice.delta.tool_calls or []:
-                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                entry["name"] += d.function.name or ""
-                entry["arguments"] += d.function.arguments or ""
-            finish = choice.finish_reason or finish
-    assert finish == "tool_calls" and calls
+        for c in chunk.choices:
+            for d in c.delta.tool_calls or []:
+                if d.index not in calls:  # a call's first delta names it
+                    assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                    calls[d.index] = {"name": d.function.name, "arguments": ""}
+                else:
+                    assert d.id is None and d.function.name is None
+                calls[d.index]["arguments"] += d.function.arguments or ""
+                pieces[d.index] = pieces.get(d.index, 0) + bool(d.function.arguments)
+            finish = c.finish_reason or finish
+    assert finish == whole.choices[0].finish_reason == "tool_calls"
+    expected = [(t.function.name, t.function.arguments) for t in whole.choices[0].message.tool_calls]
+    assert [(calls[i]["name"], calls[i]["arguments"]) for i in sorted(calls)] == expected
     for entry in calls.values():
         jsonschema.validate(json.loads(entry["arguments"]), SCHEMAS[entry["name"]])
+    assert all(n > 3 for n in pieces.values()), pieces  # the arguments stream as they are written
 
 
 def test_a_conversation_with_tool_results(client):
@@ -169,6 +173,15 @@ def test_auto_answers_with_text_or_valid_calls(client):
         (
             {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
             "tool_choice",
+        ),
+        ({"tools": TOOLS, "tool_choice": "required", "stop": ["}"]}, "stop"),  # would cut a call short
+        (
+            {
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "get_time"}},
+                "stop_token_ids": [9],
+            },
+            "stop_token_ids",
         ),
         (
             {
@@ -274,3 +287,113 @@ def test_llama3_and_mistral_parsers():
     assert PARSERS["llama3_json"].shown("Plain text") == len("Plain text")
     assert pick_parser("... [TOOL_CALLS] ...") == "mistral" and pick_parser("<|python_tag|>") == "llama3_json"
     assert pick_parser("{{ messages }}") is None
+
+
+CALLS = [
+    ("get_time", {"timezone": "Europe/Paris"}),
+    ("get_weather", {"city": 'Nice "la belle" {x} [y] \\', "unit": "celsius"}),
+]
+
+
+def _assembled(stream, text: str, sizes: list[int], reason: str = "stop"):
+    deltas, at, k = [], 0, 0
+    while at < len(text):
+        n = sizes[k % len(sizes)]
+        deltas += stream.feed(text[at : at + n])
+        at, k = at + n, k + 1
+    rest, finish = stream.finish(reason)
+    return (*assemble(deltas + rest), finish, deltas)
+
+
+@pytest.mark.parametrize("sizes", [[1], [3, 1, 7], [10_000]], ids=["chars", "pieces", "whole"])
+def test_call_stream_reads_required_arrays_as_they_are_written(sizes):
+    text = json.dumps([{"name": n, "arguments": a} for n, a in CALLS])
+    content, calls, finish, deltas = _assembled(CallStream("required", None, set(SCHEMAS)), text, sizes)
+    assert finish == "tool_calls" and not content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == CALLS
+    assert calls[0]["function"]["arguments"] == json.dumps(CALLS[0][1])  # as written, not re-serialized
+    if sizes == [1]:  # a call is announced before its arguments are written, not once it closes
+        first_args = next(i for i, d in enumerate(deltas) if d["tool_calls"][0]["function"].get("arguments"))
+        assert "id" in deltas[0]["tool_calls"][0] and first_args > 0
+
+
+def test_call_stream_sends_hermes_calls_as_each_closes_and_text_before_them():
+    block = '<tool_call>{"name": "get_time", "arguments": {"timezone": "Europe/Paris"}}</tool_call>'
+    stream = CallStream("auto", PARSERS["hermes"], set(SCHEMAS))
+    assert stream.feed("Let me check. <tool") == [{"content": "Let me check. "}]  # "<tool" is held
+    assert stream.feed(block[5:]) == [
+        {
+            "tool_calls": [
+                {
+                    "index": 0,
+                    "id": ANY,
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": ANY},
+                }
+            ]
+        }
+    ]
+    assert stream.feed("\n<tool_call>{broken") == []
+    assert stream.finish("stop") == ([], "tool_calls")
+    # no calls at all: what was held back is text
+    stream = CallStream("auto", PARSERS["hermes"], set(SCHEMAS))
+    content, calls, finish, _ = _assembled(stream, "a <tool_call>not json</tool_call> b", [4])
+    assert (content, calls, finish) == ("a <tool_call>not json</tool_call> b", [], "stop")
+
+
+def test_call_stream_streams_a_named_functions_arguments():
+    content, calls, finish, deltas = _assembled(
+        CallStream("named", None, set(SCHEMAS), "get_time"), '{"timezone": "Europe/Paris"}', [5]
+    )
+    assert finish == "tool_calls" and content is None and len(deltas) == 6
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("get_time", '{"timezone": "Europe/Paris"}')
+    ]
+    _, _, finish, _ = _assembled(
+        CallStream("named", None, set(SCHEMAS), "get_time"), '{"timez', [5], "length"
+    )
+    assert finish == "length"
+
+
+@pytest.mark.parametrize(
+    ("template", "parser", "end"),
+    [
+        ("chatml_tools", "hermes", "<|im_end|>"),
+        ("llama3_json_tools", "llama3_json", "<|eom_id|>"),
+        ("mistral_tools", "mistral", "</s>"),
+    ],
+)
+def test_shipped_templates_render_calls_that_their_parser_reads_back(template, parser, end):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from kvloom.server.tools import pick_parser, read_template
+
+    text = read_template(template)
+    assert pick_parser(text) == parser
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_time", "arguments": '{"timezone": "Asia/Tokyo"}'},
+    }
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Time in Tokyo?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"time": "10:00"}'},
+        {"role": "user", "content": "And now?"},
+    ]
+    rendered = render_jinja_template(
+        [conversation],
+        tools=TOOLS,
+        chat_template=text,
+        add_generation_prompt=True,
+        bos_token="<s>",
+        eos_token="</s>",
+    )[0][0]
+    for needle in ("Be brief.", "Time in Tokyo?", "10:00", "And now?", "get_weather", '"maxLength": 30'):
+        assert needle in rendered
+    # the assistant's turn as rendered reads back as the call it was
+    start = rendered.index("Time in Tokyo?") + len("Time in Tokyo?")
+    turn = rendered[start : rendered.index(end, rendered.index("Asia/Tokyo", start))]  # to its end token
+    _, calls = PARSERS[parser].parse(turn, set(SCHEMAS))
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"timezone": "Asia/Tokyo"})]
