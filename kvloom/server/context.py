@@ -134,8 +134,10 @@ class ServerContext:
         add_generation_prompt: bool | None,
         template_kwargs: dict | None,
         tool_defs: list[dict] | None = None,
+        add_special_tokens: bool = False,
     ) -> list[int]:
-        """The conversation rendered by the chat template (with the tools, if any), as token ids."""
+        """The conversation rendered by the chat template (with the tools, if any), as token ids. The
+        template writes any BOS itself: ``add_special_tokens`` would add the tokenizer's again."""
         if not self.template:
             raise OpenAIError("this model has no chat template; use /v1/completions", param="messages")
         conversation = [m.conversation_entry(i) for i, m in enumerate(messages)]
@@ -157,7 +159,7 @@ class ServerContext:
                 message = f"messages: the chat template refused them: {e}"
                 raise OpenAIError(message, param="messages") from None
             self.check_length(text, "messages")
-            return self.tokenizer(text, add_special_tokens=False).input_ids
+            return self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids
 
         return await self.off_loop(render)
 

@@ -498,7 +498,8 @@ class TokenizeRequest(_Checked):
     model: Text | None = None
     prompt: Text | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    # None: a prompt gets the tokenizer's special tokens (BOS), a chat none beyond what the template writes
+    add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[Text, Any] | None = None
     tools: list[Tool] | None = None  # rendered by the chat template, as in a chat completion

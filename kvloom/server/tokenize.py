@@ -22,9 +22,12 @@ def router(ctx: ServerContext) -> APIRouter:
             raise OpenAIError("give exactly one of prompt and messages", param="prompt")
         if req.messages is not None:
             defs = [t.function.model_dump(exclude_none=True) for t in req.tools or []]
-            ids = await ctx.chat_ids(req.messages, req.add_generation_prompt, req.chat_template_kwargs, defs)
+            special = bool(req.add_special_tokens)
+            ids = await ctx.chat_ids(
+                req.messages, req.add_generation_prompt, req.chat_template_kwargs, defs, special
+            )
         else:
-            special = req.add_special_tokens
+            special = req.add_special_tokens is not False
             ids = await ctx.off_loop(lambda: ctx.tokenizer(req.prompt, add_special_tokens=special).input_ids)
         # NOTE: rendered off the loop too: a 4 MiB prompt's million ids are ~7 MB of JSON.
         payload = await ctx.off_loop(

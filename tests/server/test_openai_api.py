@@ -47,6 +47,12 @@ def test_models_health_version_tokenize(server, client):
     assert text == "Once upon a time"
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["tokens"].count(1) == 1  # one BOS, from the template
+    # add_special_tokens is honored with messages too (the tokenizer's BOS before the template's)
+    body = {"messages": [{"role": "user", "content": "hi"}], "add_special_tokens": True}
+    doubled = httpx.post(f"{server.url}/tokenize", json=body).json()
+    assert doubled["tokens"] == [1, *chat["tokens"]]
+    plain = httpx.post(f"{server.url}/tokenize", json={"prompt": "Once", "add_special_tokens": False}).json()
+    assert plain["tokens"][0] != 1
 
 
 def test_completion_greedy_equals_offline_and_reports_usage(client, chat_llm):
