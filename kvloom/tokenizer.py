@@ -136,9 +136,18 @@ class FastTokenizer:
             raise AttributeError(name)
         return getattr(self.hf, name)
 
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any:
+        # NOTE: this tokenizer's template, which may be kvloom's for a file that has none (the
+        # transformers tokenizer, loaded from the file, would not know it)
+        if self.chat_template is not None:
+            kwargs.setdefault("chat_template", self.chat_template)
+        return self.hf.apply_chat_template(conversation, **kwargs)
+
     def __deepcopy__(self, memo: dict) -> FastTokenizer:
         hf = None if self._hf is None else copy.deepcopy(self._hf, memo)
-        return FastTokenizer(self.path, self._json, self._info, hf)
+        tok = FastTokenizer(self.path, self._json, self._info, hf)
+        tok.chat_template = self.chat_template
+        return tok
 
     # -- the hot path ---------------------------------------------------------------------------------
     # Anything beyond one string / a list of ids and these arguments (batches, tensors, truncation, ...)

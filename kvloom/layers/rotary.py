@@ -8,19 +8,25 @@ import torch
 from torch import nn
 
 
-def rope_parameters(hf_config: Any) -> dict:
-    """The rope dict of a transformers config, whichever major version wrote it."""
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict:
+    """The rope dict of a transformers config, whichever major version wrote it; of ``layer_type`` for
+    families whose layer types rotate differently (Gemma 3: {"sliding_attention": ..., "full_attention":
+    ...})."""
     params = getattr(hf_config, "rope_parameters", None)
     if params is None:  # transformers 4.x
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params.setdefault("rope_type", params.get("type", "default"))
         params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
+    if layer_type is not None:
+        params = params[layer_type]
     return params
 
 
-def inv_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+def inv_frequencies(
+    hf_config: Any, head_dim: int, layer_type: str | None = None
+) -> tuple[torch.Tensor, float]:
     """(inverse frequencies [head_dim // 2], attention scaling) as transformers computes them."""
-    params = rope_parameters(hf_config)
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params["rope_theta"]
@@ -33,14 +39,22 @@ def inv_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]
 
     if rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"model: unsupported rope_type {rope_type!r}")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
+    kwargs = {} if layer_type is None else {"layer_type": layer_type}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu", **kwargs)
     return inv_freq.float(), float(scaling)
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, hf_config: Any, head_dim: int, max_positions: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        hf_config: Any,
+        head_dim: int,
+        max_positions: int,
+        dtype: torch.dtype,
+        layer_type: str | None = None,
+    ) -> None:
         super().__init__()
-        inv_freq, scaling = inv_frequencies(hf_config, head_dim)
+        inv_freq, scaling = inv_frequencies(hf_config, head_dim, layer_type)
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_positions, head_dim]
         # NOTE: plain attributes, not buffers: the model is built on the meta device and materialized

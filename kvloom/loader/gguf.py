@@ -23,7 +23,7 @@ from kvloom.logger import init_logger
 logger = init_logger(__name__)
 
 # GGUF architecture -> transformers model_type
-_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
+_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma3": "gemma3_text"}
 
 # GGUF tensor name pieces -> Hugging Face parameter name pieces
 _LAYER_NAMES = {
@@ -39,6 +39,17 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# where a family's layer names differ (Gemma 3: norms before and after attention and the MLP)
+_ARCH_LAYER_NAMES = {
+    "gemma3": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+}
+# Families whose norms scale by (1 + weight): llama.cpp's conversion stores 1 + weight.
+_NORM_SHIFT = {"gemma3": 1.0}
+_FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -112,7 +123,9 @@ class GGUFFile:
         transformers' rope functions take. Where a transformers model must be built from it (the
         reference in tests and benchmarks), use `transformers_config`.
         """
-        if self._config["rope_parameters"]["rope_type"] == "default":
+        rope = self._config["rope_parameters"]
+        kinds = rope.values() if "rope_type" not in rope else [rope]  # one rope per layer type (Gemma 3)
+        if all(k["rope_type"] == "default" for k in kinds):
             return GGUFConfig(model_type=_ARCHS[self.arch], **self._config)
         from transformers import PretrainedConfig
 
@@ -188,8 +201,10 @@ class GGUFFile:
         head_dim = (
             getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
         )
+        shift = _NORM_SHIFT.get(self.arch)
+        dense: dict[str, int] = {}  # GGUF types of matrices the backend does not run: how many
         for t in self.tensors:
-            name = _hf_name(t.name)
+            name = _hf_name(t.name, self.arch)
             if name is None:
                 continue
             qtype = GGMLQuantizationType(t.type)
@@ -220,6 +235,8 @@ class GGUFFile:
                         _log_dense_cut(t.name, qtype.name, block)
             native = keep_quantized and qtype in GGUF_NATIVE and len(t.shape) == 2 and dense_cut is None
             embed = name.endswith("embed_tokens.weight")
+            if keep_quantized and not native and len(t.shape) == 2 and qtype not in _FLOAT_TYPES:
+                dense[qtype.name] = dense.get(qtype.name, 0) + 1
             if native and (name.endswith("_proj.weight") or name == "lm_head.weight" or tied and embed):
                 qw = from_gguf(qtype, raw, rows, cols)
                 if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
@@ -248,7 +265,16 @@ class GGUFFile:
                 array = _unpermute_rope_rows(array, array.shape[0] // head_dim)
             # NOTE: views of the read-only memory map; torch wants its own writable copy.
             array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
+            if shift is not None and name.endswith("norm.weight"):
+                array -= shift  # float32, before the cast: the weight as the family's norm takes it
             yield name, torch.from_numpy(array).to(dtype)
+        if dense:
+            logger.info(
+                "GGUF: %s run dequantized to %s (the CPU kernels run %s blocks as they are)",
+                ", ".join(f"{n} {k} matrices" for k, n in sorted(dense.items())),
+                str(dtype).removeprefix("torch."),
+                "/".join(t.name for t in GGUF_NATIVE),
+            )
 
 
 # GGUF metadata value types: the fixed-size ones (struct format), 8 = string, 9 = array
@@ -370,7 +396,26 @@ def _config_kwargs(metadata: dict, tensor_names: set[str], a: str) -> dict:
     )
     if get(f"{a}.attention.sliding_window") is not None:
         kwargs["sliding_window"] = int(get(f"{a}.attention.sliding_window"))
+    if a == "gemma3":
+        _gemma3_kwargs(kwargs, get)
     return kwargs
+
+
+def _gemma3_kwargs(kwargs: dict, get) -> None:  # noqa: ANN001
+    """What a Gemma 3 GGUF file leaves to the reader, as llama.cpp reads it: every sixth layer global
+    (the rest slide), local layers rotating with base 10000 unscaled, and q.k scaled by head_dim ** -0.5
+    (hidden / heads for the 62-layer 27B)."""
+    n = kwargs["num_hidden_layers"]
+    kwargs["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    kwargs["rope_parameters"] = {
+        "full_attention": kwargs["rope_parameters"],
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    heads = kwargs["num_attention_heads"]
+    kwargs["query_pre_attn_scalar"] = kwargs["hidden_size"] // heads if n == 62 else kwargs["head_dim"]
+    kwargs["hidden_activation"] = "gelu_pytorch_tanh"
+    kwargs["final_logit_softcapping"] = get("gemma3.final_logit_softcapping")
+    kwargs["attn_logit_softcapping"] = get("gemma3.attn_logit_softcapping")
 
 
 @functools.cache
@@ -391,12 +436,13 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _hf_name(gguf_name: str) -> str | None:
+def _hf_name(gguf_name: str, arch: str) -> str | None:
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     return None
 
 

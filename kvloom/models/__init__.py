@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from kvloom.models.gemma3 import Gemma3ForCausalLM
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.mistral import MistralForCausalLM
 from kvloom.models.qwen2 import Qwen2ForCausalLM
 from kvloom.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "gemma3_text": Gemma3ForCausalLM,
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
     "qwen2": Qwen2ForCausalLM,

