@@ -30,7 +30,10 @@ def inv_frequencies(
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params["rope_theta"]
-        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        if "freq_factors" in params:  # a GGUF file's rope_freqs (Llama 3.1+ scaling as llama.cpp stores it)
+            inv_freq = inv_freq / torch.tensor(params["freq_factors"], dtype=torch.float)
+        return inv_freq, 1.0
     if rope_type == "dynamic":
         raise ValueError(
             "model: dynamic NTK rope scaling is not supported (it depends on the batch's length)"

@@ -106,7 +106,14 @@ class GGUFFile:
             raise ValueError(
                 f"model: unsupported GGUF architecture {self.arch!r} (supported: {', '.join(_ARCHS)})"
             )
-        self._config = _config_kwargs(metadata, {t.name for t in self.tensors}, self.arch)
+        freqs = next((t for t in self.tensors if t.name == "rope_freqs.weight"), None)
+        factors = None
+        if freqs is not None:  # Llama 3.1+ rope scaling, as llama.cpp stores it: a divisor per frequency
+            if freqs.type != GGMLQuantizationType.F32:
+                raise ValueError(f"model: rope_freqs of type {GGMLQuantizationType(freqs.type).name}")
+            data = np.memmap(path, dtype=np.uint8, mode="r")[freqs.offset : freqs.offset + freqs.nbytes]
+            factors = [float(x) for x in data.view(np.float32)]
+        self._config = _config_kwargs(metadata, {t.name for t in self.tensors}, self.arch, factors)
         _write_atomic(
             meta,
             json.dumps(
@@ -365,8 +372,9 @@ def read_header(path: Path, full: frozenset[str] = frozenset()) -> tuple[dict, l
     return metadata, tensors
 
 
-def _config_kwargs(metadata: dict, tensor_names: set[str], a: str) -> dict:
-    """transformers config arguments from the GGUF metadata (JSON-serializable: cached in meta.json)."""
+def _config_kwargs(metadata: dict, tensor_names: set[str], a: str, freq_factors: list[float] | None) -> dict:
+    """transformers config arguments from the GGUF metadata (JSON-serializable: cached in meta.json).
+    ``freq_factors``: the rope_freqs tensor (each rotary frequency is divided by its factor)."""
     get = metadata.get
     n_heads = get(f"{a}.attention.head_count")
     hidden = get(f"{a}.embedding_length")
@@ -375,10 +383,21 @@ def _config_kwargs(metadata: dict, tensor_names: set[str], a: str) -> dict:
     scaling = get(f"{a}.rope.scaling.type")
     if scaling == "linear":
         rope.update(rope_type="linear", factor=float(get(f"{a}.rope.scaling.factor")))
+    elif scaling == "yarn":
+        rope.update(
+            rope_type="yarn",
+            factor=float(get(f"{a}.rope.scaling.factor")),
+            original_max_position_embeddings=int(get(f"{a}.rope.scaling.original_context_length")),
+        )
+        for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if get(f"{a}.rope.scaling.{key}") is not None:
+                rope[name] = float(get(f"{a}.rope.scaling.{key}"))
     elif scaling not in (None, "none"):
-        raise ValueError(f"model: GGUF rope scaling {scaling!r} is not supported yet")
-    if "rope_freqs.weight" in tensor_names:
-        raise ValueError("model: GGUF files with rope_freqs (Llama 3.1 scaling) are not supported yet")
+        raise ValueError(f"model: GGUF rope scaling {scaling!r} is not supported")
+    if freq_factors is not None:
+        if rope["rope_type"] != "default":
+            raise ValueError(f"model: rope_freqs beside {rope['rope_type']} rope scaling")
+        rope["freq_factors"] = freq_factors
     kwargs = dict(
         vocab_size=int(vocab),
         hidden_size=int(hidden),

@@ -20,6 +20,7 @@ COMMON = dict(
     max_position_embeddings=256,
     bos_token_id=1,
     eos_token_id=2,
+    initializer_range=0.3,  # attention sharp enough that positions, rope and windows decide tokens
 )
 
 CONFIGS = {

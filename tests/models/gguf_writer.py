@@ -1,0 +1,113 @@
+"""Write a transformers Llama-family model as a GGUF file the way llama.cpp's conversion does (q/k rows
+permuted, rope_freqs for Llama 3 rope scaling), with the default model's byte-level tokenizer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order for its interleaved rotary."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(config) -> np.ndarray:  # noqa: ANN001
+    """rope_freqs as llama.cpp's conversion computes it from a llama3 rope config."""
+    p = config.rope_parameters
+    head_dim = config.head_dim
+    freqs = 1.0 / (p["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_llama_gguf(model, path: Path, rope: dict | None = None) -> Path:  # noqa: ANN001
+    """``rope``: extra rope metadata ({"scaling.type": "yarn", ...}); llama3 rope writes rope_freqs."""
+    from gguf import GGUFWriter
+
+    from kvloom.loader.checkpoint import default_model_path
+    from kvloom.loader.gguf import read_header
+    from kvloom.loader.gguf_tokenizer import TOKENIZER_KEYS
+
+    c = model.config
+    meta, _ = read_header(default_model_path(), TOKENIZER_KEYS)
+    assert c.vocab_size == len(meta["tokenizer.ggml.tokens"])
+    w = GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.head_dim)
+    for key, value in (rope or {}).items():
+        if isinstance(value, str):
+            w.add_string(f"llama.rope.{key}", value)
+        elif isinstance(value, int):
+            w.add_uint32(f"llama.rope.{key}", value)
+        else:
+            w.add_float32(f"llama.rope.{key}", value)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(c.bos_token_id)
+    w.add_eos_token_id(c.eos_token_id)
+    if c.rope_parameters.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(c))
+    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    for i in range(c.num_hidden_layers):
+        for hf, gg in _LAYER.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if gg == "attn_q":
+                t = _permute(t, c.num_attention_heads)
+            elif gg == "attn_k":
+                t = _permute(t, c.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def random_llama(config, seed: int = 0):  # noqa: ANN001
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
