@@ -5,6 +5,7 @@ from __future__ import annotations
 from kvloom.models.gemma3 import Gemma3ForCausalLM
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.mistral import MistralForCausalLM
+from kvloom.models.phi3 import Phi3ForCausalLM
 from kvloom.models.qwen2 import Qwen2ForCausalLM
 from kvloom.models.qwen3 import Qwen3ForCausalLM
 
@@ -12,6 +13,7 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "gemma3_text": Gemma3ForCausalLM,
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,
+    "phi3": Phi3ForCausalLM,
     "qwen2": Qwen2ForCausalLM,
     "qwen3": Qwen3ForCausalLM,
 }

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from kvloom import LLM, SamplingParams
 from kvloom.engine_args import create_engine_config
@@ -35,6 +35,12 @@ CONFIGS = {
     "mistral-sliding-window": lambda: MistralConfig(**COMMON, sliding_window=8),
     "qwen2-tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**COMMON),
+    "phi3-fused-checkpoint": lambda: Phi3Config(**COMMON, pad_token_id=0),  # q/k/v and gate/up split per rank
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
 }
 PROMPT_LENGTHS = [1, 3, 7, 12, 20, 33, 50, 90]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
 from kvloom import LLM, SamplingParams
 
@@ -22,6 +22,23 @@ COMMON = dict(
     eos_token_id=2,
     initializer_range=0.3,  # attention sharp enough that positions, rope and windows decide tokens
 )
+
+
+def phi3_longrope(max_positions: int, original: int, **kw) -> Phi3Config:
+    """Longrope over an original context of ``original`` positions, stretched to ``max_positions``."""
+    return Phi3Config(
+        **{**COMMON, "max_position_embeddings": max_positions},
+        pad_token_id=0,
+        original_max_position_embeddings=original,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "short_factor": [1.0 + i / 8 for i in range(8)],
+            "long_factor": [2.0 + i for i in range(8)],
+        },
+        **kw,
+    )
+
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
@@ -49,6 +66,15 @@ CONFIGS = {
         query_pre_attn_scalar=24,
         rope_scaling={"rope_type": "linear", "factor": 4.0},
     ),
+    # Phi-4-mini's partial rotary (3/4 of each head), tied embeddings
+    "phi3-partial-rotary": lambda: Phi3Config(
+        **COMMON,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+    ),
+    # longrope within the original context: the short factors
+    "phi3-longrope-window": lambda: phi3_longrope(256, 256, sliding_window=24),
     "gemma3-softcap": lambda: Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 2}, sliding_window=8, final_logit_softcapping=3.0
     ),
@@ -77,3 +103,15 @@ def test_greedy_equals_transformers(tiny, budget):
         assert g == e, f"{name}: prompt {i} (len {len(prompts[i])}) differs"
     assert sum(len(e) for e in expected) > 8 * 32  # the comparison covers real continuations
     assert llm.engine.kv_cache_manager.num_free_blocks == llm.engine.runner.num_blocks
+
+
+def test_phi3_longrope_takes_its_long_factors_past_the_original_context(tmp_path, stories):
+    """A context past the original one (as llama.cpp decides): the long factors, which transformers takes
+    for a sequence longer than the original context from its first position."""
+    hf_model = save_random_model(phi3_longrope(512, 128), tmp_path, stories)
+    prompts = random_prompts(3, [140, 200, 260], 512, seed=2)
+    expected = hf_greedy(hf_model, prompts, 32)
+    llm = LLM(str(tmp_path), dtype="float32", show_progress=False)
+    assert llm.engine.config.model.max_model_len == 512
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32))
+    assert [o.outputs[0].token_ids for o in outs] == expected

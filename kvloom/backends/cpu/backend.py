@@ -53,7 +53,7 @@ class CpuBackend(Backend):
             a = model.model.layers[0].self_attn
             ok = KernelAttention.supports(
                 self.config.dtype, a.num_heads, a.num_kv_heads, a.head_dim, self.config.cache.block_size
-            )
+            ) and all(layer.self_attn.rotary.rotary_dim == a.head_dim for layer in model.model.layers)
             if ok:
                 self.attention = KernelAttention(self.kernels)
             else:
