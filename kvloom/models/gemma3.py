@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kvloom.layers.rotary import RotaryEmbedding
-from kvloom.models.llama import MLP, Attention, AttentionOptions, LlamaForCausalLM
+from kvloom.models.llama import Attention, AttentionOptions, LlamaForCausalLM
 
 
 class GemmaRMSNorm(nn.Module):
@@ -42,14 +42,14 @@ class GemmaAttention(Attention):
 
 
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
+    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.self_attn = GemmaAttention(config, opts, rotary)
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
 
     def forward(
@@ -70,10 +70,6 @@ class Gemma3DecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
-def _layer_type(config: Any, layer: int) -> str:
-    return config.layer_types[layer]
-
-
 class Gemma3ForCausalLM(LlamaForCausalLM):
     layer_class = Gemma3DecoderLayer
     norm_class = GemmaRMSNorm
@@ -88,7 +84,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
 
     @classmethod
     def attention_options(cls, config: Any, layer: int) -> AttentionOptions:
-        kind = _layer_type(config, layer)
+        kind = config.layer_types[layer]
         bias = getattr(config, "attention_bias", False)
         return AttentionOptions(
             qkv_bias=bias,

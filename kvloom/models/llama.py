@@ -99,11 +99,11 @@ class MLP(nn.Module):
     fused_act = None
     ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, intermediate_size: int | None = None) -> None:
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
         tp = get_tp()
-        self.intermediate_size = n = config.intermediate_size // tp.size  # this rank's
+        self.intermediate_size = n = (intermediate_size or config.intermediate_size) // tp.size  # this rank's
         self.gate_up_proj = column_parallel(
             Linear(config.hidden_size, 2 * n, bias=bias), [(tp.rank * n, n)] * 2
         )
@@ -123,12 +123,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
+    attention_class: type[Attention] = Attention
+
+    def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, opts, rotary)
+        self.self_attn = self.attention_class(config, opts, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = mlp
 
     def forward(
         self,
@@ -156,10 +158,13 @@ class DecoderModel(nn.Module):
         rotaries: dict[str, RotaryEmbedding],
         layer_class: type[nn.Module],
         norm_class: type[nn.Module],
+        mlps: list[nn.Module],
     ) -> None:
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(layer_class(config, o, rotaries[o.rope]) for o in options)
+        self.layers = nn.ModuleList(
+            layer_class(config, o, rotaries[o.rope], mlp) for o, mlp in zip(options, mlps, strict=True)
+        )
         self.norm = norm_class(config.hidden_size, config.rms_norm_eps)
 
 
@@ -193,12 +198,19 @@ class LlamaForCausalLM(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         with torch.device(device):
             self.rotaries = self.rotary_tables(config, head_dim, max_positions, dtype)
-        options = [self.attention_options(config, i) for i in range(config.num_hidden_layers)]
-        self.model = DecoderModel(config, options, self.rotaries, self.layer_class, self.norm_class)
+        layers = range(config.num_hidden_layers)
+        options = [self.attention_options(config, i) for i in layers]
+        mlps = [self.build_mlp(config, i) for i in layers]
+        self.model = DecoderModel(config, options, self.rotaries, self.layer_class, self.norm_class, mlps)
         self.lm_head = LMHead(config.hidden_size, config.vocab_size)
         scale = self.embedding_scale(config)
         # NOTE: a plain attribute made on the real device, as the rotary tables (the model is built on meta)
         self.scale = None if scale is None else torch.tensor(scale, dtype=dtype, device=device)
+
+    @classmethod
+    def build_mlp(cls, config: Any, layer: int) -> nn.Module:
+        """The layer's MLP (mixture-of-experts families: a SparseMoeBlock where the layer has one)."""
+        return MLP(config)
 
     @classmethod
     def embedding_scale(cls, config: Any) -> float | None:
@@ -274,6 +286,10 @@ class LlamaForCausalLM(nn.Module):
         # that runs them (backends/cpu: use_cpu_kernels).
         self.quantized: dict[str, dict[int, QuantizedWeight]] = {}
         for name, tensor in weights:
+            key = self.load_other(name, tensor, params)
+            if key is not None:
+                loaded.add(key)
+                continue
             if isinstance(tensor, QuantizedWeight):
                 parts = name.split(".")
                 shard = 0
@@ -305,7 +321,7 @@ class LlamaForCausalLM(nn.Module):
             elif shard is None:
                 dst = param
             else:
-                sizes = self._shard_sizes(parts[-2])
+                sizes = self._shard_sizes(target)
                 offset = sum(sizes[:shard])
                 dst = param.narrow(0, offset, sizes[shard])
             if dst.shape != tensor.shape:
@@ -319,7 +335,7 @@ class LlamaForCausalLM(nn.Module):
                     dst.zero_()  # rank 0 adds the bias of a row-parallel layer once
             loaded.add((target, 0 if shard is None else shard))
         for target, shards in list(self.quantized.items()):
-            sizes = self._shard_sizes(target.split(".")[-2])
+            sizes = self._shard_sizes(target)
             if len(shards) < len(sizes):
                 # Some shards of this fused layer came dense (a GGUF type the backend does not run, as
                 # Gemma 3 files' Q5_0 q/k beside a Q8_0 v): the layer runs dense, all of it.
@@ -330,20 +346,25 @@ class LlamaForCausalLM(nn.Module):
         if tied and "lm_head.weight" not in self.quantized:
             self.lm_head.weight = self.model.embed_tokens.weight
             loaded.add(("lm_head.weight", 0))
-        missing = [
-            n
-            for n in params
-            if not all((n, s) in loaded for s in range(len(self._shard_sizes(n.split(".")[-2]))))
-        ]
+        missing = [n for n in params if not all((n, s) in loaded for s in range(self.num_shards(n)))]
         if missing:
             raise ValueError(f"model: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def _shard_sizes(self, fused: str) -> list[int]:
-        """This rank's rows of each checkpoint shard of a fused layer."""
-        if fused == "qkv_proj":
-            a = self.model.layers[0].self_attn
-            return [a.q_size, a.kv_size, a.kv_size]
-        if fused == "gate_up_proj":
-            n = self.model.layers[0].mlp.intermediate_size
-            return [n, n]
-        return [0]
+    def load_other(self, name: str, tensor: Any, params: dict) -> tuple[str, int] | None:
+        """Where a family loads a checkpoint tensor its own way (experts): copy it and return the
+        (parameter, shard) it filled; None: the common path loads it."""
+        return None
+
+    def num_shards(self, param: str) -> int:
+        """How many checkpoint tensors fill a parameter (q/k/v: 3, gate/up: 2, most: 1)."""
+        return len(self._shard_sizes(param))
+
+    def _shard_sizes(self, param: str) -> list[int]:
+        """This rank's rows of each checkpoint shard of a fused layer's parameter (by name)."""
+        parts = param.split(".")
+        if len(parts) < 3 or parts[-2] not in ("qkv_proj", "gate_up_proj"):
+            return [0]
+        owner = self.get_submodule(".".join(parts[:-2]))
+        if parts[-2] == "qkv_proj":
+            return [owner.q_size, owner.kv_size, owner.kv_size]
+        return [owner.intermediate_size] * 2

@@ -11,7 +11,16 @@ import time
 
 import httpx
 import pytest
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+)
 
 from kvloom import LLM, SamplingParams
 from kvloom.engine_args import create_engine_config
@@ -36,6 +45,15 @@ CONFIGS = {
     "qwen2-tied": lambda: Qwen2Config(**COMMON, tie_word_embeddings=True),
     "qwen3": lambda: Qwen3Config(**COMMON),
     "phi3-fused-checkpoint": lambda: Phi3Config(**COMMON, pad_token_id=0),  # q/k/v and gate/up split per rank
+    # each rank holds its share of every expert's MLP; one sum over the ranks after the experts
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2-moe-shared-expert": lambda: Qwen2MoeConfig(
+        **COMMON,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    ),
     "gemma3": lambda: Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 3},
         sliding_window=8,

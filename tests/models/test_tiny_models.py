@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import pytest
-from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+from transformers import (
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    MixtralConfig,
+    OlmoeConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
+)
 
 from kvloom import LLM, SamplingParams
 
@@ -75,6 +86,22 @@ CONFIGS = {
     ),
     # longrope within the original context: the short factors
     "phi3-longrope-window": lambda: phi3_longrope(256, 256, sliding_window=24),
+    # mixtures of experts: 8 experts, top 2 (renormalized or not), shared expert, dense layers among them
+    "mixtral": lambda: MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2, sliding_window=16),
+    "qwen2-moe-shared-expert": lambda: Qwen2MoeConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=96,
+        mlp_only_layers=[1],
+    ),
+    "qwen3-moe": lambda: Qwen3MoeConfig(
+        **COMMON, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True
+    ),
+    "olmoe": lambda: OlmoeConfig(
+        **COMMON, num_experts=8, num_experts_per_tok=2, pad_token_id=0, clip_qkv=4.0
+    ),
     "gemma3-softcap": lambda: Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 2}, sliding_window=8, final_logit_softcapping=3.0
     ),

@@ -321,6 +321,8 @@ class FusedDecodeLayers:
         self._descs = []  # the KvLin descriptors the array points at
         for spec, layer in zip(self.layers, model.model.layers, strict=True):
             a, m = layer.self_attn, layer.mlp
+            if not isinstance(m, MLP):
+                return f"{type(m).__name__} layers (mixture of experts)"
             descs = [lin.method.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
             self._descs.append(descs)
             spec.norm_in = _ptr(layer.input_layernorm.weight)
@@ -338,6 +340,8 @@ class FusedDecodeLayers:
             if type(layer) is not DecoderLayer:
                 return f"{type(layer).__name__} layers (the fused call runs Llama's)"
             a, m = layer.self_attn, layer.mlp
+            if not isinstance(m, MLP):
+                return f"{type(m).__name__} layers (mixture of experts)"
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
             if a.qk_norm:
                 return "q/k norms"
