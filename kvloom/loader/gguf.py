@@ -23,7 +23,18 @@ from kvloom.logger import init_logger
 logger = init_logger(__name__)
 
 # GGUF architecture -> transformers model_type
-_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral", "gemma3": "gemma3_text"}
+_ARCHS = {
+    "llama": "llama",  # "mixtral" when the file has experts
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "mistral": "mistral",
+    "gemma3": "gemma3_text",
+    "qwen2moe": "qwen2_moe",
+    "qwen3moe": "qwen3_moe",
+    "olmoe": "olmoe",
+}
+# whether the top-k router weights are renormalized, where the file does not say (as llama.cpp reads them)
+_NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 
 # GGUF tensor name pieces -> Hugging Face parameter name pieces
 _LAYER_NAMES = {
@@ -38,7 +49,14 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+# All experts of a layer in one [experts, rows, columns] tensor -> each expert's matrix
+_EXPERT_NAMES = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 # where a family's layer names differ (Gemma 3: norms before and after attention and the MLP)
 _ARCH_LAYER_NAMES = {
     "gemma3": {
@@ -133,18 +151,25 @@ class GGUFFile:
         rope = self._config["rope_parameters"]
         kinds = rope.values() if "rope_type" not in rope else [rope]  # one rope per layer type (Gemma 3)
         if all(k["rope_type"] == "default" for k in kinds):
-            return GGUFConfig(model_type=_ARCHS[self.arch], **self._config)
+            return GGUFConfig(model_type=self.model_type, **self._config)
         from transformers import PretrainedConfig
 
         cls = type(
-            f"GGUF{self.arch.capitalize()}Config", (PretrainedConfig,), {"model_type": _ARCHS[self.arch]}
+            f"GGUF{self.arch.capitalize()}Config", (PretrainedConfig,), {"model_type": self.model_type}
         )
         return cls(**self._config)
+
+    @property
+    def model_type(self) -> str:
+        """transformers' model_type of the file's family (a llama file with experts is Mixtral)."""
+        return (
+            "mixtral" if self.arch == "llama" and self._config.get("num_local_experts") else _ARCHS[self.arch]
+        )
 
     def transformers_config(self):  # noqa: ANN201 - e.g. transformers.LlamaConfig
         from transformers import AutoConfig
 
-        return AutoConfig.for_model(_ARCHS[self.arch], **self._config)
+        return AutoConfig.for_model(self.model_type, **self._config)
 
     def load_tokenizer(self):  # noqa: ANN201 - kvloom.tokenizer.FastTokenizer
         """The tokenizer, converted on a first start (kvloom.loader.gguf_tokenizer, else transformers) and
@@ -211,11 +236,28 @@ class GGUFFile:
         shift = _NORM_SHIFT.get(self.arch)
         dense: dict[str, int] = {}  # GGUF types of matrices the backend does not run: how many
         for t in self.tensors:
+            qtype = GGMLQuantizationType(t.type)
+            raw = data[t.offset : t.offset + t.nbytes]
+            parts = t.name.split(".")
+            if len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPERT_NAMES:
+                # every expert of the layer: dequantized, then each expert's matrix (its rank's slice)
+                array = dequantize(raw.reshape(-1, t.nbytes // int(np.prod(t.shape[:-1]))), qtype)
+                for e, matrix in enumerate(array.reshape(t.shape)):
+                    name = f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_NAMES[parts[2]]}.weight"
+                    part = shard(name)
+                    if part is not None:
+                        dim, start, n = part
+                        matrix = matrix[(slice(None),) * dim + (slice(start, start + n),)]
+                    matrix = np.ascontiguousarray(matrix)  # NOTE: an F32 file's is a read-only view
+                    yield (
+                        name,
+                        torch.from_numpy(matrix if matrix.flags.writeable else matrix.copy()).to(dtype),
+                    )
+                dense[qtype.name] = dense.get(qtype.name, 0) + 1
+                continue
             name = _hf_name(t.name, self.arch)
             if name is None:
                 continue
-            qtype = GGMLQuantizationType(t.type)
-            raw = data[t.offset : t.offset + t.nbytes]
             shape = list(t.shape)
             rows, cols = t.shape if len(t.shape) == 2 else (0, 0)
             part = shard(name)
@@ -278,7 +320,7 @@ class GGUFFile:
         if dense:
             logger.info(
                 "GGUF: %s run dequantized to %s (the CPU kernels run %s blocks as they are)",
-                ", ".join(f"{n} {k} matrices" for k, n in sorted(dense.items())),
+                ", ".join(f"{n} {k} tensors" for k, n in sorted(dense.items())),
                 str(dtype).removeprefix("torch."),
                 "/".join(t.name for t in GGUF_NATIVE),
             )
@@ -417,6 +459,16 @@ def _config_kwargs(metadata: dict, tensor_names: set[str], a: str, freq_factors:
         kwargs["sliding_window"] = int(get(f"{a}.attention.sliding_window"))
     if a == "gemma3":
         _gemma3_kwargs(kwargs, get)
+    if get(f"{a}.expert_count"):
+        experts = int(get(f"{a}.expert_count"))
+        kwargs["num_local_experts" if a == "llama" else "num_experts"] = experts
+        kwargs["num_experts_per_tok"] = int(get(f"{a}.expert_used_count"))
+        norm = get(f"{a}.expert_weights_norm")
+        kwargs["norm_topk_prob"] = bool(_NORM_TOPK.get(a, False) if norm is None else norm)
+        if get(f"{a}.expert_feed_forward_length") is not None:
+            kwargs["moe_intermediate_size"] = int(get(f"{a}.expert_feed_forward_length"))
+        if get(f"{a}.expert_shared_feed_forward_length") is not None:
+            kwargs["shared_expert_intermediate_size"] = int(get(f"{a}.expert_shared_feed_forward_length"))
     return kwargs
 
 
@@ -462,6 +514,9 @@ def _hf_name(gguf_name: str, arch: str) -> str | None:
     names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(arch, {})}
     if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
+    if parts[0] == "blk" and len(parts) == 5 and parts[2] in ("ffn_gate", "ffn_up", "ffn_down"):
+        # older Mixtral files: one tensor per expert (blk.N.ffn_gate.E.weight)
+        return f"model.layers.{parts[1]}.mlp.experts.{parts[3]}.{parts[2][4:]}_proj.{parts[4]}"
     return None
 
 

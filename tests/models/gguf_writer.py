@@ -1,5 +1,6 @@
-"""Write a transformers Llama-family model as a GGUF file the way llama.cpp's conversion does (q/k rows
-permuted, rope_freqs for Llama 3 rope scaling), with the default model's byte-level tokenizer."""
+"""Write a transformers model (Llama, Mixtral, Qwen3 / Qwen3-MoE) as a GGUF file the way llama.cpp's
+conversion does (llama q/k rows permuted, rope_freqs for Llama 3 rope scaling, each layer's experts in one
+3-D tensor), with the default model's byte-level tokenizer."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ _LAYER = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate": "ffn_gate_inp",
+}
+_EXPERTS = {
+    "ffn_gate_exps": ("w1", "gate_proj"),
+    "ffn_up_exps": ("w3", "up_proj"),
+    "ffn_down_exps": ("w2", "down_proj"),
 }
 
 
@@ -47,7 +56,7 @@ def llama3_rope_factors(config) -> np.ndarray:  # noqa: ANN001
     return np.array(out, dtype=np.float32)
 
 
-def write_llama_gguf(model, path: Path, rope: dict | None = None) -> Path:  # noqa: ANN001
+def write_gguf(model, path: Path, arch: str = "llama", rope: dict | None = None) -> Path:  # noqa: ANN001
     """``rope``: extra rope metadata ({"scaling.type": "yarn", ...}); llama3 rope writes rope_freqs."""
     from gguf import GGUFWriter
 
@@ -58,7 +67,7 @@ def write_llama_gguf(model, path: Path, rope: dict | None = None) -> Path:  # no
     c = model.config
     meta, _ = read_header(default_model_path(), TOKENIZER_KEYS)
     assert c.vocab_size == len(meta["tokenizer.ggml.tokens"])
-    w = GGUFWriter(str(path), "llama")
+    w = GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_block_count(c.num_hidden_layers)
@@ -72,11 +81,17 @@ def write_llama_gguf(model, path: Path, rope: dict | None = None) -> Path:  # no
     w.add_rope_dimension_count(c.head_dim)
     for key, value in (rope or {}).items():
         if isinstance(value, str):
-            w.add_string(f"llama.rope.{key}", value)
+            w.add_string(f"{arch}.rope.{key}", value)
         elif isinstance(value, int):
-            w.add_uint32(f"llama.rope.{key}", value)
+            w.add_uint32(f"{arch}.rope.{key}", value)
         else:
-            w.add_float32(f"llama.rope.{key}", value)
+            w.add_float32(f"{arch}.rope.{key}", value)
+    experts = getattr(c, "num_local_experts", None) or getattr(c, "num_experts", None)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+        if getattr(c, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(c.moe_intermediate_size)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
     w.add_token_list(meta["tokenizer.ggml.tokens"])
@@ -86,19 +101,28 @@ def write_llama_gguf(model, path: Path, rope: dict | None = None) -> Path:  # no
     w.add_eos_token_id(c.eos_token_id)
     if c.rope_parameters.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(c))
-    sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    sd = {k.replace(".block_sparse_moe.", ".mlp."): v.float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
     for i in range(c.num_hidden_layers):
         for hf, gg in _LAYER.items():
-            t = sd[f"model.layers.{i}.{hf}.weight"]
-            if gg == "attn_q":
+            t = sd.get(f"model.layers.{i}.{hf}.weight")
+            if t is None:  # not in this family (q/k norms, experts)
+                continue
+            if gg == "attn_q" and arch == "llama":
                 t = _permute(t, c.num_attention_heads)
-            elif gg == "attn_k":
+            elif gg == "attn_k" and arch == "llama":
                 t = _permute(t, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+        # transformers 5 holds a layer's experts stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I]
+        gate_up = sd.get(f"model.layers.{i}.mlp.experts.gate_up_proj")
+        if gate_up is not None:
+            inter = gate_up.shape[1] // 2
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
+            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
