@@ -1,12 +1,14 @@
-"""Group-quantized linear weights: GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K read as they are, and round-to-nearest
-int8/int4 for dense checkpoints (``--quantization``). A backend's linear method runs them without
-expanding them (kvloom/backends/cpu: pack_quantized, the kernels' layout).
+"""Group-quantized linear weights: GGUF blocks read value for value, and round-to-nearest int8/int4 for
+dense checkpoints (``--quantization``). A backend's linear method runs them without expanding them to
+bf16 (kvloom/backends/cpu: pack_quantized, the kernels' layout).
 
 Every format here is one of two kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
-- kind 4: q in 0..15 (Q4_0, Q4_1, Q4_K, int4), group 32, with a min;
-- kind 8: q in -128..127 (Q8_0: group 32; Q6_K: group 16, q - 32 in -32..31; int8: group 32), no min.
-Scales and mins are fp32: GGUF's fp16 d, m (and Q4_K's d * 6-bit scale) convert to them exactly, so a
-backend computes with the file's exact weights.
+- kind 4: q in 0..15: Q4_0, Q4_1, Q4_K, int4 (group 32); Q2_K (q in 0..3, group 16);
+- kind 8: q in -128..127: Q8_0, Q5_0 (q - 16), Q5_1 and Q5_K (0..31, with a min), IQ4_NL and IQ4_XS
+  (their 16 non-linear levels, -127..113), int8 (group 32); Q6_K (q - 32), Q3_K (-4..3) (group 16).
+The 5-, 3- and IQ4 formats take 8 bits a weight here (their files: 4.25-5.5), still half of bf16.
+Scales and mins are fp32: GGUF's fp16 d, m times the blocks' integer sub-scales convert to them exactly,
+so a backend computes with the file's exact weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,24 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
-GGUF_NATIVE = (T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K)
+GGUF_NATIVE = (
+    T.Q4_0,
+    T.Q4_1,
+    T.Q8_0,
+    T.Q4_K,
+    T.Q6_K,
+    T.Q5_0,
+    T.Q5_1,
+    T.Q5_K,
+    T.Q3_K,
+    T.Q2_K,
+    T.IQ4_NL,
+    T.IQ4_XS,
+)
+# IQ4's 16 levels (ggml's kvalues_iq4nl)
+_IQ4_LEVELS = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
+)
 
 
 @dataclass
@@ -136,7 +155,70 @@ def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeig
         q = ((ql | (qh << 4)).astype(np.int8) - np.int8(32)).reshape(nb, 256)
         scale = _f16(b[:, 208:210]) * np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
         return _make(8, q, scale, None, 16, rows, cols)
+    if qtype == T.Q5_0 or qtype == T.Q5_1:
+        has_min = qtype == T.Q5_1
+        b = raw.reshape(-1, 24 if has_min else 22)
+        d = _f16(b[:, :2])
+        at = 4 if has_min else 2
+        q = _five_bits(b[:, at + 4 : at + 20], b[:, at : at + 4].view(np.uint32)[:, 0])
+        if has_min:
+            return _make(8, q.astype(np.int8), d, _f16(b[:, 2:4]), 32, rows, cols)
+        return _make(8, q.astype(np.int8) - np.int8(16), d, None, 32, rows, cols)
+    if qtype == T.Q5_K:
+        from gguf.quants import Q4_K
+
+        b = raw.reshape(-1, 176)
+        nb = b.shape[0]
+        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
+        scale = _f16(b[:, :2]) * sc.astype(np.float32)  # [nb, 8]
+        mins = -_f16(b[:, 2:4]) * mn.astype(np.float32)
+        ql = b[:, 48:].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        qh = b[:, 16:48].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        q = (ql & 15).reshape(nb, 8, 32) | ((qh & 1) << 4)
+        return _make(8, q.astype(np.int8).reshape(nb, 256), scale, mins, 32, rows, cols)
+    if qtype == T.Q3_K:
+        b = raw.reshape(-1, 110)
+        nb = b.shape[0]
+        lo = (b[:, 96:104].reshape(nb, 1, 8) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 15
+        hi = (b[:, 104:108].reshape(nb, 1, 4) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 4, 1)) & 3
+        sc = (lo.reshape(nb, 16) | (hi.reshape(nb, 16) << 4)).astype(np.int8) - np.int8(32)
+        scale = _f16(b[:, 108:110]) * sc.astype(np.float32)  # [nb, 16]
+        ql = (
+            b[:, 32:96].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        ) & 3
+        qh = (b[:, :32].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        q = ql.reshape(nb, 256).astype(np.int8) - ((qh.reshape(nb, 256) ^ 1) << 2).astype(np.int8)
+        return _make(8, q, scale, None, 16, rows, cols)
+    if qtype == T.Q2_K:
+        b = raw.reshape(-1, 84)
+        nb = b.shape[0]
+        scale = _f16(b[:, 80:82]) * (b[:, :16] & 15).astype(np.float32)  # [nb, 16]
+        mins = -_f16(b[:, 82:84]) * (b[:, :16] >> 4).astype(np.float32)
+        q = (
+            b[:, 16:80].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+        ) & 3
+        return _make(4, q.reshape(nb, 256), scale, mins, 16, rows, cols)
+    if qtype == T.IQ4_NL:
+        b = raw.reshape(-1, 18)
+        q = np.concatenate([b[:, 2:] & 15, b[:, 2:] >> 4], axis=1)
+        return _make(8, _IQ4_LEVELS[q], _f16(b[:, :2]), None, 32, rows, cols)
+    if qtype == T.IQ4_XS:
+        b = raw.reshape(-1, 136)
+        nb = b.shape[0]
+        lo = (b[:, 4:8].reshape(nb, 4, 1) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2)) & 15
+        hi = (b[:, 2:4].view(np.uint16) >> (2 * np.arange(8, dtype=np.uint16)).reshape(1, 8)) & 3
+        sc = (lo.reshape(nb, 8) | (hi.astype(np.uint8) << 4)).astype(np.int8) - np.int8(32)
+        scale = _f16(b[:, :2]) * sc.astype(np.float32)  # [nb, 8]
+        qs = b[:, 8:].reshape(nb, 8, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        return _make(8, _IQ4_LEVELS[(qs & 15).reshape(nb, 256)], scale, None, 32, rows, cols)
     raise ValueError(f"GGUF type {qtype.name} is not read as blocks (only {[t.name for t in GGUF_NATIVE]})")
+
+
+def _five_bits(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1 blocks: 32 values of 0..31 from 16 bytes of low nibbles and 32 high bits."""
+    low = np.concatenate([qs & 15, qs >> 4], axis=1)  # [nb, 32]
+    high = ((qh[:, None] >> np.arange(32, dtype=np.uint32)[None, :]) & 1).astype(np.uint8)
+    return low | (high << 4)
 
 
 def _make(kind, q, scale, mins, group, rows, cols) -> QuantizedWeight:  # noqa: ANN001

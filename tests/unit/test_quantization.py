@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize
 
 from kvloom.backends.cpu.kernels import load_cpu_kernels, pack_quantized
-from kvloom.layers.quantization import QuantizedWeight, from_gguf, quantize_rtn
+from kvloom.layers.quantization import GGUF_NATIVE, QuantizedWeight, from_gguf, quantize_rtn
 
 K = load_cpu_kernels()
 needs_kernels = pytest.mark.skipif(K is None, reason="CPU kernels need x86-64 with AVX-512 BF16")
@@ -25,13 +25,26 @@ def _random_blocks(qtype: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     scale = rng.uniform(0.001, 0.02, size=(raw.shape[0], 1)).astype(np.float16).view(np.uint8)
-    offsets = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q8_0: [0], T.Q4_K: [0, 2], T.Q6_K: [208]}[qtype]
+    offsets = {
+        T.Q4_0: [0],
+        T.Q4_1: [0, 2],
+        T.Q8_0: [0],
+        T.Q4_K: [0, 2],
+        T.Q6_K: [208],
+        T.Q5_0: [0],
+        T.Q5_1: [0, 2],
+        T.Q5_K: [0, 2],
+        T.Q3_K: [108],
+        T.Q2_K: [80, 82],
+        T.IQ4_NL: [0],
+        T.IQ4_XS: [0],
+    }[qtype]
     for off in offsets:
         raw[:, off : off + 2] = scale
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K])
+@pytest.mark.parametrize("qtype", GGUF_NATIVE, ids=lambda t: t.name)
 def test_gguf_blocks_read_exactly(qtype):
     rows, cols = 48, 512
     raw = _random_blocks(qtype, rows, cols)
@@ -53,18 +66,26 @@ def test_round_to_nearest_error_is_half_a_step(bits):
 def _weights() -> dict[str, QuantizedWeight]:
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(40, 192, generator=g), torch.randn(24, 192, generator=g)
-    q6k = from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 24, 256), 24, 256)
+
+    def gguf(t: T) -> QuantizedWeight:
+        return from_gguf(t, _random_blocks(t, 24, 256), 24, 256)
+
     return {
         "int4": quantize_rtn(w1, 4),
         "int8": quantize_rtn(w1, 8),
-        "q6k-group16": q6k,
+        "q6k-group16": gguf(T.Q6_K),
+        "q2k-kind4-group16": gguf(T.Q2_K),
+        "q5k-kind8-min": gguf(T.Q5_K),
+        "iq4xs": gguf(T.IQ4_XS),
         # fused q/k/v of mixed formats (Q4_K_M files do this) meet as kind 8, group 16
         "mixed": QuantizedWeight.cat([quantize_rtn(w1, 4, 32), quantize_rtn(w2, 8, 32).as_kind8(16)]),
     }
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["int4", "int8", "q6k-group16", "mixed"])
+@pytest.mark.parametrize(
+    "name", ["int4", "int8", "q6k-group16", "q2k-kind4-group16", "q5k-kind8-min", "iq4xs", "mixed"]
+)
 @pytest.mark.parametrize("m", [1, 3, 5, 33])  # 5 and 33 take the expanded-panel path
 def test_quantized_linear_matches_dequantized(name, m):
     qw = _weights()[name]
