@@ -5,6 +5,7 @@ do) instead of every expert over every token."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from kvloom.distributed.parallel_state import get_tp
 from kvloom.layers.linear import Linear
+from kvloom.layers.quantization import QuantizedWeight
 from kvloom.models.llama import MLP
 
 # A checkpoint's per-expert weight: (the layer's experts, expert, which matrix)
@@ -37,9 +39,42 @@ class FusedExperts(nn.Module):
         self.num_experts = num_experts
         self.intermediate = n = intermediate // tp.size  # this rank's
         self.full_intermediate = intermediate
+        self.hidden = hidden
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * n, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, n))
         self.act = MLP.ACTIVATIONS[act]
+        # GGUF blocks kept as they are, (expert, parameter) -> shard -> weight, for a backend to run
+        self.quantized: dict[tuple[int, str], dict[int, QuantizedWeight]] = {}
+        # Set by a backend (backends/cpu): per expert, its (gate_up, down) Linear on the backend's method
+        self.linears: nn.ModuleList | None = None
+
+    def as_linears(self, install: Callable[[Linear, QuantizedWeight | None], None]) -> None:
+        """Give each expert its own (gate_up, down) Linear, ``install`` giving each its method (with the
+        expert's GGUF blocks where it has them all; else its dense weight, blocks dequantized into it),
+        and drop the stacked dense parameters."""
+        pairs = []
+        for e in range(self.num_experts):
+            layers = []
+            for param, out_features, in_features, shards in (
+                ("gate_up_proj", 2 * self.intermediate, self.hidden, 2),
+                ("down_proj", self.hidden, self.intermediate, 1),
+            ):
+                lin = Linear(in_features, out_features, bias=False, device="meta")
+                blocks = self.quantized.pop((e, param), {})
+                if len(blocks) == shards:
+                    install(lin, QuantizedWeight.cat([blocks[i] for i in range(shards)]))
+                else:
+                    dense = getattr(self, param).data[e]
+                    for i, qw in blocks.items():  # a shard of a type the backend does not run
+                        dense.narrow(0, i * self.intermediate, self.intermediate).copy_(
+                            qw.dequantize(dense.dtype)
+                        )
+                    lin.weight = nn.Parameter(dense, requires_grad=False)
+                    install(lin, None)
+                layers.append(lin)
+            pairs.append(nn.ModuleList(layers))
+        self.linears = nn.ModuleList(pairs)
+        self.gate_up_proj = self.down_proj = None
 
     def checkpoint_slice(self, matrix: str) -> tuple[int, int, int] | None:
         """This rank's part of an expert's checkpoint matrix (rows of gate/up, columns of down)."""
@@ -64,9 +99,14 @@ class FusedExperts(nn.Module):
             if count == 0:
                 continue
             end = start + count
-            gate_up = xs[start:end] @ self.gate_up_proj[e].t()  # [count, 2I]
-            gate, up = gate_up.split(self.intermediate, dim=-1)
-            out[start:end] = (self.act(gate) * up) @ self.down_proj[e].t()
+            if self.linears is not None:
+                gate_up_proj, down_proj = self.linears[e]
+                gate, up = gate_up_proj(xs[start:end]).split(self.intermediate, dim=-1)
+                out[start:end] = down_proj(self.act(gate) * up)
+            else:
+                gate_up = xs[start:end] @ self.gate_up_proj[e].t()  # [count, 2I]
+                gate, up = gate_up.split(self.intermediate, dim=-1)
+                out[start:end] = (self.act(gate) * up) @ self.down_proj[e].t()
             start = end
         scaled = (out * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, rows, scaled)
@@ -138,15 +178,16 @@ class MoeWeights:
             return None
         experts: FusedExperts = self.get_submodule(m.group(1))
         e, (param, shard) = int(m.group(2)), EXPERT_PARAMS[m.group(3)]
-        if not hasattr(tensor, "copy_"):  # a GGUF block matrix: the experts run dense for now
-            tensor = tensor.dequantize(experts.down_proj.dtype)
+        shards = 2 if param == "gate_up_proj" else 1
+        if isinstance(tensor, QuantizedWeight):  # GGUF blocks, for the backend (FusedExperts.as_linears)
+            experts.quantized.setdefault((e, param), {})[shard] = tensor
+            return f"{m.group(1)}.{param}", e * shards + shard
         dst = getattr(experts, param).data[e]
         if param == "gate_up_proj":
             dst = dst.narrow(0, shard * experts.intermediate, experts.intermediate)
         if dst.shape != tensor.shape:
             raise ValueError(f"model: {name} has shape {tuple(tensor.shape)}, expected {tuple(dst.shape)}")
         dst.copy_(tensor)
-        shards = 2 if param == "gate_up_proj" else 1
         return f"{m.group(1)}.{param}", e * shards + shard
 
     def num_shards(self, param: str) -> int:

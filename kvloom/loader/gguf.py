@@ -235,31 +235,12 @@ class GGUFFile:
         )
         shift = _NORM_SHIFT.get(self.arch)
         dense: dict[str, int] = {}  # GGUF types of matrices the backend does not run: how many
-        for t in self.tensors:
-            qtype = GGMLQuantizationType(t.type)
-            raw = data[t.offset : t.offset + t.nbytes]
-            parts = t.name.split(".")
-            if len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPERT_NAMES:
-                # every expert of the layer: dequantized, then each expert's matrix (its rank's slice)
-                array = dequantize(raw.reshape(-1, t.nbytes // int(np.prod(t.shape[:-1]))), qtype)
-                for e, matrix in enumerate(array.reshape(t.shape)):
-                    name = f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_NAMES[parts[2]]}.weight"
-                    part = shard(name)
-                    if part is not None:
-                        dim, start, n = part
-                        matrix = matrix[(slice(None),) * dim + (slice(start, start + n),)]
-                    matrix = np.ascontiguousarray(matrix)  # NOTE: an F32 file's is a read-only view
-                    yield (
-                        name,
-                        torch.from_numpy(matrix if matrix.flags.writeable else matrix.copy()).to(dtype),
-                    )
-                dense[qtype.name] = dense.get(qtype.name, 0) + 1
-                continue
-            name = _hf_name(t.name, self.arch)
-            if name is None:
-                continue
-            shape = list(t.shape)
-            rows, cols = t.shape if len(t.shape) == 2 else (0, 0)
+
+        def matrix(gguf_name: str, name: str, qtype: GGMLQuantizationType, raw: np.ndarray, shape: list[int]):
+            """One tensor (or one expert's matrix of a stacked tensor) as the model takes it."""
+            shape = list(shape)
+            rows, cols = shape if len(shape) == 2 else (0, 0)
+            nbytes = raw.size
             part = shard(name)
             dense_cut = None  # (dim, start, length) to cut after dequantizing
             if part is not None:
@@ -267,13 +248,12 @@ class GGUFFile:
                 if len(shape) == 1:
                     dense_cut = part
                 elif dim == 0:
-                    row_bytes = t.nbytes // rows
-                    raw = raw.reshape(rows, row_bytes)[start : start + n].reshape(-1)
+                    raw = raw.reshape(rows, nbytes // rows)[start : start + n].reshape(-1)
                     rows = shape[0] = n
                 else:
                     block, type_size = GGML_QUANT_SIZES[qtype]
                     if start % block == 0 and n % block == 0:
-                        b = raw.reshape(rows, t.nbytes // rows)
+                        b = raw.reshape(rows, nbytes // rows)
                         raw = np.ascontiguousarray(
                             b[:, start // block * type_size : (start + n) // block * type_size]
                         )
@@ -281,14 +261,14 @@ class GGUFFile:
                         raw = raw.reshape(-1)
                     else:
                         dense_cut = part
-                        _log_dense_cut(t.name, qtype.name, block)
-            native = keep_quantized and qtype in GGUF_NATIVE and len(t.shape) == 2 and dense_cut is None
+                        _log_dense_cut(gguf_name, qtype.name, block)
+            native = keep_quantized and qtype in GGUF_NATIVE and len(shape) == 2 and dense_cut is None
             embed = name.endswith("embed_tokens.weight")
-            if keep_quantized and not native and len(t.shape) == 2 and qtype not in _FLOAT_TYPES:
+            if keep_quantized and not native and len(shape) == 2 and qtype not in _FLOAT_TYPES:
                 dense[qtype.name] = dense.get(qtype.name, 0) + 1
             if native and (name.endswith("_proj.weight") or name == "lm_head.weight" or tied and embed):
                 qw = from_gguf(qtype, raw, rows, cols)
-                if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+                if self.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
                     # whole heads (a rank's slice holds whole heads): the permutation is within each
                     qw = qw.permute_rows(lambda a, n=rows // head_dim: _unpermute_rope_rows(a, n))
                 if embed:
@@ -296,9 +276,9 @@ class GGUFFile:
                     # itself is dense (one row read per token).
                     yield "lm_head.weight", qw
                     yield name, qw.dequantize(dtype)
-                    continue
+                    return
                 yield name, qw
-                continue
+                return
             if qtype == GGMLQuantizationType.F32:
                 array = raw.view(np.float32)
             elif qtype == GGMLQuantizationType.F16:
@@ -310,13 +290,28 @@ class GGUFFile:
             if dense_cut is not None:
                 dim, start, n = dense_cut
                 array = array[(slice(None),) * dim + (slice(start, start + n),)]
-            if self.arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            if self.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
                 array = _unpermute_rope_rows(array, array.shape[0] // head_dim)
             # NOTE: views of the read-only memory map; torch wants its own writable copy.
             array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
             if shift is not None and name.endswith("norm.weight"):
                 array -= shift  # float32, before the cast: the weight as the family's norm takes it
             yield name, torch.from_numpy(array).to(dtype)
+
+        for t in self.tensors:
+            qtype = GGMLQuantizationType(t.type)
+            raw = data[t.offset : t.offset + t.nbytes]
+            parts = t.name.split(".")
+            if len(parts) == 4 and parts[0] == "blk" and parts[2] in _EXPERT_NAMES:
+                # a layer's experts stacked [experts, rows, columns]: each expert's matrix on its own
+                per = t.nbytes // t.shape[0]
+                for e in range(t.shape[0]):
+                    name = f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERT_NAMES[parts[2]]}.weight"
+                    yield from matrix(t.name, name, qtype, raw[e * per : (e + 1) * per], t.shape[1:])
+                continue
+            name = _hf_name(t.name, self.arch)
+            if name is not None:
+                yield from matrix(t.name, name, qtype, raw, t.shape)
         if dense:
             logger.info(
                 "GGUF: %s run dequantized to %s (the CPU kernels run %s blocks as they are)",

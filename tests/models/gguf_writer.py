@@ -56,9 +56,19 @@ def llama3_rope_factors(config) -> np.ndarray:  # noqa: ANN001
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(model, path: Path, arch: str = "llama", rope: dict | None = None) -> Path:  # noqa: ANN001
-    """``rope``: extra rope metadata ({"scaling.type": "yarn", ...}); llama3 rope writes rope_freqs."""
+def write_gguf(model, path: Path, arch: str = "llama", rope: dict | None = None, qtype=None) -> Path:  # noqa: ANN001
+    """``rope``: extra rope metadata ({"scaling.type": "yarn", ...}); llama3 rope writes rope_freqs.
+    ``qtype``: the matrices (experts' too) quantized to it (a type the gguf package writes), else float32."""
     from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    def add(name: str, t: np.ndarray) -> None:
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if qtype is None or t.ndim < 2 or name.startswith("token_embd"):
+            w.add_tensor(name, t)
+        else:
+            blocks = quantize(t, qtype)
+            w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
 
     from kvloom.loader.checkpoint import default_model_path
     from kvloom.loader.gguf import read_header
@@ -102,10 +112,10 @@ def write_gguf(model, path: Path, arch: str = "llama", rope: dict | None = None)
     if c.rope_parameters.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(c))
     sd = {k.replace(".block_sparse_moe.", ".mlp."): v.float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
     if not c.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
+        add("output.weight", sd["lm_head.weight"])
     for i in range(c.num_hidden_layers):
         for hf, gg in _LAYER.items():
             t = sd.get(f"model.layers.{i}.{hf}.weight")
@@ -115,14 +125,14 @@ def write_gguf(model, path: Path, arch: str = "llama", rope: dict | None = None)
                 t = _permute(t, c.num_attention_heads)
             elif gg == "attn_k" and arch == "llama":
                 t = _permute(t, c.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+            add(f"blk.{i}.{gg}.weight", t)
         # transformers 5 holds a layer's experts stacked: gate_up [E, 2I, H] (gate rows first), down [E, H, I]
         gate_up = sd.get(f"model.layers.{i}.mlp.experts.gate_up_proj")
         if gate_up is not None:
             inter = gate_up.shape[1] // 2
-            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate_up[:, :inter]))
-            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(gate_up[:, inter:]))
-            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
+            add(f"blk.{i}.ffn_gate_exps.weight", gate_up[:, :inter])
+            add(f"blk.{i}.ffn_up_exps.weight", gate_up[:, inter:])
+            add(f"blk.{i}.ffn_down_exps.weight", sd[f"model.layers.{i}.mlp.experts.down_proj"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

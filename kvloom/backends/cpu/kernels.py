@@ -20,6 +20,7 @@ import torch
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
 from kvloom.layers.linear import Linear, LinearMethod
+from kvloom.layers.moe import FusedExperts
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.logger import init_logger
@@ -528,7 +529,7 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
     (round to nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
     """
     quantized = getattr(model, "quantized", {})
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):  # NOTE: a list: experts add Linears as they go
         if isinstance(module, Linear):
             key = f"{name}.weight"
             if key in quantized:
@@ -543,6 +544,13 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
             else:
                 PackedLinearMethod.install(kernels, module)
+        elif isinstance(module, FusedExperts):
+            # each expert's matrices on the kernels: its GGUF blocks, else its weights packed (bf16)
+            def install(lin: Linear, qw: QuantizedWeight | None) -> None:
+                if qw is not None or kernels.can_pack(lin.weight):
+                    PackedLinearMethod.install(kernels, lin, qw)
+
+            module.as_linears(install)
         elif isinstance(module, RMSNorm):
             module.fused = KernelRMSNorm(kernels)
         elif isinstance(module, MLP) and module.act == "silu":
