@@ -13,8 +13,8 @@ from torch import nn
 
 from kvloom.distributed.parallel_state import get_tp
 from kvloom.layers.linear import Linear
+from kvloom.layers.mlp import MLP
 from kvloom.layers.quantization import QuantizedWeight
-from kvloom.models.llama import MLP
 
 # A checkpoint's per-expert weight: (the layer's experts, expert, which matrix)
 EXPERT_WEIGHT = re.compile(r"^(.*\.experts)\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")

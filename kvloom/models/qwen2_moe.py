@@ -7,8 +7,8 @@ from typing import Any
 
 from torch import nn
 
+from kvloom.layers.mlp import MLP
 from kvloom.layers.moe import MoeWeights, SparseMoeBlock
-from kvloom.models.llama import MLP
 from kvloom.models.qwen2 import Qwen2ForCausalLM
 
 

@@ -56,16 +56,19 @@ def llama3_rope_factors(config) -> np.ndarray:  # noqa: ANN001
     return np.array(out, dtype=np.float32)
 
 
-def write_gguf(model, path: Path, arch: str = "llama", rope: dict | None = None, qtype=None) -> Path:  # noqa: ANN001
+def write_gguf(  # noqa: ANN001
+    model, path: Path, arch: str = "llama", rope: dict | None = None, qtype=None, float_type: str = "f32"
+) -> Path:
     """``rope``: extra rope metadata ({"scaling.type": "yarn", ...}); llama3 rope writes rope_freqs.
-    ``qtype``: the matrices (experts' too) quantized to it (a type the gguf package writes), else float32."""
+    ``qtype``: the matrices (experts' too) quantized to it (a type the gguf package writes), else stored in
+    ``float_type`` (f32 or f16; vectors stay f32)."""
     from gguf import GGUFWriter
     from gguf.quants import quantize
 
     def add(name: str, t: np.ndarray) -> None:
         t = np.ascontiguousarray(t, dtype=np.float32)
         if qtype is None or t.ndim < 2 or name.startswith("token_embd"):
-            w.add_tensor(name, t)
+            w.add_tensor(name, t.astype(np.float16) if float_type == "f16" and t.ndim >= 2 else t)
         else:
             blocks = quantize(t, qtype)
             w.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)

@@ -20,11 +20,12 @@ import torch
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
 from kvloom.layers.linear import Linear, LinearMethod
+from kvloom.layers.mlp import MLP
 from kvloom.layers.moe import FusedExperts
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.logger import init_logger
-from kvloom.models.llama import MLP, DecoderLayer
+from kvloom.models.llama import DecoderLayer
 
 logger = init_logger(__name__)
 
