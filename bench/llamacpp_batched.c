@@ -41,7 +41,12 @@ int main(int argc, char **argv) {
     fclose(f);
     llama_backend_init();
     double t_load = now();
-    struct llama_model *model = llama_model_load_from_file(argv[1], llama_model_default_params());
+    struct llama_model_params mparams = llama_model_default_params();
+    /* KVLOOM_LLAMACPP_EXTRA_BUFTS=0: no repacked / AMX weight buffers (llama.cpp 0.3.36's crash on
+       Gemma 3 with them on a Sapphire Rapids VM) */
+    const char *extra = getenv("KVLOOM_LLAMACPP_EXTRA_BUFTS");
+    if (extra && extra[0] == '0') mparams.use_extra_bufts = false;
+    struct llama_model *model = llama_model_load_from_file(argv[1], mparams);
     if (!model) return 1;
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = N * (P + G) + 16;
