@@ -24,13 +24,20 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.fused is not None:
-            out = self.fused(x, residual, self.weight, self.eps)
+            # per-head norms ([tokens, heads, head_dim]) go as rows of head_dim (a copy if strided)
+            rows = x if x.dim() == 2 or residual is not None else x.reshape(-1, x.shape[-1])
+            out = self.fused(rows, residual, self.kernel_weight, self.eps)
             if out is not None:
-                return out if residual is None else (out, residual)
+                return out.view(x.shape) if residual is None else (out, residual)
         if residual is not None:
             residual = x + residual
             return self._norm(residual), residual
         return self._norm(x)
+
+    @property
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight a fused kernel multiplies by (the kernel computes as transformers' Llama does)."""
+        return self.weight
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
