@@ -45,8 +45,10 @@ class FusedExperts(nn.Module):
         self.act = MLP.ACTIVATIONS[act]
         # GGUF blocks kept as they are, (expert, parameter) -> shard -> weight, for a backend to run
         self.quantized: dict[tuple[int, str], dict[int, QuantizedWeight]] = {}
-        # Set by a backend (backends/cpu): per expert, its (gate_up, down) Linear on the backend's method
+        # Set by a backend (backends/cpu): per expert, its (gate_up, down) Linear on the backend's method;
+        # and ``fused(xs, counts)``, every expert's rows in one call (None for an input it does not take)
         self.linears: nn.ModuleList | None = None
+        self.fused = None
 
     def as_linears(self, install: Callable[[Linear, QuantizedWeight | None], None]) -> None:
         """Give each expert its own (gate_up, down) Linear, ``install`` giving each its method (with the
@@ -90,12 +92,19 @@ class FusedExperts(nn.Module):
         flat = experts.flatten()  # [T * k]
         order = flat.argsort(stable=True)  # rows grouped by expert
         rows = order // k  # the token of each grouped row
-        # NOTE: one host copy per layer: how many rows each expert takes
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.num_experts)
         xs = x[rows]  # [T * k, H]
+        out = self.fused(xs, counts) if self.fused is not None else None
+        if out is None:
+            out = self._experts_one_by_one(xs, counts)
+        scaled = (out * weights.flatten()[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, rows, scaled)
+
+    def _experts_one_by_one(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(xs)
         start = 0
-        for e, count in enumerate(counts):
+        # NOTE: one host copy per layer: how many rows each expert takes
+        for e, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
             end = start + count
@@ -108,8 +117,7 @@ class FusedExperts(nn.Module):
                 gate, up = gate_up.split(self.intermediate, dim=-1)
                 out[start:end] = (self.act(gate) * up) @ self.down_proj[e].t()
             start = end
-        scaled = (out * weights.flatten()[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, rows, scaled)
+        return out
 
 
 class SparseMoeBlock(nn.Module):

@@ -137,6 +137,7 @@ def test_moe_gguf_experts_run_their_blocks(tmp_path, qtype):
     native = LLM(str(path), dtype="bfloat16", show_progress=False)
     experts = native.engine.runner.model.model.layers[0].mlp.experts
     assert experts.gate_up_proj is None and {lin.quant for pair in experts.linears for lin in pair} == {"q8"}
+    assert experts.fused is not None  # every expert in one kernel call
     got = _scored(native, seqs)
     del native
     dense = LLM(str(path), dtype="bfloat16", quantization="none", show_progress=False)
@@ -156,7 +157,7 @@ def test_quantized_experts_match_their_dequantized_weights():
     from gguf import GGMLQuantizationType as T
     from gguf.quants import quantize
 
-    from kvloom.backends.cpu.kernels import PackedLinearMethod
+    from kvloom.backends.cpu.kernels import KernelExperts, PackedLinearMethod
     from kvloom.layers.moe import FusedExperts
     from kvloom.layers.quantization import from_gguf
 
@@ -181,3 +182,7 @@ def test_quantized_experts_match_their_dequantized_weights():
     weights = torch.rand(37, 2, generator=g)
     got, ref = quant(x, weights, experts).float(), dense(x, weights, experts).float()
     assert torch.allclose(got, ref, rtol=0.03, atol=0.03 * ref.abs().max().item())
+    # every expert in one call: the same kernels, the same bits as one call per matrix
+    assert KernelExperts.supports(quant)
+    quant.fused = KernelExperts(kernels, quant)
+    assert torch.equal(quant(x, weights, experts).float(), got)

@@ -732,6 +732,32 @@ void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_
     free(xsum);
 }
 
+/* A mixture-of-experts layer's experts over a step's (token, expert) rows grouped by expert: counts[e]
+ * consecutive rows of xs go through expert e, out = down_e(silu(gate_e x) * up_e x), all experts in one
+ * parallel region (the same kernels as one call per matrix, so the same bits). gu / down: an array of
+ * n_experts descriptors each; scratch gu_buf [R, 2I], act [R, I] from the caller (R = sum of counts). */
+void kv_moe_experts_bf16(const kv_lin *gu, const kv_lin *down, const bf16 *xs, int64_t ldx, const int64_t *counts,
+                         int64_t n_experts, bf16 *out, int64_t ldo, int64_t E, int64_t I, bf16 *gu_buf, bf16 *act) {
+    int64_t R = 0;
+    for (int64_t e = 0; e < n_experts; e++) R += counts[e];
+    const int64_t kmax = E > I ? E : I;
+    float *xsum = (float *)malloc(sizeof(float) * (R ? R : 1) * (kmax / 16)); /* group sums: groups are >= 16 */
+#pragma omp parallel
+    {
+        int64_t start = 0;
+        for (int64_t e = 0; e < n_experts; e++) {
+            const int64_t n = counts[e];
+            if (n) {
+                lin_body(gu + e, xs + start * ldx, ldx, gu_buf + start * 2 * I, 2 * I, n, 2 * I, E, xsum);
+                silu_mul_bf16_body(gu_buf + start * 2 * I, 2 * I, act + start * I, I, n, I);
+                lin_body(down + e, act + start * I, I, out + start * ldo, ldo, n, E, I, xsum);
+            }
+            start += n;
+        }
+    }
+    free(xsum);
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * All decoder layers (Llama form: pre-norm attention + SiLU MLP) for a step's tokens (decodes and prefill
  * rows alike: each row attends its own sequence's cache up to its position), in one parallel region: the

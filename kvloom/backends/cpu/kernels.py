@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
@@ -42,6 +43,8 @@ _SIGNATURES = {
     "kv_lin_forward": [ctypes.POINTER(KvLin), _P, _I, _P, _I, _I, _I, _I],
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
+    # gate/up descriptors, down descriptors, xs, ldx, counts, experts, out, ldo, E, I, 2 scratch buffers
+    "kv_moe_experts_bf16": [_P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _P, _P],
     # q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, caches, slots, num_blocks, block_size, rope
     "kv_rope_cache_bf16": [_P, _I] * 3 + [_P] * 3 + [_I] * 4 + [_P] * 3 + [_I, _I, ctypes.c_int],
     "kv_argmax_bf16": [_P, _I, _I, _I, _P],
@@ -497,6 +500,53 @@ class PackedLinearMethod(LinearMethod):
         return self.kernels.run_linear(self.desc, x, layer.in_features, layer.out_features)
 
 
+class KernelExperts:
+    """FusedExperts.fused on the kernels: every expert of a layer in one call (bf16 rows, silu experts
+    whose matrices all run on the kernels)."""
+
+    def __init__(self, kernels: CpuKernels, experts: FusedExperts) -> None:
+        self.kernels = kernels
+        n = experts.num_experts
+        # NOTE: copies of the descriptors; the Linears' methods keep the weights they point to alive
+        self.gu = (KvLin * n)(*(pair[0].method.desc for pair in experts.linears))
+        self.down = (KvLin * n)(*(pair[1].method.desc for pair in experts.linears))
+        self.n, self.hidden, self.inter = n, experts.hidden, experts.intermediate
+
+    @staticmethod
+    def supports(experts: FusedExperts) -> bool:
+        linears = [lin for pair in experts.linears or [] for lin in pair]
+        return (
+            bool(linears)
+            and experts.act is F.silu
+            and experts.intermediate % 16 == 0
+            and all(isinstance(lin.method, PackedLinearMethod) for lin in linears)
+        )
+
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """xs [R, E] bf16 rows grouped by expert, counts [experts] int64 -> [R, E]."""
+        if xs.dtype != torch.bfloat16 or xs.stride(1) != 1:
+            return None
+        r, e, i = xs.shape[0], self.hidden, self.inter
+        out = torch.empty(r, e, dtype=xs.dtype)
+        gu, act = torch.empty(r, 2 * i, dtype=xs.dtype), torch.empty(r, i, dtype=xs.dtype)
+        counts = counts.to(torch.int64).contiguous()
+        self.kernels._lib.kv_moe_experts_bf16(
+            ctypes.addressof(self.gu),
+            ctypes.addressof(self.down),
+            _ptr(xs),
+            xs.stride(0),
+            _ptr(counts),
+            self.n,
+            _ptr(out),
+            e,
+            e,
+            i,
+            _ptr(gu),
+            _ptr(act),
+        )
+        return out
+
+
 class KernelRMSNorm:
     """RMSNorm.fused on the kernels: residual add and norm in one pass (bf16 rows of 16k elements)."""
 
@@ -552,6 +602,8 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                     PackedLinearMethod.install(kernels, lin, qw)
 
             module.as_linears(install)
+            if KernelExperts.supports(module):
+                module.fused = KernelExperts(kernels, module)
         elif isinstance(module, RMSNorm):
             module.fused = KernelRMSNorm(kernels)
         elif isinstance(module, MLP) and module.act == "silu":
