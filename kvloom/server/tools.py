@@ -202,3 +202,169 @@ def read_template(value: str) -> str:
     if "{%" in value or "{{" in value:
         return value
     raise ValueError(f"chat_template: {value} is neither a file nor one of kvloom's: {templates.names()}")
+
+
+class CallStream:
+    """One choice's output under tools, as it is written: ``feed`` each new piece of text and get the
+    deltas to send; ``finish`` gives the last ones and the finish reason. A delta is ``{"content": text}``
+    or ``{"tool_calls": [...]}`` in the shape the OpenAI client assembles: a call's first delta has its
+    index, id, type and name; later ones add to its arguments.
+
+    - "named": the output is the arguments: streamed as they are written.
+    - "required": the output is a JSON array of {"name", "arguments"} objects (``required_schema``): a
+      call is announced once its name is written, and its arguments stream as written.
+    - "auto": text is content until a call's marker; the parser reads the calls (hermes blocks as each
+      closes, other formats at the end). With no calls, what was held back is content after all.
+    """
+
+    def __init__(self, mode: str, parser: Parser | None, names: set[str], function: str | None = None):
+        self.mode, self.parser, self.names = mode, parser, names
+        self.function = function  # "named": the function's name
+        self.text = ""
+        self.sent = 0  # "auto": characters of text sent as content
+        self.num_calls = 0
+        self.scan = 0  # "required": characters scanned; "auto": where the next hermes block may start
+        self.calling = False  # "auto": a call's marker was written
+        # "required": the JSON scanner (depth counts open [ and {), the call being written
+        self.depth, self.in_string, self.escaped = 0, False, False
+        self.item_start = -1
+        self.args_start = -1  # where the current call's arguments begin, once its name was announced
+        self.args_sent = 0
+        self.args_begun = False
+
+    def feed(self, delta: str) -> list[dict]:
+        self.text += delta
+        if self.mode == "named":
+            if not delta:
+                return []
+            if self.num_calls == 0:
+                self.num_calls = 1
+                return [self._calls(ToolCall(self.function, delta).to_openai(0))]
+            return [self._calls({"index": 0, "function": {"arguments": delta}})]
+        if self.mode == "required":
+            return self._scan_required()
+        return self._scan_auto()
+
+    def finish(self, reason: str | None) -> tuple[list[dict], str | None]:
+        """The last deltas, and the finish reason ("tool_calls" when calls ended the output)."""
+        out: list[dict] = []
+        if self.mode == "auto":
+            _, calls = self.parser.parse(self.text, self.names)
+            out += [
+                self._calls(c.to_openai(self.num_calls + i)) for i, c in enumerate(calls[self.num_calls :])
+            ]
+            self.num_calls = max(self.num_calls, len(calls))
+            if not calls and self.sent < len(self.text):  # no calls after all: what was held back is text
+                out.append({"content": self.text[self.sent :]})
+        if self.num_calls and reason == "stop":
+            reason = "tool_calls"
+        return out, reason
+
+    @staticmethod
+    def _calls(call: dict) -> dict:
+        return {"tool_calls": [call]}
+
+    def _scan_auto(self) -> list[dict]:
+        out = []
+        if not self.calling:
+            cut = self.parser.shown(self.text, self.sent)
+            if cut > self.sent:
+                out.append({"content": self.text[self.sent : cut]})
+                self.sent = cut
+            at = min((i for m in self.parser.markers if (i := self.text.find(m, self.sent)) >= 0), default=-1)
+            if at < 0:
+                return out
+            self.scan, self.calling = at, True
+        if self.parser.name != "hermes":
+            return out  # read whole at the end
+        while (m := _HERMES.search(self.text, self.scan)) is not None:
+            self.scan = m.end()
+            try:
+                call = _call(json.loads(m.group(1)), self.names)
+            except ValueError:
+                continue
+            if call is not None:
+                out.append(self._calls(call.to_openai(self.num_calls)))
+                self.num_calls += 1
+        return out
+
+    def _scan_required(self) -> list[dict]:
+        out = []
+        text = self.text
+        for pos in range(self.scan, len(text)):
+            ch = text[pos]
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+                continue
+            if ch == '"':
+                self.in_string = True
+            elif ch in "[{":
+                if self.depth == 1:
+                    self.item_start = pos
+                self.depth += 1
+            elif ch in "]}":
+                self.depth -= 1
+                if self.depth == 1:  # a call's object closed
+                    out += self._end_call(pos)
+            elif ch == ":" and self.depth == 2 and self.args_start < 0:
+                head = re.fullmatch(
+                    r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*', text[self.item_start : pos]
+                )
+                if head is not None:  # the name is written, and now the arguments begin
+                    name = json.loads(head.group(1))
+                    out.append(self._calls(ToolCall(name, "").to_openai(self.num_calls)))
+                    self.args_start = self.args_sent = pos + 1
+                    self.args_begun = False
+        self.scan = len(text)
+        if self.args_start >= 0 and self.args_sent < len(text):
+            out += self._arguments(len(text))
+        return out
+
+    def _arguments(self, end: int, last: bool = False) -> list[dict]:
+        piece = self.text[self.args_sent : end]
+        self.args_sent = end
+        if not self.args_begun:  # the space after the colon
+            piece = piece.lstrip()
+            self.args_begun = bool(piece)
+        if last:  # what is left before the call's closing brace: the arguments' end, and whitespace
+            piece = piece.rstrip()
+        if not piece:
+            return []
+        return [self._calls({"index": self.num_calls, "function": {"arguments": piece}})]
+
+    def _end_call(self, pos: int) -> list[dict]:
+        out = []
+        if self.args_start >= 0:
+            out = self._arguments(pos, last=True)
+        else:  # the arguments were written before the name: the call is sent whole
+            obj = json.loads(self.text[self.item_start : pos + 1])
+            out.append(
+                self._calls(
+                    ToolCall(obj["name"], json.dumps(obj["arguments"], ensure_ascii=False)).to_openai(
+                        self.num_calls
+                    )
+                )
+            )
+        self.num_calls += 1
+        self.args_start = self.item_start = -1
+        return out
+
+
+def assemble(deltas: list[dict]) -> tuple[str | None, list[dict]]:
+    """The content and the tool calls that a list of CallStream deltas add up to (a whole response)."""
+    content = "".join(d.get("content", "") for d in deltas)
+    calls: list[dict] = []
+    for d in deltas:
+        for c in d.get("tool_calls", []):
+            if c["index"] == len(calls):
+                calls.append({k: v for k, v in c.items() if k != "index"} | {"function": dict(c["function"])})
+            else:
+                calls[c["index"]]["function"]["arguments"] += c["function"]["arguments"]
+    if calls:
+        return content.strip() or None, calls
+    return content, calls
