@@ -147,13 +147,20 @@ class SparseMoeBlock(nn.Module):
             self.shared_expert = MLP(config, shared_intermediate)
             self.shared_expert_gate = Linear(config.hidden_size, 1, bias=False)
 
+    # Set by a backend (backends/cpu: KernelMoe): router, top-k and experts in one call, or None for an
+    # input it does not take
+    fused = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.gate(x)  # [T, E]
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        y = get_tp().all_reduce(self.experts(x, weights, experts))
+        y = self.fused(x) if self.fused is not None else None
+        if y is None:
+            logits = self.gate(x)  # [T, E]
+            probs = torch.softmax(logits.float(), dim=-1)
+            weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k]
+            if self.renormalize:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            y = self.experts(x, weights, experts)
+        y = get_tp().all_reduce(y)
         if self.shared_expert is not None:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y

@@ -128,6 +128,8 @@ def test_moe_gguf_experts_run_their_blocks(tmp_path, qtype):
     from gguf import GGMLQuantizationType
     from transformers import MixtralConfig
 
+    from kvloom.backends.cpu.kernels import KernelMoe
+
     from .gguf_writer import random_llama, write_gguf
 
     shapes = {**KERNEL_SHAPES, "vocab_size": 49152, "tie_word_embeddings": True, "initializer_range": 0.05}
@@ -138,6 +140,16 @@ def test_moe_gguf_experts_run_their_blocks(tmp_path, qtype):
     experts = native.engine.runner.model.model.layers[0].mlp.experts
     assert experts.gate_up_proj is None and {lin.quant for pair in experts.linears for lin in pair} == {"q8"}
     assert experts.fused is not None  # every expert in one kernel call
+    # router, top-k and experts in one call against the same layer on PyTorch ops (the experts' kernels)
+    block = native.engine.runner.model.model.layers[0].mlp
+    assert isinstance(block.fused, KernelMoe)
+    x = torch.randn(37, shapes["hidden_size"], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    one_call = block(x).float()
+    block.fused, fused = None, block.fused
+    ref = block(x).float()
+    block.fused = fused
+    assert (one_call - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (one_call == ref).float().mean() > 0.9  # most values bit-equal (softmax's exp may differ by ulps)
     got = _scored(native, seqs)
     del native
     dense = LLM(str(path), dtype="bfloat16", quantization="none", show_progress=False)

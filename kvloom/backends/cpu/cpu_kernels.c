@@ -733,29 +733,98 @@ void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_
 }
 
 /* A mixture-of-experts layer's experts over a step's (token, expert) rows grouped by expert: counts[e]
- * consecutive rows of xs go through expert e, out = down_e(silu(gate_e x) * up_e x), all experts in one
- * parallel region (the same kernels as one call per matrix, so the same bits). gu / down: an array of
- * n_experts descriptors each; scratch gu_buf [R, 2I], act [R, I] from the caller (R = sum of counts). */
+ * consecutive rows of xs go through expert e, out = down_e(silu(gate_e x) * up_e x) (the same kernels as one
+ * call per matrix, so the same bits). gu / down: arrays of n_experts descriptors; scratch gu_buf [R, 2I],
+ * act [R, I] (R = sum of counts), xsum as lin_body's. Called inside a parallel region. */
+static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *xs, int64_t ldx,
+                             const int64_t *counts, int64_t n_experts, bf16 *out, int64_t ldo, int64_t E,
+                             int64_t I, bf16 *gu_buf, bf16 *act, float *xsum) {
+    int64_t start = 0;
+    for (int64_t e = 0; e < n_experts; e++) {
+        const int64_t n = counts[e];
+        if (n) {
+            lin_body(gu + e, xs + start * ldx, ldx, gu_buf + start * 2 * I, 2 * I, n, 2 * I, E, xsum);
+            silu_mul_bf16_body(gu_buf + start * 2 * I, 2 * I, act + start * I, I, n, I);
+            lin_body(down + e, act + start * I, I, out + start * ldo, ldo, n, E, I, xsum);
+        }
+        start += n;
+    }
+}
+
+static float *moe_xsum(int64_t rows, int64_t E, int64_t I) { /* group sums: groups are >= 16 */
+    const int64_t kmax = E > I ? E : I;
+    return (float *)malloc(sizeof(float) * (rows ? rows : 1) * (kmax / 16));
+}
+
 void kv_moe_experts_bf16(const kv_lin *gu, const kv_lin *down, const bf16 *xs, int64_t ldx, const int64_t *counts,
                          int64_t n_experts, bf16 *out, int64_t ldo, int64_t E, int64_t I, bf16 *gu_buf, bf16 *act) {
     int64_t R = 0;
     for (int64_t e = 0; e < n_experts; e++) R += counts[e];
-    const int64_t kmax = E > I ? E : I;
-    float *xsum = (float *)malloc(sizeof(float) * (R ? R : 1) * (kmax / 16)); /* group sums: groups are >= 16 */
+    float *xsum = moe_xsum(R, E, I);
 #pragma omp parallel
-    {
-        int64_t start = 0;
-        for (int64_t e = 0; e < n_experts; e++) {
-            const int64_t n = counts[e];
-            if (n) {
-                lin_body(gu + e, xs + start * ldx, ldx, gu_buf + start * 2 * I, 2 * I, n, 2 * I, E, xsum);
-                silu_mul_bf16_body(gu_buf + start * 2 * I, 2 * I, act + start * I, I, n, I);
-                lin_body(down + e, act + start * I, I, out + start * ldo, ldo, n, E, I, xsum);
+    moe_experts_body(gu, down, xs, ldx, counts, n_experts, out, ldo, E, I, gu_buf, act, xsum);
+    free(xsum);
+}
+
+/* A whole mixture-of-experts MLP on T rows of x [T, E]: the router's logits (a linear layer, bf16), a
+ * softmax in fp32 and each row's top k (the first of equal values; renormalized to sum 1 if asked), the
+ * rows grouped by expert (stable) through moe_experts_body, and each row's k outputs weighted and summed
+ * in ascending expert order, each product and each sum rounded to bf16 (the PyTorch path's index_add).
+ * y [T, E]. Scratch from the caller: logits [T, NE], xs and ys [T k, E], gu_buf [T k, 2I], act [T k, I]. */
+void kv_moe_layer_bf16(const kv_lin *router, const kv_lin *gu, const kv_lin *down, const bf16 *x, int64_t ldx,
+                       int64_t T, int64_t E, int64_t I, int64_t NE, int64_t k, int64_t renormalize, bf16 *logits,
+                       bf16 *xs, bf16 *ys, bf16 *gu_buf, bf16 *act, bf16 *y) {
+    const int64_t R = T * k;
+    int64_t *sel = (int64_t *)malloc(sizeof(int64_t) * R), *pos = (int64_t *)malloc(sizeof(int64_t) * R);
+    int64_t *counts = (int64_t *)calloc(NE, sizeof(int64_t)), *next = (int64_t *)malloc(sizeof(int64_t) * NE);
+    float *w = (float *)malloc(sizeof(float) * R), *p = (float *)malloc(sizeof(float) * NE);
+    float *xsum = moe_xsum(R > T ? R : T, E, I);
+#pragma omp parallel
+    lin_body(router, x, ldx, logits, NE, T, NE, E, xsum);
+    for (int64_t t = 0; t < T; t++) {
+        float m = -INFINITY, sum = 0.0f, picked = 0.0f;
+        for (int64_t e = 0; e < NE; e++) m = fmaxf(m, b2f(logits[t * NE + e]));
+        for (int64_t e = 0; e < NE; e++) sum += (p[e] = expf(b2f(logits[t * NE + e]) - m));
+        for (int64_t e = 0; e < NE; e++) p[e] /= sum;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < NE; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            sel[t * k + j] = best;
+            w[t * k + j] = p[best];
+            picked += p[best];
+            p[best] = -1.0f; /* taken */
+        }
+        if (renormalize)
+            for (int64_t j = 0; j < k; j++) w[t * k + j] /= picked;
+        for (int64_t j = 0; j < k; j++) counts[sel[t * k + j]]++;
+    }
+    for (int64_t e = 0, at = 0; e < NE; e++) next[e] = at, at += counts[e];
+    for (int64_t r = 0; r < R; r++) { /* rows grouped by expert, in (token, choice) order within each */
+        pos[r] = next[sel[r]]++;
+        memcpy(xs + pos[r] * E, x + (r / k) * ldx, sizeof(bf16) * E);
+    }
+#pragma omp parallel
+    moe_experts_body(gu, down, xs, E, counts, NE, ys, E, E, I, gu_buf, act, xsum);
+#pragma omp parallel for schedule(static) if (T * E >= 16384)
+    for (int64_t t = 0; t < T; t++) {
+        bf16 *yt = y + t * E;
+        for (int64_t c = 0; c < E; c++) yt[c] = 0;
+        for (int64_t done = 0; done < k; done++) { /* the token's experts in ascending order */
+            int64_t j = -1;
+            for (int64_t i = 0; i < k; i++) {
+                const int64_t e = sel[t * k + i];
+                int64_t before = 0; /* how many of the token's experts are lower than e */
+                for (int64_t i2 = 0; i2 < k; i2++) before += sel[t * k + i2] < e;
+                if (before == done) j = i;
             }
-            start += n;
+            const bf16 *yr = ys + pos[t * k + j] * E;
+            const __m512 wj = _mm512_set1_ps(w[t * k + j]);
+            for (int64_t c = 0; c < E; c += 16) /* E is a multiple of 16 */
+                store16(yt + c, _mm512_add_ps(load16(yt + c), round16(_mm512_mul_ps(load16(yr + c), wj))));
         }
     }
-    free(xsum);
+    free(sel), free(pos), free(counts), free(next), free(w), free(p), free(xsum);
 }
 
 /* ---------------------------------------------------------------------------------------------------

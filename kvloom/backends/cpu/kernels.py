@@ -22,7 +22,7 @@ from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.mlp import MLP
-from kvloom.layers.moe import FusedExperts
+from kvloom.layers.moe import FusedExperts, SparseMoeBlock
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
 from kvloom.logger import init_logger
@@ -45,6 +45,8 @@ _SIGNATURES = {
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
     # gate/up descriptors, down descriptors, xs, ldx, counts, experts, out, ldo, E, I, 2 scratch buffers
     "kv_moe_experts_bf16": [_P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _P, _P],
+    # router, gate/up and down descriptors, x, ldx, T, E, I, experts, k, renormalize, 6 buffers (y last)
+    "kv_moe_layer_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, *[_P] * 6],
     # q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, caches, slots, num_blocks, block_size, rope
     "kv_rope_cache_bf16": [_P, _I] * 3 + [_P] * 3 + [_I] * 4 + [_P] * 3 + [_I, _I, ctypes.c_int],
     "kv_argmax_bf16": [_P, _I, _I, _I, _P],
@@ -547,6 +549,54 @@ class KernelExperts:
         return out
 
 
+class KernelMoe:
+    """SparseMoeBlock.fused on the kernels: router, softmax top-k, grouping, experts and the weighted sum
+    in one call (kv_moe_layer_bf16), where its router and experts run on the kernels."""
+
+    def __init__(self, kernels: CpuKernels, block: SparseMoeBlock) -> None:
+        self.kernels, self.experts = kernels, block.experts.fused
+        self.router = block.gate.method.desc
+        self.k, self.renormalize = block.top_k, int(block.renormalize)
+
+    @staticmethod
+    def supports(block: SparseMoeBlock) -> bool:
+        return (
+            isinstance(block.gate.method, PackedLinearMethod)
+            and isinstance(block.experts.fused, KernelExperts)
+            and block.experts.hidden % 16 == 0
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [T, E] bf16 -> the experts' weighted sum [T, E] (before any sum over tensor-parallel ranks)."""
+        if x.dtype != torch.bfloat16 or x.dim() != 2 or x.stride(1) != 1:
+            return None
+        ex = self.experts
+        t, e, i, r = x.shape[0], ex.hidden, ex.inter, x.shape[0] * self.k
+        bufs = [
+            torch.empty(t, ex.n, dtype=x.dtype),  # router logits
+            torch.empty(r, e, dtype=x.dtype),  # rows grouped by expert
+            torch.empty(r, e, dtype=x.dtype),  # their outputs
+            torch.empty(r, 2 * i, dtype=x.dtype),
+            torch.empty(r, i, dtype=x.dtype),
+            torch.empty(t, e, dtype=x.dtype),  # y
+        ]
+        self.kernels._lib.kv_moe_layer_bf16(
+            ctypes.byref(self.router),
+            ctypes.addressof(ex.gu),
+            ctypes.addressof(ex.down),
+            _ptr(x),
+            x.stride(0),
+            t,
+            e,
+            i,
+            ex.n,
+            self.k,
+            self.renormalize,
+            *(_ptr(b) for b in bufs),
+        )
+        return bufs[-1]
+
+
 class KernelRMSNorm:
     """RMSNorm.fused on the kernels: residual add and norm in one pass (bf16 rows of 16k elements)."""
 
@@ -608,6 +658,9 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
             module.fused = KernelRMSNorm(kernels)
         elif isinstance(module, MLP) and module.act == "silu":
             module.fused_act = KernelSiluMul(kernels)
+    for module in model.modules():  # after every Linear has its method: the router's is needed
+        if isinstance(module, SparseMoeBlock) and KernelMoe.supports(module):
+            module.fused = KernelMoe(kernels, module)
     reason = FusedDecodeLayers.unsupported(model)
     if reason is None:
         model.fused_decode = FusedDecodeLayers(kernels, model)
