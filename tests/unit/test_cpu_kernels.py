@@ -210,3 +210,15 @@ def test_install_time_build_is_found_before_the_cache(tmp_path, monkeypatch):
     src.write_text(src.read_text() + "\n/* changed */\n")
     rebuilt = kernel_build._build()
     assert rebuilt.parent == tmp_path / "cache" and rebuilt.name != installed.name
+
+
+def test_gelu_tanh_mul_within_one_bf16_step():
+    """Gemma's GeGLU: gelu (tanh approximation) rounded to bf16, times up, as PyTorch computes it in bf16;
+    the kernel's tanh comes from its exp, so a value may land one bf16 step away (or, where 1 + tanh
+    cancels, a few 1e-6 from PyTorch's 0)."""
+    gate_up = (torch.randn(7, 2 * 1024, generator=torch.Generator().manual_seed(1)) * 4).to(BF)
+    expected = (F.gelu(gate_up[:, :1024], approximate="tanh") * gate_up[:, 1024:]).float()
+    got = K.silu_mul(gate_up, "gelu_pytorch_tanh").float()
+    step = expected.abs() * 2**-7 + 1e-5
+    assert torch.all((got - expected).abs() <= step)
+    assert (got == expected).float().mean() > 0.9

@@ -245,6 +245,24 @@ void kv_silu_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_
     silu_mul_bf16_body(x, ldx, out, ldo, T, I);
 }
 
+/* out[t, i] = bf16(bf16(gelu(gate[t, i])) * up[t, i]), gelu's tanh approximation (Gemma's GeGLU):
+ * 0.5 g (1 + tanh(u)) with u = sqrt(2 / pi) (g + 0.044715 g^3) and tanh(u) = 1 - 2 / (exp(2u) + 1): the
+ * formula PyTorch evaluates (1 + tanh cancels to 0 for g below about -5 there too). */
+void kv_gelu_tanh_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
+    const int64_t chunks = I / 16;
+    const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
+    const __m512 c0 = _mm512_set1_ps(0.7978845608028654f), c1 = _mm512_set1_ps(0.044715f);
+#pragma omp parallel for schedule(static) if (T * I >= 16384)
+    for (int64_t c = 0; c < T * chunks; c++) {
+        const int64_t t = c / chunks, i = (c % chunks) * 16;
+        const __m512 g = load16(x + t * ldx + i);
+        const __m512 u = _mm512_mul_ps(c0, _mm512_fmadd_ps(_mm512_mul_ps(c1, g), _mm512_mul_ps(g, g), g));
+        const __m512 th = _mm512_sub_ps(one, _mm512_div_ps(two, _mm512_add_ps(exp16(_mm512_mul_ps(two, u)), one)));
+        const __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(half, g), _mm512_add_ps(one, th));
+        store16(out + t * ldo + i, _mm512_mul_ps(round16(gelu), load16(x + t * ldx + I + i)));
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------
  * KV cache layout of the kernels (block_size a multiple of 16), per (KV head, block) of bs * D elements:
  *   K: [D / 2][bs][2]   position p, dim d at ((d / 2) * bs + p) * 2 + d % 2

@@ -43,6 +43,7 @@ _SIGNATURES = {
     "kv_lin_forward": [ctypes.POINTER(KvLin), _P, _I, _P, _I, _I, _I, _I],
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
+    "kv_gelu_tanh_mul_bf16": [_P, _I, _P, _I, _I, _I],
     # gate/up descriptors, down descriptors, xs, ldx, counts, experts, out, ldo, E, I, 2 scratch buffers
     "kv_moe_experts_bf16": [_P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _P, _P],
     # router, gate/up and down descriptors, x, ldx, T, E, I, experts, k, renormalize, 6 buffers (y last)
@@ -170,10 +171,12 @@ class CpuKernels:
             and gate_up.shape[1] % 32 == 0
         )
 
-    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+    def silu_mul(self, gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+        """act(gate) * up, act silu or gelu_pytorch_tanh (Gemma's GeGLU)."""
         t, two_i = gate_up.shape
         out = torch.empty(t, two_i // 2, dtype=gate_up.dtype)
-        self._lib.kv_silu_mul_bf16(_ptr(gate_up), gate_up.stride(0), _ptr(out), two_i // 2, t, two_i // 2)
+        fn = self._lib.kv_silu_mul_bf16 if act == "silu" else self._lib.kv_gelu_tanh_mul_bf16
+        fn(_ptr(gate_up), gate_up.stride(0), _ptr(out), two_i // 2, t, two_i // 2)
         return out
 
     # -- rotary + KV cache write -----------------------------------------------------------------------
@@ -613,13 +616,13 @@ class KernelRMSNorm:
 
 
 class KernelSiluMul:
-    """MLP.fused_act on the kernels: silu(gate) * up in one pass."""
+    """MLP.fused_act on the kernels: act(gate) * up in one pass (silu, or Gemma's tanh gelu)."""
 
-    def __init__(self, kernels: CpuKernels) -> None:
-        self.kernels = kernels
+    def __init__(self, kernels: CpuKernels, act: str = "silu") -> None:
+        self.kernels, self.act = kernels, act
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        return self.kernels.silu_mul(gate_up) if self.kernels.silu_mul_ok(gate_up) else None
+        return self.kernels.silu_mul(gate_up, self.act) if self.kernels.silu_mul_ok(gate_up) else None
 
 
 def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: str = "auto") -> None:
@@ -656,8 +659,8 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 module.fused = KernelExperts(kernels, module)
         elif isinstance(module, RMSNorm):
             module.fused = KernelRMSNorm(kernels)
-        elif isinstance(module, MLP) and module.act == "silu":
-            module.fused_act = KernelSiluMul(kernels)
+        elif isinstance(module, MLP):
+            module.fused_act = KernelSiluMul(kernels, module.act)
     for module in model.modules():  # after every Linear has its method: the router's is needed
         if isinstance(module, SparseMoeBlock) and KernelMoe.supports(module):
             module.fused = KernelMoe(kernels, module)
