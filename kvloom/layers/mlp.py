@@ -16,7 +16,7 @@ from kvloom.layers.linear import Linear, column_parallel, row_parallel
 class MLP(nn.Module):
     """down(act(gate(x)) * up(x)), act silu (Llama and most families) or tanh-approximated gelu (Gemma)."""
 
-    # Set by a backend (backends/cpu: KernelSiluMul): act(gate) * up in one pass, or None for an input it
+    # Set by a backend (backends/cpu: KernelActMul): act(gate) * up in one pass, or None for an input it
     # does not take (then the PyTorch ops below run).
     fused_act = None
     ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}

@@ -38,7 +38,6 @@ class FusedExperts(nn.Module):
         tp = get_tp()
         self.num_experts = num_experts
         self.intermediate = n = intermediate // tp.size  # this rank's
-        self.full_intermediate = intermediate
         self.hidden = hidden
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * n, hidden))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, n))

@@ -12,7 +12,7 @@ from torch import nn
 
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.rotary import RotaryEmbedding
-from kvloom.models.llama import Attention, AttentionOptions, LlamaForCausalLM
+from kvloom.models.llama import Attention, AttentionOptions, DecoderLayer, LlamaForCausalLM
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -26,13 +26,15 @@ class GemmaRMSNorm(RMSNorm):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__(dim, eps)
         self.weight = nn.Parameter(torch.zeros(dim))
-        self._plus_one: tuple[torch.Tensor, torch.Tensor] | None = None  # (weight it was made from, 1 + w)
+        self._plus_one: torch.Tensor | None = (
+            None  # 1 + weight in its dtype, made on first use (after loading)
+        )
 
     @property
     def kernel_weight(self) -> torch.Tensor:
-        if self._plus_one is None or self._plus_one[0] is not self.weight:
-            self._plus_one = (self.weight, (1.0 + self.weight.float()).to(self.weight.dtype))
-        return self._plus_one[1]
+        if self._plus_one is None:
+            self._plus_one = (1.0 + self.weight.float()).to(self.weight.dtype)
+        return self._plus_one
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
@@ -44,16 +46,17 @@ class GemmaAttention(Attention):
     norm_class = GemmaRMSNorm
 
 
-class Gemma3DecoderLayer(nn.Module):
+class Gemma3DecoderLayer(DecoderLayer):
+    """Llama's layer with Gemma's norms and attention, and two more norms: after attention (before the
+    residual add) and after the MLP."""
+
+    attention_class = GemmaAttention
+    norm_class = GemmaRMSNorm
+
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
-        super().__init__()
-        eps = config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.self_attn = GemmaAttention(config, opts, rotary)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.mlp = mlp
-        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        super().__init__(config, opts, rotary, mlp)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -63,11 +66,7 @@ class Gemma3DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         meta: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, residual) -> (h, residual), the residual stream summed inside the next norm (as Llama's)."""
-        if residual is None:
-            residual, x = h, self.input_layernorm(h)
-        else:
-            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.enter(h, residual)
         h = self.post_attention_layernorm(self.self_attn(positions, x, kv_cache, meta))
         x, residual = self.pre_feedforward_layernorm(h, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual

@@ -92,13 +92,20 @@ class Attention(nn.Module):
 
 class DecoderLayer(nn.Module):
     attention_class: type[Attention] = Attention
+    norm_class: type[nn.Module] = RMSNorm
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.self_attn = self.attention_class(config, opts, rotary)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
+
+    def enter(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's input norm over the residual stream: (normalized, residual)."""
+        if residual is None:
+            return self.input_layernorm(h), h
+        return self.input_layernorm(h, residual)
 
     def forward(
         self,
@@ -109,10 +116,7 @@ class DecoderLayer(nn.Module):
         meta: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(h, residual) -> (h, residual): the residual stream is summed inside the next norm."""
-        if residual is None:
-            residual, x = h, self.input_layernorm(h)
-        else:
-            x, residual = self.input_layernorm(h, residual)
+        x, residual = self.enter(h, residual)
         h = self.self_attn(positions, x, kv_cache, meta)
         x, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(x), residual

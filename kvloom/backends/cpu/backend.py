@@ -53,16 +53,18 @@ class CpuBackend(Backend):
             a = model.model.layers[0].self_attn
             ok = KernelAttention.supports(
                 self.config.dtype, a.num_heads, a.num_kv_heads, a.head_dim, self.config.cache.block_size
-            ) and all(layer.self_attn.rotary.rotary_dim == a.head_dim for layer in model.model.layers)
-            if ok:
+            )
+            partial = any(layer.self_attn.rotary.rotary_dim != a.head_dim for layer in model.model.layers)
+            if ok and not partial:
                 self.attention = KernelAttention(self.kernels)
             else:
                 logger.info(
-                    "CPU kernels: attention of %d/%d heads x %d, block size %d runs on PyTorch ops",
+                    "CPU kernels: attention of %d/%d heads x %d, block size %d%s runs on PyTorch ops",
                     a.num_heads,
                     a.num_kv_heads,
                     a.head_dim,
                     self.config.cache.block_size,
+                    ", partial rotary," if partial else "",
                 )
                 from kvloom.layers.attention import TorchAttention
 

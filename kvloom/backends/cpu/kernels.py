@@ -163,7 +163,7 @@ class CpuKernels:
 
     # -- SiLU(gate) * up -------------------------------------------------------------------------------
     @staticmethod
-    def silu_mul_ok(gate_up: torch.Tensor) -> bool:
+    def act_mul_ok(gate_up: torch.Tensor) -> bool:
         return (
             gate_up.dtype == torch.bfloat16
             and gate_up.dim() == 2
@@ -171,7 +171,7 @@ class CpuKernels:
             and gate_up.shape[1] % 32 == 0
         )
 
-    def silu_mul(self, gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
+    def act_mul(self, gate_up: torch.Tensor, act: str = "silu") -> torch.Tensor:
         """act(gate) * up, act silu or gelu_pytorch_tanh (Gemma's GeGLU)."""
         t, two_i = gate_up.shape
         out = torch.empty(t, two_i // 2, dtype=gate_up.dtype)
@@ -615,14 +615,14 @@ class KernelRMSNorm:
         return k.rms_norm(x, residual, weight, eps)
 
 
-class KernelSiluMul:
+class KernelActMul:
     """MLP.fused_act on the kernels: act(gate) * up in one pass (silu, or Gemma's tanh gelu)."""
 
     def __init__(self, kernels: CpuKernels, act: str = "silu") -> None:
         self.kernels, self.act = kernels, act
 
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        return self.kernels.silu_mul(gate_up, self.act) if self.kernels.silu_mul_ok(gate_up) else None
+        return self.kernels.act_mul(gate_up, self.act) if self.kernels.act_mul_ok(gate_up) else None
 
 
 def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: str = "auto") -> None:
@@ -660,7 +660,7 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
         elif isinstance(module, RMSNorm):
             module.fused = KernelRMSNorm(kernels)
         elif isinstance(module, MLP):
-            module.fused_act = KernelSiluMul(kernels, module.act)
+            module.fused_act = KernelActMul(kernels, module.act)
     for module in model.modules():  # after every Linear has its method: the router's is needed
         if isinstance(module, SparseMoeBlock) and KernelMoe.supports(module):
             module.fused = KernelMoe(kernels, module)
