@@ -55,13 +55,22 @@ class CacheConfig:
     kv_cache_memory: int | None = option(
         None, "KV pool size in GiB (default: 10%% of RAM, at most 2 GiB)", cli_scale=1 << 30
     )
-    num_kv_blocks: int | None = option(None, "KV pool size in blocks (overrides --kv-cache-memory)")
+    num_kv_blocks: int | None = option(
+        None,
+        "KV pool size in blocks (overrides --kv-cache-memory); a block holds block_size tokens of all "
+        "layers, or of one group of layers where sliding-window layers have tables of their own",
+    )
     reserve_kv_cache: bool = option(
         False,
         "CPU: write the whole KV pool at start-up (memory committed up front, as vLLM and llama.cpp do; no "
         "page faults on fresh blocks while running) instead of as steps first use it",
     )
     enable_prefix_caching: bool = option(True, "automatic prefix caching (default: on)")
+    disable_hybrid_kv_cache_manager: bool = option(
+        False,
+        "one block table for all layers: sliding-window layers keep every block of the sequence instead of "
+        "freeing those behind their window (forced with a draft model, which reads the target's tables)",
+    )
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,10 @@ class LLMEngine:
             self.runner = self.executor.runner
             self.tokenizer = tokenizer.result()
         self.kv_cache_manager = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            self.runner.num_blocks,
+            config.cache.block_size,
+            config.cache.enable_prefix_caching,
+            self.runner.layout.windows,
         )
         self.scheduler = Scheduler(
             self.kv_cache_manager,
@@ -95,7 +98,8 @@ class LLMEngine:
             if config.parallel.tensor_parallel_size == 1
             else None  # ranks keep their share of the CPUs
         )
-        num_tokens = self.runner.num_blocks * config.cache.block_size
+        # tokens the pool holds in all tables of a KV group (sliding-window tables then free most of theirs)
+        num_tokens = self.runner.num_blocks * config.cache.block_size // self.runner.layout.num_groups
         logger.info(
             "Loaded %s (%s, %s, %s) in %.1fs; sampling seed %d; %d threads (%s)",
             config.checkpoint.path.name,
@@ -108,7 +112,7 @@ class LLMEngine:
             "fixed" if self.threads is None else self.threads.describe(),
         )
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB); max_model_len %d; "
+            "KV cache: %d blocks x %d tokens = %d tokens of every layer (%.1f MiB); max_model_len %d; "
             "largest batch: %d sequences (%d at full max_model_len); token budget %d per step",
             self.runner.num_blocks,
             config.cache.block_size,
@@ -116,7 +120,15 @@ class LLMEngine:
             self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**20,
             config.model.max_model_len,
             min(config.scheduler.max_num_seqs, self.runner.num_blocks),
-            min(config.scheduler.max_num_seqs, num_tokens // config.model.max_model_len),
+            min(
+                config.scheduler.max_num_seqs,
+                self.runner.num_blocks
+                // self.runner.layout.blocks_per_seq(
+                    config.model.max_model_len,
+                    config.cache.block_size,
+                    config.scheduler.max_num_batched_tokens,
+                ),
+            ),
             config.scheduler.max_num_batched_tokens,
         )
 

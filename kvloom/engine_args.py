@@ -197,6 +197,9 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
             if cache.kv_cache_memory is not None
             else _default_kv_cache_memory(),
             reserve_kv_cache=bool(cache.reserve_kv_cache),
+            # the draft model's pool is addressed by the target's tables, whose blocks all stay
+            disable_hybrid_kv_cache_manager=bool(cache.disable_hybrid_kv_cache_manager)
+            or spec.speculative_method == "draft",
         ),
         scheduler=dataclasses.replace(
             sched, max_num_batched_tokens=sched.max_num_batched_tokens or max(2048, sched.max_num_seqs)

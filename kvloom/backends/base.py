@@ -48,8 +48,10 @@ class Backend:
         # masked out), and garbage there could be NaN, which masking does not remove.
         return torch.zeros(shape, dtype=dtype, device=self.device)
 
-    def build_metadata(self, inp):  # noqa: ANN001, ANN201 - ModelInput -> the attention's metadata
-        return self.attention.build_metadata(inp, self.config.cache.block_size, self.device)
+    def build_metadata(self, inp) -> list:  # noqa: ANN001 - ModelInput
+        """The attention's metadata of each KV group."""
+        bs = self.config.cache.block_size
+        return [self.attention.build_metadata(inp, g, bs, self.device) for g in range(len(inp.block_tables))]
 
     def argmax_ok(self, logits: torch.Tensor) -> bool:
         """Whether ``argmax`` takes these model-dtype logits (a faster greedy pick than fp32 + torch)."""

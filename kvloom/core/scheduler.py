@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvloom.config import SCHEDULING_POLICIES
-from kvloom.core.kv_cache_manager import KVCacheManager, cdiv
+from kvloom.core.kv_cache_manager import KVCacheManager
 from kvloom.logger import init_logger
 from kvloom.request import Request, RequestStatus, TokenIds, TokenLogprobs
 from kvloom.sampling_params import SamplingParams
@@ -78,7 +78,7 @@ class ScheduledRequest:
     request_id: str
     start: int  # tokens whose KV is cached (the first position computed this step)
     num_new_tokens: int
-    block_ids: list[int]
+    block_ids: list[list[int]]  # one block table per KV group (KVLayout)
     # Whether this step reaches the end of the request's tokens, so its last logits are sampled.
     samples: bool
     # Speculative tokens at the end of this step's tokens (all of the request's proposals that fit): the
@@ -252,9 +252,9 @@ class Scheduler:
         # request is not displaced by a newer one.
         while not out_of_blocks and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self._next_waiting()
-            fresh = request.num_computed_tokens == 0 and not self.kv.get_block_ids(request.request_id)
-            hits = self.kv.get_computed_blocks(request) if fresh else []
-            num_cached = len(hits) * self.kv.block_size
+            fresh = request.num_computed_tokens == 0 and not any(self.kv.get_block_ids(request.request_id))
+            hits = self.kv.get_computed_blocks(request) if fresh else None
+            num_cached = len(hits[0]) * self.kv.block_size if hits else 0
             num_new = min(request.num_tokens - request.num_computed_tokens - num_cached, budget)
             if not self.kv.allocate_slots(request, num_new + self.lookahead, hits):
                 break
@@ -284,7 +284,7 @@ class Scheduler:
             if self._key(victim) <= self._key(head):
                 return
             first_chunk = min(head.num_tokens - head.num_computed_tokens, budget)
-            fits = self.kv.num_free_blocks >= cdiv(head.num_computed_tokens + first_chunk, self.kv.block_size)
+            fits = self.kv.num_free_blocks >= self.kv.num_blocks_for(head.num_computed_tokens + first_chunk)
             if len(self.running) < self.max_num_seqs and fits:
                 return
             self.running.pop()

@@ -178,21 +178,23 @@ class TorchAttention:
 
     name = "PyTorch"
 
-    def build_metadata(self, inp, block_size: int, device: torch.device) -> AttentionMetadata:  # noqa: ANN001 - ModelInput
+    def build_metadata(self, inp, group: int, block_size: int, device: torch.device) -> AttentionMetadata:  # noqa: ANN001 - ModelInput
+        """KV group ``group``'s metadata."""
         lens = inp.query_lens
+        block_tables = inp.block_tables[group]
         num_decodes = sum(1 for n in lens if n == 1)  # decodes come first
         tables = lens_ctx = None
         if num_decodes:
-            tables = torch.from_numpy(padded_tables(inp.block_tables[:num_decodes])).to(device)
+            tables = torch.from_numpy(padded_tables(block_tables[:num_decodes])).to(device)
             lens_ctx = torch.from_numpy(inp.positions[:num_decodes] + 1).to(device)
         prefills: list[PrefillSeq] = []
         row = num_decodes
-        for n, blocks in zip(lens[num_decodes:], inp.block_tables[num_decodes:], strict=True):
+        for n, blocks in zip(lens[num_decodes:], block_tables[num_decodes:], strict=True):
             block_ids = torch.tensor(blocks, dtype=torch.long, device=device)
             prefills.append(PrefillSeq(row, n, int(inp.positions[row]), block_ids))
             row += n
         return AttentionMetadata(
-            slot_mapping=torch.from_numpy(inp.slots).to(device),
+            slot_mapping=torch.from_numpy(inp.slots[group]).to(device),
             num_decodes=num_decodes,
             decode_block_tables=tables,
             decode_context_lens=lens_ctx,

@@ -201,21 +201,22 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [num_tokens]
         positions: torch.Tensor,  # [num_tokens]
         kv_caches: list[torch.Tensor],  # per layer [2, num_kv_heads, num_blocks, block_size, head_dim]
-        meta: Any,
+        metas: list[Any],  # per layer: the attention metadata of its KV group (the same object in a group)
     ) -> torch.Tensor:
         h = self.model.embed_tokens(input_ids)
         if self.scale is not None:
             h = h * self.scale
         fused = self.fused_decode
-        if fused is not None and fused.takes(meta):
-            # skips the last layer's attention, o and MLP for the rows not in meta.output_rows
-            h, residual = fused(h, positions, kv_caches, meta)
+        if fused is not None and fused.takes(metas):
+            # skips the last layer's attention, o and MLP for the rows not in output_rows
+            h, residual = fused(h, positions, kv_caches, metas[0])
             return self.model.norm(h, residual)[0]
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        for layer, kv_cache, meta in zip(self.model.layers, kv_caches, metas, strict=True):
             h, residual = layer(positions, h, residual, kv_cache, meta)
-        if meta.output_rows is not None:
-            h, residual = h[meta.output_rows], residual[meta.output_rows]
+        rows = metas[-1].output_rows
+        if rows is not None:
+            h, residual = h[rows], residual[rows]
         return self.model.norm(h, residual)[0]  # [num_outputs, hidden_size]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
@@ -224,7 +225,7 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.logits(hidden)
 
     # Set by a backend (backends/cpu: FusedDecodeLayers): all layers in one call on the steps it takes
-    # (``takes(meta)``), the same computation as the layers' own forward (held equal by the tests).
+    # (``takes(metas)``), the same computation as the layers' own forward (held equal by the tests).
     fused_decode = None
 
     def checkpoint_slice(self, name: str) -> tuple[int, int, int] | None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from kvloom.backends import get_backend
 from kvloom.config import EngineConfig
-from kvloom.core.kv_cache_manager import cdiv
+from kvloom.core.kv_cache_manager import KVLayout, cdiv
 from kvloom.core.scheduler import NewRequestData, SchedulerOutput
 from kvloom.distributed.parallel_state import get_tp
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
@@ -56,9 +56,9 @@ class ModelInput:
 
     input_ids: np.ndarray  # [rows] int64
     positions: np.ndarray  # [rows] int64
-    slots: np.ndarray  # [rows] int64: where each row's K/V go in the pool
+    slots: np.ndarray  # [groups, rows] int64: where each row's K/V go in the pool, per KV group
     query_lens: list[int]  # rows of each sequence, in row order
-    block_tables: list[list[int]]  # each sequence's blocks, up to its last row's
+    block_tables: list[list[list[int]]]  # per KV group, each sequence's blocks up to its last row's
     output_rows: list[int] | None  # the rows whose hidden state is used; None: all
     logit_rows: list[int]  # rows (of the output rows) to compute logits of
 
@@ -77,21 +77,25 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
-def num_kv_blocks(config: EngineConfig) -> int:
-    """How many KV blocks the pool gets: from the memory budget, never more than max_num_seqs can use."""
+def num_kv_blocks(config: EngineConfig, layout: KVLayout) -> int:
+    """How many KV blocks the pool gets (each ``layout.group_size`` layers' K/V of ``block_size`` tokens):
+    from the memory budget, never more than max_num_seqs sequences can use."""
     bs = config.cache.block_size
-    blocks_per_seq = cdiv(config.model.max_model_len, bs)
+    chunk = config.scheduler.max_num_batched_tokens or config.model.max_model_len
+    blocks_per_seq = layout.blocks_per_seq(config.model.max_model_len, bs, chunk) + layout.frees_blocks
     if config.cache.num_kv_blocks is not None:
         n = config.cache.num_kv_blocks
     else:
+        layer_bytes = config.kv_bytes_per_token // config.hf_config.num_hidden_layers
         n = min(
-            config.cache.kv_cache_memory // (config.kv_bytes_per_token * bs),
+            config.cache.kv_cache_memory // (layer_bytes * layout.group_size * bs),
             config.scheduler.max_num_seqs * blocks_per_seq,
         )
     if n < blocks_per_seq:
         raise ValueError(
-            f"kv_cache_memory: the KV pool holds {n * bs} tokens ({n} blocks), fewer than one sequence of "
-            f"max_model_len={config.model.max_model_len}; give it more memory or lower max_model_len"
+            f"kv_cache_memory: the KV pool holds {n} blocks of {bs} tokens, fewer than one sequence of "
+            f"max_model_len={config.model.max_model_len} needs ({blocks_per_seq}); give it more memory or "
+            "lower max_model_len"
         )
     return n
 
@@ -129,9 +133,18 @@ class ModelRunner:
         self.model = model.eval()
         self.vocab_size = hf.vocab_size
 
-        self.num_blocks = num_kv_blocks(config)
+        # Sliding-window layers get block tables of their own that free what falls out of the window
+        # (core/kv_cache_manager.py); every block holds group_size layers.
+        self.layout = KVLayout.of(
+            [layer.self_attn.window for layer in model.model.layers],
+            config.model.max_model_len,
+            hybrid=not config.cache.disable_hybrid_kv_cache_manager,
+        )
+        if self.layout.num_groups > 1 or self.layout.frees_blocks:
+            logger.info("KV cache: %s", self.layout.describe())
+        self.num_blocks = num_kv_blocks(config, self.layout)
         shape = (
-            hf.num_hidden_layers,
+            self.layout.group_size,
             2,
             config.num_local_kv_heads,  # head-major: a head's blocks are rows the attention gathers whole
             self.num_blocks,
@@ -139,7 +152,8 @@ class ModelRunner:
             config.head_dim,
         )
         self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype)
-        self.kv_caches = list(self.kv_cache.unbind(0))
+        slots = self.kv_cache.unbind(0)
+        self.kv_caches = [slots[i] for i in self.layout.layer_slot]  # per layer
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests: dict[str, NewRequestData] = {}  # the requests the scheduler has scheduled, by id
 
@@ -170,8 +184,9 @@ class ModelRunner:
         # decode step (execute without the model: 400-540 -> 260-380 us).
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        tables: list[list[int]] = []
+        groups = range(self.layout.num_groups)
+        slots: list[list[int]] = [[] for _ in groups]
+        tables: list[list[list[int]]] = [[] for _ in groups]
         sample_rows: list[int] = []
         samplers: list[NewRequestData | SampleRow] = []
         owners: list[tuple[NewRequestData, int, list[int]]] = []  # (request, first sampler index, proposals)
@@ -183,10 +198,10 @@ class ModelRunner:
             input_ids += req.token_ids_slice(s.start, end - s.num_spec)
             spec = s.spec_token_ids
             input_ids += spec
-            blocks = s.block_ids
             positions += range(s.start, end)
-            slots += [blocks[p // bs] * bs + p % bs for p in range(s.start, end)]
-            tables.append(blocks[: cdiv(end, bs)])
+            for group_slots, group_tables, blocks in zip(slots, tables, s.block_ids, strict=True):
+                group_slots += [blocks[p // bs] * bs + p % bs for p in range(s.start, end)]
+                group_tables.append(blocks[: cdiv(end, bs)])
             # Row r predicts the token at position start + r + 1; keep those that are prompt tokens
             # this request has no logprobs for yet (a recompute after preemption does not repeat them).
             if req.sampling_params.prompt_logprobs is not None:
@@ -301,12 +316,12 @@ class ModelRunner:
         """One forward over a step's tokens: the logits of ``inp.logit_rows`` (None on tensor-parallel
         ranks but the first, and when no row wants them)."""
         dev = self.device
-        meta = self.backend.build_metadata(inp)
+        metas = self.backend.build_metadata(inp)  # per KV group
         hidden = self.model(
             torch.from_numpy(inp.input_ids).to(dev),
             torch.from_numpy(inp.positions).to(dev),
             self.kv_caches,
-            meta,
+            [metas[g] for g in self.layout.layer_group],
         )
         if not inp.logit_rows:
             return None

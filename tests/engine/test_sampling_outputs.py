@@ -150,7 +150,7 @@ def test_n4_shares_prompt_blocks_and_gives_different_samples(stories_llm):
     engine.add_request("n4", prompt, SamplingParams(n=4, temperature=1.0, max_tokens=20, ignore_eos=True))
     engine.step()  # prompt computed once, first token sampled, three samples fork
     kv = engine.kv_cache_manager
-    tables = [kv.get_block_ids(f"n4\x00{i}") for i in range(4)]
+    tables = [kv.get_block_ids(f"n4\x00{i}")[0] for i in range(4)]
     shared = tables[0][:2]
     assert all(t[:2] == shared for t in tables[1:])
     assert [kv.block_pool.ref_cnt[b] for b in shared] == [4, 4]

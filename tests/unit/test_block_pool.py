@@ -51,14 +51,14 @@ def test_kv_manager_allocates_exact_block_ids():
     kv = KVCacheManager(num_blocks=8, block_size=4)
     a, b = make_request("a", 10), make_request("b", 3)
     assert kv.allocate_slots(a, 10)
-    assert kv.get_block_ids("a") == [0, 1, 2]
+    assert kv.get_block_ids("a")[0] == [0, 1, 2]
     assert kv.allocate_slots(b, 3)
-    assert kv.get_block_ids("b") == [3]
+    assert kv.get_block_ids("b")[0] == [3]
     a.num_computed_tokens = 10
     assert kv.allocate_slots(a, 2)  # slots 10, 11 fit in block 2
-    assert kv.get_block_ids("a") == [0, 1, 2]
+    assert kv.get_block_ids("a")[0] == [0, 1, 2]
     assert kv.allocate_slots(a, 3)  # 12..14 need a fourth block
-    assert kv.get_block_ids("a") == [0, 1, 2, 4]
+    assert kv.get_block_ids("a")[0] == [0, 1, 2, 4]
     assert kv.num_free_blocks == 3
 
 
@@ -72,26 +72,26 @@ def test_kv_manager_refuses_without_side_effects_and_frees_tail_first():
     assert kv.num_free_blocks == 4
     assert kv.allocate_slots(b, 8)
     # block 3 was never used; then a's blocks come back tail first.
-    assert kv.get_block_ids("b") == [3, 2]
+    assert kv.get_block_ids("b")[0] == [3, 2]
 
 
 def test_prefix_hits_share_blocks_and_different_salts_never_do():
     bs = 4
     kv = KVCacheManager(num_blocks=16, block_size=bs)
     a = make_request("a", 10)  # tokens 1..10: blocks [1-4] [5-8] are full
-    assert kv.get_computed_blocks(a) == [] and kv.allocate_slots(a, 10)
+    assert kv.get_computed_blocks(a) == [[]] and kv.allocate_slots(a, 10)
     a.num_computed_tokens = 10
     kv.cache_blocks(a)
     b = make_request("b", 12)  # same first 10 tokens, longer
     hits = kv.get_computed_blocks(b)
-    assert hits == kv.get_block_ids("a")[:2]
+    assert hits == [kv.get_block_ids("a")[0][:2]]
     assert kv.allocate_slots(b, 12 - 8, hits)
-    assert kv.get_block_ids("b")[:2] == hits and [kv.block_pool.ref_cnt[x] for x in hits] == [2, 2]
+    assert kv.get_block_ids("b")[0][:2] == hits[0] and [kv.block_pool.ref_cnt[x] for x in hits[0]] == [2, 2]
     salted = make_request("c", 12)
     salted.cache_salt = "tenant-2"
-    assert kv.get_computed_blocks(salted) == []
+    assert kv.get_computed_blocks(salted) == [[]]
     # The last token is always recomputed: a prompt of exactly 8 tokens hits only one block.
-    assert len(kv.get_computed_blocks(make_request("d", 8))) == 1
+    assert len(kv.get_computed_blocks(make_request("d", 8))[0]) == 1
     # Freed blocks stay hit-able.
     kv.forget(a)
     kv.forget(b)
@@ -104,4 +104,4 @@ def test_prefix_caching_off_never_hits():
     assert kv.allocate_slots(a, 10)
     a.num_computed_tokens = 10
     kv.cache_blocks(a)
-    assert kv.get_computed_blocks(make_request("b", 10)) == []
+    assert kv.get_computed_blocks(make_request("b", 10)) == [[]]

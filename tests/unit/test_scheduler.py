@@ -11,7 +11,7 @@ def test_prompt_then_decodes_one_token_per_step():
     sched.add_request(r)
     out = fake_step(sched)
     assert [(s.request_id, s.start, s.num_new_tokens) for s in out.scheduled] == [("a", 0, 10)]
-    assert out.scheduled[0].block_ids == [0, 1, 2]
+    assert out.scheduled[0].block_ids == [[0, 1, 2]]
     assert r.num_computed_tokens == 10 and r.output_token_ids == [7]
     out = fake_step(sched)
     assert [(s.start, s.num_new_tokens) for s in out.scheduled] == [(10, 1)]
@@ -88,7 +88,7 @@ def test_budget_and_max_num_seqs_never_exceeded_random():
         out = fake_step(sched)
         assert out.num_scheduled_tokens <= 24
         assert len(sched.running) <= 5
-        tables = [sched.kv.get_block_ids(r.request_id) for r in sched.running]
+        tables = [sched.kv.get_block_ids(r.request_id)[0] for r in sched.running]
         used = {b for t in tables for b in t}  # prompts share prefixes, so the cache shares blocks
         assert len(used) + sched.kv.num_free_blocks == 40
         assert sum(sched.kv.block_pool.ref_cnt) == sum(len(t) for t in tables)
@@ -105,7 +105,7 @@ def test_preempts_newest_running_request_and_recomputes():
     sched.add_request(a)
     sched.add_request(b)
     fake_step(sched)
-    assert sched.kv.get_block_ids("a") == [0, 1] and sched.kv.get_block_ids("b") == [2, 3]
+    assert sched.kv.get_block_ids("a") == [[0, 1]] and sched.kv.get_block_ids("b") == [[2, 3]]
     preempted = []
     while not preempted:
         out = fake_step(sched)

@@ -121,15 +121,15 @@ def test_scheduler_verifies_proposals_and_rolls_back_rejected_ones():
     out = sched.schedule({"a": ([11, 12, 13, 14], None)})
     (s,) = out.scheduled
     assert (s.start, s.num_new_tokens, s.num_spec, s.samples) == (6, 5, 4, True)
-    assert len(s.block_ids) == 3  # 11 tokens
+    assert len(s.block_ids[0]) == 3  # 11 tokens
     # two proposals accepted, then the target's token: 12 tokens are known, 9 + 1 computed
     sched.update_from_output(out, {"a": [11, 12, 20]})
     assert r.output_token_ids == [10, 11, 12, 20]
     assert r.num_computed_tokens == 9 and r.spec_token_ids == []
-    assert len(sched.kv.get_block_ids("a")) == 3  # 9 computed tokens need 3 blocks: none to free
+    assert len(sched.kv.get_block_ids("a")[0]) == 3  # 9 computed tokens need 3 blocks: none to free
     out = sched.schedule({"a": ([21, 22], None)})
     sched.update_from_output(out, {"a": [30]})  # all rejected
-    assert r.num_computed_tokens == 10 and len(sched.kv.get_block_ids("a")) == 3
+    assert r.num_computed_tokens == 10 and len(sched.kv.get_block_ids("a")[0]) == 3
 
 
 def test_scheduler_drops_proposals_past_the_budget_and_stops_mid_list():

@@ -53,11 +53,14 @@ class KernelAttention:
             and block_size % 16 == 0
         )
 
-    def build_metadata(self, inp, block_size: int, device: torch.device) -> KernelAttentionMetadata:  # noqa: ANN001 - ModelInput
+    def build_metadata(  # noqa: ANN001 - ModelInput
+        self, inp, group: int, block_size: int, device: torch.device
+    ) -> KernelAttentionMetadata:
+        """KV group ``group``'s metadata."""
         lens = inp.query_lens
         return KernelAttentionMetadata(
-            slot_mapping=torch.from_numpy(inp.slots),
-            block_tables=torch.from_numpy(padded_tables(inp.block_tables)),
+            slot_mapping=torch.from_numpy(inp.slots[group]),
+            block_tables=torch.from_numpy(padded_tables(inp.block_tables[group])),
             table_index=torch.from_numpy(np.repeat(np.arange(len(lens), dtype=np.int64), lens)),
             context_lens=torch.from_numpy(inp.positions + 1),
             output_rows=output_rows(inp, device),

@@ -370,9 +370,10 @@ class FusedDecodeLayers:
         return None
 
     @staticmethod
-    def takes(meta) -> bool:  # noqa: ANN001
-        """Every step whose attention runs on the kernels (their cache layout)."""
-        return isinstance(meta, KernelAttentionMetadata)
+    def takes(metas: list) -> bool:
+        """Every step whose attention runs on the kernels (their cache layout), all layers on one block
+        table (one KV group)."""
+        return isinstance(metas[0], KernelAttentionMetadata) and all(m is metas[0] for m in metas)
 
     def __call__(
         self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta
