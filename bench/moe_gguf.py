@@ -40,6 +40,7 @@ import llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
 params.nthread = 2
+params.allow_requantize = True  # a quantized file in (bench/gguf_types.py requantizes SmolLM2's Q4_1)
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params))
 sys.exit(rc)
 """

@@ -1,0 +1,95 @@
+"""Every GGUF type kvloom runs natively, against the same file dequantized: the perplexity of tests/data
+and the greedy text of 8 prompts, per file.
+
+    python bench/gguf_types.py                   # SmolLM2 requantized by llama.cpp to each type below
+    python bench/gguf_types.py --types Q3_K_M,IQ4_XS
+
+The files are made by llama.cpp's own quantizer (its venv, as bench/compare.py makes it) from the default
+model's Q4_1 file. NOTE: llama.cpp gives a matrix whose rows are not a multiple of 256 values (SmolLM2's
+hidden size is 576) a fallback type: a Q3_K file has Q3_K MLP down matrices (1536 wide) and IQ4_NL
+elsewhere, so each file's own mix of types is printed beside its numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+TYPES = "Q2_K,Q3_K_M,Q4_0,Q4_1,Q4_K_M,Q5_0,Q5_1,Q5_K_M,Q6_K,Q8_0,IQ4_NL,IQ4_XS"
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    "Hi",
+    "Write a haiku about the sea.",
+    "List three colors:",
+    "Translate to French: The cat sits on the mat.",
+]
+
+
+def tensor_types(path: Path) -> str:
+    from gguf import GGUFReader
+
+    counts = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors if len(t.shape) == 2)
+    return " ".join(f"{k}:{n}" for k, n in counts.most_common())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--types", default=TYPES, help="llama.cpp file types, comma-separated")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+
+    import compare
+    from moe_gguf import QUANTIZE
+
+    from kvloom import LLM, SamplingParams
+    from kvloom.benchmarks.perplexity import DEFAULT_TEXT, perplexity
+    from kvloom.loader.checkpoint import default_model_path
+
+    text = DEFAULT_TEXT.read_text()
+    python = compare.ensure_venv("llamacpp")
+    source = default_model_path()
+    rows = []
+    for ftype in args.types.split(","):
+        path = compare.cache() / "models" / f"smollm2-{ftype}.gguf"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [str(python), "-c", QUANTIZE, str(source), str(path), ftype], check=True, capture_output=True
+            )
+        runs = {}
+        for how in ("auto", "none"):
+            llm = LLM(
+                str(path),
+                dtype="bfloat16",
+                quantization=how,
+                max_model_len=1024,
+                num_threads=args.threads,
+                show_progress=False,
+            )
+            ppl, n = perplexity(llm, text)
+            outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
+            runs[how] = ppl, n, [o.outputs[0].text for o in outs]
+            del llm
+            gc.collect()
+        same = sum(a == b for a, b in zip(runs["auto"][2], runs["none"][2], strict=True))
+        rows.append((ftype, tensor_types(path), runs["auto"][0], runs["none"][0], same, runs["auto"][1]))
+        print(f"{ftype}: native {runs['auto'][0]:.3f}, dequantized {runs['none'][0]:.3f}", flush=True)
+    print(f"\nperplexity on {DEFAULT_TEXT.name} ({rows[0][5]} tokens): native vs dequantized (bf16)")
+    print(f"{'file':<8}{'native':>9}{'dequant':>9}{'ratio':>8}{'greedy':>8}  matrices")
+    for ftype, types, native, dense, same, _ in rows:
+        print(f"{ftype:<8}{native:>9.3f}{dense:>9.3f}{native / dense:>8.4f}{same:>6}/8  {types}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
