@@ -52,6 +52,7 @@ class Gemma3DecoderLayer(DecoderLayer):
 
     attention_class = GemmaAttention
     norm_class = GemmaRMSNorm
+    output_norms = True
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__(config, opts, rotary, mlp)

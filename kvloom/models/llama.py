@@ -93,6 +93,8 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     attention_class: type[Attention] = Attention
     norm_class: type[nn.Module] = RMSNorm
+    # Gemma 3's form: norms of the attention's and the MLP's outputs (a backend's fused layers read this)
+    output_norms = False
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
         super().__init__()
@@ -209,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
         fused = self.fused_decode
         if fused is not None and fused.takes(metas):
             # skips the last layer's attention, o and MLP for the rows not in output_rows
-            h, residual = fused(h, positions, kv_caches, metas[0])
+            h, residual = fused(h, positions, kv_caches, metas)
             return self.model.norm(h, residual)[0]
         residual = None
         for layer, kv_cache, meta in zip(self.model.layers, kv_caches, metas, strict=True):

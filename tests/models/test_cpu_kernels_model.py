@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from kvloom import LLM, SamplingParams
 from kvloom.backends.cpu.kernels import load_cpu_kernels
@@ -28,6 +28,12 @@ CONFIGS = {
     "mistral-sliding-window": lambda: MistralConfig(**COMMON, sliding_window=24),
     "qwen2-bias": lambda: Qwen2Config(**COMMON, tie_word_embeddings=False),
     "qwen3-qk-norm": lambda: Qwen3Config(**COMMON),
+    # local and global layers, each kind its own block tables and rotary table
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        sliding_window=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
 }
 
 
@@ -70,14 +76,18 @@ def test_kernels_match_pytorch_path(name, tmp_path, stories):
         assert (a - r).abs().mean() <= 1.5 * (b - r).abs().mean() + 2e-3
 
 
-def test_fused_decode_layers_equal_per_op_kernels(tmp_path, stories):
-    """All-decode steps run each layer as one C call; the per-op kernel path must give the same bits."""
-    save_random_model(CONFIGS["mistral-sliding-window"](), tmp_path, stories)
+@pytest.mark.parametrize("family", ["mistral-sliding-window", "gemma3", "qwen3-qk-norm"])
+def test_fused_decode_layers_equal_per_op_kernels(tmp_path, stories, family):
+    """Every step runs the layers as one C call; the per-op kernel path must give the same bits: Llama's
+    layers with a window (one block table), Gemma 3's (q/k norms, norms after attention and MLP, GeGLU,
+    local and global rotary tables, a block table per KV group), Qwen3's q/k norms."""
+    save_random_model(CONFIGS[family](), tmp_path, stories)
     prompts = random_prompts(5, [1, 9, 30, 64, 100], 512, seed=4)
     params = SamplingParams(max_tokens=40, temperature=0, logprobs=2, ignore_eos=True)
-    fused = LLM(str(tmp_path), dtype="bfloat16", show_progress=False)
-    per_op = LLM(str(tmp_path), dtype="bfloat16", show_progress=False)
+    fused = LLM(str(tmp_path), dtype="bfloat16", max_num_batched_tokens=48, show_progress=False)
+    per_op = LLM(str(tmp_path), dtype="bfloat16", max_num_batched_tokens=48, show_progress=False)
     assert fused.engine.runner.model.fused_decode is not None
+    assert (fused.engine.runner.layout.num_groups > 1) == (family == "gemma3")
     per_op.engine.runner.model.fused_decode = None
     a = fused.generate(prompts, params, use_tqdm=False)
     b = per_op.generate(prompts, params, use_tqdm=False)

@@ -196,33 +196,52 @@ static void linear_bf16_body(const bf16 *x, int64_t ldx, const bf16 *wp, const b
  *   h = residual or x;  out = bf16(w * bf16(h * rsqrt(mean(h^2) + eps)))
  * Rows are ldx / ldr / ldo elements apart; D must be a multiple of 16.
  */
+INLINE void rms_row(const bf16 *xt, bf16 *rt, const bf16 *w, bf16 *ot, int64_t D, float eps) {
+    __m512 ss = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512 h = load16(xt + d);
+        if (rt) {
+            h = round16(_mm512_add_ps(h, load16(rt + d)));
+            store16(rt + d, h);
+        }
+        ss = _mm512_fmadd_ps(h, h, ss);
+    }
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
+    const bf16 *src = rt ? rt : xt;
+    for (int64_t d = 0; d < D; d += 16)
+        store16(ot + d, _mm512_mul_ps(load16(w + d), round16(_mm512_mul_ps(load16(src + d), r))));
+}
+
 static void rms_norm_bf16_body(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, const bf16 *w, bf16 *out,
                       int64_t ldo, int64_t T, int64_t D, float eps) {
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < T; t++) {
-        const bf16 *xt = x + t * ldx;
-        bf16 *rt = residual ? residual + t * ldr : NULL;
-        bf16 *ot = out + t * ldo;
-        __m512 ss = _mm512_setzero_ps();
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512 h = load16(xt + d);
-            if (rt) {
-                h = round16(_mm512_add_ps(h, load16(rt + d)));
-                store16(rt + d, h);
-            }
-            ss = _mm512_fmadd_ps(h, h, ss);
-        }
-        const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(ss) / (float)D + eps));
-        const bf16 *src = rt ? rt : xt;
-        for (int64_t d = 0; d < D; d += 16)
-            store16(ot + d, _mm512_mul_ps(load16(w + d), round16(_mm512_mul_ps(load16(src + d), r))));
-    }
+    for (int64_t t = 0; t < T; t++)
+        rms_row(x + t * ldx, residual ? residual + t * ldr : NULL, w, out + t * ldo, D, eps);
 }
 
 void kv_rms_norm_bf16(const bf16 *x, int64_t ldx, bf16 *residual, int64_t ldr, const bf16 *w, bf16 *out,
                       int64_t ldo, int64_t T, int64_t D, float eps) {
 #pragma omp parallel if (T > 16)
     rms_norm_bf16_body(x, ldx, residual, ldr, w, out, ldo, T, D, eps);
+}
+
+/* Per-head q and k norms in place in a fused projection's output: rows of qkv [T, W] hold H query heads
+ * then KVH key heads of D each (the values after them are left alone); each head normalized as one row of
+ * rms_norm (weights wq, wk). */
+static void head_norm_bf16_body(bf16 *qkv, int64_t W, int64_t T, int64_t H, int64_t KVH, int64_t D, const bf16 *wq,
+                                const bf16 *wk, float eps) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < T * (H + KVH); r++) {
+        const int64_t t = r / (H + KVH), h = r % (H + KVH);
+        bf16 *row = qkv + t * W + h * D;
+        rms_row(row, NULL, h < H ? wq : wk, row, D, eps);
+    }
+}
+
+void kv_head_norm_bf16(bf16 *qkv, int64_t W, int64_t T, int64_t H, int64_t KVH, int64_t D, const bf16 *wq,
+                       const bf16 *wk, float eps) {
+#pragma omp parallel if (T * (H + KVH) > 64)
+    head_norm_bf16_body(qkv, W, T, H, KVH, D, wq, wk, eps);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -248,11 +267,11 @@ void kv_silu_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_
 /* out[t, i] = bf16(bf16(gelu(gate[t, i])) * up[t, i]), gelu's tanh approximation (Gemma's GeGLU):
  * 0.5 g (1 + tanh(u)) with u = sqrt(2 / pi) (g + 0.044715 g^3) and tanh(u) = 1 - 2 / (exp(2u) + 1): the
  * formula PyTorch evaluates (1 + tanh cancels to 0 for g below about -5 there too). */
-void kv_gelu_tanh_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
+static void gelu_tanh_mul_bf16_body(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
     const int64_t chunks = I / 16;
     const __m512 one = _mm512_set1_ps(1.0f), two = _mm512_set1_ps(2.0f), half = _mm512_set1_ps(0.5f);
     const __m512 c0 = _mm512_set1_ps(0.7978845608028654f), c1 = _mm512_set1_ps(0.044715f);
-#pragma omp parallel for schedule(static) if (T * I >= 16384)
+#pragma omp for schedule(static)
     for (int64_t c = 0; c < T * chunks; c++) {
         const int64_t t = c / chunks, i = (c % chunks) * 16;
         const __m512 g = load16(x + t * ldx + i);
@@ -261,6 +280,11 @@ void kv_gelu_tanh_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, i
         const __m512 gelu = _mm512_mul_ps(_mm512_mul_ps(half, g), _mm512_add_ps(one, th));
         store16(out + t * ldo + i, _mm512_mul_ps(round16(gelu), load16(x + t * ldx + I + i)));
     }
+}
+
+void kv_gelu_tanh_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, int64_t T, int64_t I) {
+#pragma omp parallel if (T * I >= 16384)
+    gelu_tanh_mul_bf16_body(x, ldx, out, ldo, T, I);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -862,15 +886,18 @@ void kv_moe_layer_bf16(const kv_lin *router, const kv_lin *gu, const kv_lin *dow
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * All decoder layers (Llama form: pre-norm attention + SiLU MLP) for a step's tokens (decodes and prefill
- * rows alike: each row attends its own sequence's cache up to its position), in one parallel region: the
- * same kernels as above, separated by the barriers their loops end with. One C call per step, not ~20
- * Python-level calls per layer (nor one call and one thread wake-up per layer). Per layer:
+ * All decoder layers (pre-norm attention + gated MLP: Llama's form, with Qwen3's q/k norms and Gemma 3's
+ * extra norms and GeGLU where a layer has them) for a step's tokens (decodes and prefill rows alike: each
+ * row attends its own sequence's cache up to its position), in one parallel region: the same kernels as
+ * above, separated by the barriers their loops end with. One C call per step, not ~20 Python-level calls
+ * per layer (nor one call and one thread wake-up per layer). Per layer:
  *   residual = h + residual (residual all zeros for the first layer: exact, x + 0 rounds to x)
- *   x = norm_in(residual); qkv = x Wqkv (+b); rope(q, k), cache <- k, v; a = attention(q, cache)
- *   o = a Wo (+b); residual = o + residual; x = norm_post(residual); h = silu_mul(x Wgu) Wdown
- * h [S, E] is updated in place. Scratch buffers come from the caller: x [S, E], qkv [S, (H + 2 KVH) D],
- * a [S, H D], gu [S, 2 I], act [S, I].
+ *   x = norm_in(residual); qkv = x Wqkv (+b); [q, k = norm_q(q), norm_k(k) per head]
+ *   rope(q, k), cache <- k, v; a = attention(q, cache); o = a Wo (+b); [o = norm_attn(o)]
+ *   residual = o + residual; x = norm_post(residual); h = act_mul(x Wgu) Wdown; [h = norm_mlp(h)]
+ * Each layer reads the slots and block tables of its KV group (sliding-window layers have their own) and
+ * its own rotary tables. h [S, E] is updated in place. Scratch buffers come from the caller: x [S, E],
+ * qkv [S, (H + 2 KVH) D], a [S, H D], gu [S, 2 I], act [S, I].
  */
 /* Built with -DKV_PROFILE (bench/kernel_ab.py), thread 0 adds the time of each phase, up to the barrier
  * after it, to kv_prof (TSC ticks; an extra barrier per phase): norm, qkv, rope + cache write, attention, o,
@@ -902,19 +929,22 @@ typedef struct {
     bf16 *k_cache, *v_cache;
     float eps, scale;
     int64_t window;
+    const bf16 *norm_q, *norm_k;          /* per-head q/k norms before the rotary (Qwen3, Gemma 3); NULL: none */
+    const bf16 *norm_attn, *norm_mlp;     /* norms of the attention's and the MLP's outputs (Gemma 3); NULL: none */
+    const bf16 *cos, *sin;                /* the layer's rotary tables */
+    int64_t act;                          /* 0: silu, 1: gelu (tanh) */
+    int64_t group;                        /* its KV group: which slots and block tables it reads */
 } kv_layer;
 
 void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *residual, int64_t S_all, int64_t E,
-                           int64_t I, int64_t H, int64_t KVH, int64_t D, const int64_t *positions, const bf16 *cos,
-                           const bf16 *sin, const int64_t *slots, const int64_t *tables, const int64_t *row_table,
-                           int64_t max_blocks, const int64_t *ctx_lens, int64_t num_blocks, int64_t block_size,
-                           bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act, const int64_t *out_rows,
-                           int64_t n_out) {
+                           int64_t I, int64_t H, int64_t KVH, int64_t D, const int64_t *positions,
+                           const int64_t *const *slots_g, const int64_t *const *tables_g, const int64_t *row_table,
+                           const int64_t *max_blocks_g, const int64_t *ctx_lens, int64_t num_blocks,
+                           int64_t block_size, bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act,
+                           const int64_t *out_rows, int64_t n_out) {
     const int64_t W = (H + 2 * KVH) * D;
     const int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
     float *xsum = (float *)malloc(sizeof(float) * S_all * (kmax / 16)); /* group sums: groups are >= 16 */
-    /* row_table NULL: row r is sequence r's only row (a decode step), and attention writes the K/V itself */
-    attn_write write = {qkv + H * D, W, qkv + (H + KVH) * D, W, positions, slots, cos, cos ? sin : NULL};
     /* out_rows (ascending; prefill and mixed steps only): the rows whose hidden state is wanted. The last
      * layer writes every row's K/V, then moves those rows to the front and runs its attention, o and MLP
      * on them alone, as their results reach nothing else. */
@@ -923,17 +953,21 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
 #pragma omp parallel
     for (int64_t l = 0; l < L; l++) {
         const kv_layer *ly = layers + l;
+        const int64_t *slots = slots_g[ly->group], *tables = tables_g[ly->group];
         const int prune = out_rows && l == L - 1;
         int64_t S = prune ? n_out : S_all; /* the rows from the attention on */
         const int64_t *rows_table = prune ? out_ctx + n_out : row_table, *rows_ctx = prune ? out_ctx : ctx_lens;
+        /* row_table NULL: row r is sequence r's only row (a decode step), and attention writes the K/V itself */
+        attn_write write = {qkv + H * D, W, qkv + (H + KVH) * D, W, positions, slots, ly->cos, ly->cos ? ly->sin : NULL};
         KV_PHASE_START(l);
         rms_norm_bf16_body(h, E, residual, E, ly->norm_in, x, E, S_all, E, ly->eps);
         KV_PHASE(0);
         lin_body(ly->qkv, x, E, qkv, W, S_all, W, E, xsum);
+        if (ly->norm_q) head_norm_bf16_body(qkv, W, S_all, H, KVH, D, ly->norm_q, ly->norm_k, ly->eps);
         KV_PHASE(1);
         if (row_table) /* rows of one sequence read each other's K/V: all are written first */
-            rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, cos, sin, S_all, H, KVH,
-                                 D, ly->k_cache, ly->v_cache, slots, num_blocks, block_size, cos != 0);
+            rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, ly->cos, ly->sin, S_all,
+                                 H, KVH, D, ly->k_cache, ly->v_cache, slots, num_blocks, block_size, ly->cos != 0);
         if (prune) {
 #pragma omp single
             for (int64_t i = 0; i < n_out; i++) { /* ascending, and out_rows[i] >= i: no source is overwritten */
@@ -945,19 +979,24 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
             }
         }
         KV_PHASE(2);
-        decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, rows_table, max_blocks, rows_ctx, a,
-                                   H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window,
+        decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, rows_table, max_blocks_g[ly->group],
+                                   rows_ctx, a, H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window,
                                    rows_table ? NULL : &write);
         KV_PHASE(3);
         lin_body(ly->o, a, H * D, h, E, S, E, H * D, xsum);
+        if (ly->norm_attn) rms_norm_bf16_body(h, E, NULL, 0, ly->norm_attn, h, E, S, E, ly->eps);
         KV_PHASE(4);
         rms_norm_bf16_body(h, E, residual, E, ly->norm_post, x, E, S, E, ly->eps);
         KV_PHASE(5);
         lin_body(ly->gu, x, E, gu, 2 * I, S, 2 * I, E, xsum);
         KV_PHASE(6);
-        silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
+        if (ly->act)
+            gelu_tanh_mul_bf16_body(gu, 2 * I, act, I, S, I);
+        else
+            silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
         KV_PHASE(7);
         lin_body(ly->down, act, I, h, E, S, E, I, xsum);
+        if (ly->norm_mlp) rms_norm_bf16_body(h, E, NULL, 0, ly->norm_mlp, h, E, S, E, ly->eps);
         KV_PHASE(8);
     }
 

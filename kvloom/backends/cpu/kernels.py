@@ -54,7 +54,10 @@ _SIGNATURES = {
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
     # layers, L, h, residual, S, E, I, H, KVH, D, positions, cos, sin, slots, tables, row tables,
     # max_blocks, ctx_lens, num_blocks, block_size, 5 scratch buffers, output rows, their count
-    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _P, _I, _I, *[_P] * 6, _I],
+    # layers, L, h, residual, S, E, I, H, KVH, D, positions, slots per group, tables per group, row table,
+    # table widths per group, context lengths, num_blocks, block_size, 5 scratch buffers, out rows, n_out
+    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _I, *[_P] * 6, _I],
+    "kv_head_norm_bf16": [_P, _I, _I, _I, _I, _I, _P, _P, _F],
 }
 
 
@@ -73,6 +76,14 @@ class KvLayer(ctypes.Structure):
         ("eps", _F),
         ("scale", _F),
         ("window", _I),
+        ("norm_q", _P),
+        ("norm_k", _P),
+        ("norm_attn", _P),
+        ("norm_mlp", _P),
+        ("cos", _P),
+        ("sin", _P),
+        ("act", _I),
+        ("group", _I),
     ]
 
 
@@ -149,6 +160,20 @@ class CpuKernels:
             _ptr(x), x.stride(0), _ptr(residual), ldr, _ptr(weight), _ptr(out), d, t, d, eps
         )
         return out
+
+    def head_norm(self, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, q_norm, k_norm) -> None:  # noqa: ANN001
+        """Per-head q and k norms, in place in a fused projection's output [T, W] (RMSNorm modules)."""
+        self._lib.kv_head_norm_bf16(
+            _ptr(qkv),
+            qkv.stride(0),
+            qkv.shape[0],
+            heads,
+            kv_heads,
+            head_dim,
+            _ptr(q_norm.kernel_weight),
+            _ptr(k_norm.kernel_weight),
+            q_norm.eps,
+        )
 
     # -- greedy sampling --------------------------------------------------------------------------------
     @staticmethod
@@ -319,7 +344,9 @@ class CpuKernels:
 
 class FusedDecodeLayers:
     """All decoder layers as one C call per step (kv_decode_layers_bf16), for every step the kernels run.
-    The weights' addresses are collected once (the parameters never move), the caches' on the first call."""
+    The weights' addresses are collected once (the parameters never move), the caches' on the first call.
+    Layers of Llama's form (DecoderLayer), with q/k norms where the family has them, and Gemma 3's
+    (``DecoderLayer.output_norms``: norms of the attention's and the MLP's outputs, GeGLU)."""
 
     def __init__(self, kernels: CpuKernels, model) -> None:
         cfg = model.config
@@ -331,31 +358,36 @@ class FusedDecodeLayers:
         self._descs = []  # the KvLin descriptors the array points at
         for spec, layer in zip(self.layers, model.model.layers, strict=True):
             a, m = layer.self_attn, layer.mlp
-            if not isinstance(m, MLP):
-                return f"{type(m).__name__} layers (mixture of experts)"
             descs = [lin.method.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
             self._descs.append(descs)
-            spec.norm_in = _ptr(layer.input_layernorm.weight)
-            spec.norm_post = _ptr(layer.post_attention_layernorm.weight)
+            if layer.output_norms:  # the norm before the MLP adds the residual; the other two do not
+                spec.norm_post = _ptr(layer.pre_feedforward_layernorm.kernel_weight)
+                spec.norm_attn = _ptr(layer.post_attention_layernorm.kernel_weight)
+                spec.norm_mlp = _ptr(layer.post_feedforward_layernorm.kernel_weight)
+            else:
+                spec.norm_post = _ptr(layer.post_attention_layernorm.kernel_weight)
+            spec.norm_in = _ptr(layer.input_layernorm.kernel_weight)
+            if a.qk_norm:
+                spec.norm_q, spec.norm_k = _ptr(a.q_norm.kernel_weight), _ptr(a.k_norm.kernel_weight)
             spec.qkv, spec.o, spec.gu, spec.down = (ctypes.pointer(d) for d in descs)
             spec.eps, spec.scale, spec.window = layer.input_layernorm.eps, a.scale, a.window or 0
+            spec.cos, spec.sin = _ptr(a.rotary.cos), _ptr(a.rotary.sin)
+            spec.act = 0 if m.act == "silu" else 1
+            spec.group = -1  # set from each step's metadata
         self._caches = None  # data_ptr of the first layer's cache the array holds
-        self.cos, self.sin = _ptr(attn0.rotary.cos), _ptr(attn0.rotary.sin)
 
     @staticmethod
     def unsupported(model) -> str | None:  # noqa: ANN001
         """Why the fused call cannot run this model (the layers then run one by one), or None."""
         cfg = model.config
         for layer in model.model.layers:
-            if type(layer) is not DecoderLayer:
-                return f"{type(layer).__name__} layers (the fused call runs Llama's)"
+            if type(layer) is not DecoderLayer and not layer.output_norms:
+                return f"{type(layer).__name__} layers (the fused call runs Llama's and Gemma 3's)"
             a, m = layer.self_attn, layer.mlp
             if not isinstance(m, MLP):
                 return f"{type(m).__name__} layers (mixture of experts)"
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            if a.qk_norm:
-                return "q/k norms"
-            if m.act != "silu":
+            if m.act not in ("silu", "gelu_pytorch_tanh"):
                 return f"the {m.act} activation"
             if any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
                 return "a linear layer the kernels do not run"
@@ -363,7 +395,8 @@ class FusedDecodeLayers:
                 return "tensor parallel (sums over the ranks between the layers' halves)"
             if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
                 return f"{a.num_heads}/{a.num_kv_heads} heads of {a.head_dim}"
-            if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
+            norms = [mod for mod in layer.modules() if isinstance(mod, RMSNorm)]
+            if len({mod.eps for mod in norms}) > 1:
                 return "two norm epsilons in a layer"
         if cfg.hidden_size % 16 or cfg.intermediate_size % 16:
             return f"hidden size {cfg.hidden_size} / MLP size {cfg.intermediate_size} not multiples of 16"
@@ -371,19 +404,32 @@ class FusedDecodeLayers:
 
     @staticmethod
     def takes(metas: list) -> bool:
-        """Every step whose attention runs on the kernels (their cache layout), all layers on one block
-        table (one KV group)."""
-        return isinstance(metas[0], KernelAttentionMetadata) and all(m is metas[0] for m in metas)
+        """Every step whose attention runs on the kernels (their cache layout)."""
+        return isinstance(metas[0], KernelAttentionMetadata)
 
     def __call__(
-        self, h: torch.Tensor, positions: torch.Tensor, kv_caches, meta
+        self, h: torch.Tensor, positions: torch.Tensor, kv_caches, metas: list
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """h [S, hidden] (embeddings; overwritten) -> (h, residual) after the last layer: of the rows
-        meta.output_rows when set (the last layer runs its attention, o and MLP on those alone)."""
+        output_rows when set (the last layer runs its attention, o and MLP on those alone). ``metas``: each
+        layer's KV group's metadata."""
         if self._caches != kv_caches[0].data_ptr():
             for spec, kv in zip(self.layers, kv_caches, strict=True):
                 spec.k_cache, spec.v_cache = _ptr(kv[0]), _ptr(kv[1])
             self._caches = kv_caches[0].data_ptr()
+        groups: dict[int, int] = {}  # metadata id -> its index in the per-group arrays
+        slots, tables, widths = [], [], []
+        for spec, meta in zip(self.layers, metas, strict=True):
+            g = groups.get(id(meta))
+            if g is None:
+                g = groups[id(meta)] = len(groups)
+                slots.append(_ptr(meta.slot_mapping))
+                tables.append(_ptr(meta.block_tables))
+                widths.append(meta.block_tables.shape[1])
+            if spec.group != g:
+                spec.group = g
+        n = len(groups)
+        meta = metas[0]
         s, e = h.shape
         H, KVH, D, inter = self.heads, self.kv_heads, self.head_dim, self.inter
         residual = torch.zeros_like(h)
@@ -392,10 +438,9 @@ class FusedDecodeLayers:
         a = torch.empty(s, H * D, dtype=h.dtype)
         gu = torch.empty(s, 2 * inter, dtype=h.dtype)
         act = torch.empty(s, inter, dtype=h.dtype)
-        tables = meta.block_tables
         k0 = kv_caches[0][0]
         # decode steps want every row; then attention writes each row's K/V itself (no row table)
-        decode = tables.shape[0] == s
+        decode = meta.block_tables.shape[0] == s
         out_rows = None if decode else meta.output_rows
         n_out = s if out_rows is None else out_rows.shape[0]
         self.lib.kv_decode_layers_bf16(
@@ -410,12 +455,10 @@ class FusedDecodeLayers:
             KVH,
             D,
             _ptr(positions),
-            self.cos,
-            self.sin,
-            _ptr(meta.slot_mapping),
-            _ptr(tables),
+            (ctypes.c_void_p * n)(*slots),
+            (ctypes.c_void_p * n)(*tables),
             None if decode else _ptr(meta.table_index),
-            tables.shape[1],
+            (ctypes.c_int64 * n)(*widths),
             _ptr(meta.context_lens),
             k0.shape[1],
             k0.shape[2],
