@@ -77,7 +77,8 @@ class KernelAttention:
         n = qkv.shape[0]
         kern = self.kernels
         if layer.qk_norm:  # normalized in place first (one eps: the fused layers' assumption too)
-            kern.head_norm(qkv, layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.q_norm, layer.k_norm)
+            heads, kv_heads = layer.num_heads, layer.num_kv_heads
+            kern.head_norm(qkv, heads, kv_heads, layer.head_dim, layer.q_norm, layer.k_norm)
         # q/k rotated in place in the fused qkv output, K/V written to the cache, in one pass
         kern.rope_and_cache(
             qkv,
