@@ -46,6 +46,9 @@ class Attention(nn.Module):
     # How attention runs: PyTorch ops, or the implementation a backend gives the layer (kvloom/backends).
     impl = TorchAttention()
     norm_class: type[nn.Module] = RMSNorm  # of q and k, where the family has them
+    # Whether q and k are normalized per head, then rotated, as split_qkv below does; False: a family's own
+    # split_qkv (OLMoE: norms over whole projections, clipping), which a backend must run as it is.
+    standard_qk = True
 
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__()

@@ -16,6 +16,8 @@ from kvloom.models.llama import Attention, AttentionOptions, DecoderLayer, Llama
 
 
 class OlmoeAttention(Attention):
+    standard_qk = False
+
     def __init__(self, config: Any, opts: AttentionOptions, rotary: RotaryEmbedding) -> None:
         super().__init__(config, opts, rotary)
         self.q_norm = RMSNorm(self.q_size, config.rms_norm_eps)

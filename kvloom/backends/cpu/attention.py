@@ -76,23 +76,27 @@ class KernelAttention:
     ) -> torch.Tensor:
         n = qkv.shape[0]
         kern = self.kernels
-        if layer.qk_norm:  # normalized in place first (one eps: the fused layers' assumption too)
-            heads, kv_heads = layer.num_heads, layer.num_kv_heads
-            kern.head_norm(qkv, heads, kv_heads, layer.head_dim, layer.q_norm, layer.k_norm)
-        # q/k rotated in place in the fused qkv output, K/V written to the cache, in one pass
-        kern.rope_and_cache(
-            qkv,
-            layer.num_heads,
-            layer.num_kv_heads,
-            layer.head_dim,
-            positions,
-            layer.rotary.cos,
-            layer.rotary.sin,
-            kv_cache[0],
-            kv_cache[1],
-            meta.slot_mapping,
-        )
-        q = qkv[:, : layer.q_size].view(n, layer.num_heads, layer.head_dim)
+        if not layer.standard_qk:  # the family's own q/k handling, then the K/V written
+            q, k, v = layer.split_qkv(positions, qkv)
+            kern.write_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+        else:
+            if layer.qk_norm:  # normalized in place first (one eps: the fused layers' assumption too)
+                heads, kv_heads = layer.num_heads, layer.num_kv_heads
+                kern.head_norm(qkv, heads, kv_heads, layer.head_dim, layer.q_norm, layer.k_norm)
+            # q/k rotated in place in the fused qkv output, K/V written to the cache, in one pass
+            kern.rope_and_cache(
+                qkv,
+                layer.num_heads,
+                layer.num_kv_heads,
+                layer.head_dim,
+                positions,
+                layer.rotary.cos,
+                layer.rotary.sin,
+                kv_cache[0],
+                kv_cache[1],
+                meta.slot_mapping,
+            )
+            q = qkv[:, : layer.q_size].view(n, layer.num_heads, layer.head_dim)
         out = torch.empty(n, layer.num_heads, layer.head_dim, dtype=qkv.dtype)
         kern.decode_attention(
             q,

@@ -707,60 +707,70 @@ INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x
     }
 #define QTILE(MM, KIND, PANEL, HAS_MIN) qlinear_tile(MM, KIND, PANEL, HAS_MIN, xt, ldx, item, pbuf, xs, K, GS, acc)
 
+/* The group sums of row x (K inputs, groups of GS) for the min terms: xsum[g]. */
+INLINE void q_xsum_row(const bf16 *x, int64_t GS, int64_t K, float *xsum) {
+    for (int64_t g = 0; g < K / GS; g++) {
+        float s = 0;
+        for (int64_t k = g * GS; k < (g + 1) * GS; k++) s += b2f(x[k]);
+        xsum[g] = s;
+    }
+}
+
+/* Work item `it` (32 outputs) of a quantized linear for M rows; pbuf: QGROUP * 16 * K bf16 when M > 4. */
+static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
+                         const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float *xsum,
+                         int64_t it, bf16 *pbuf) {
+    const int64_t ngroups = K / GS, item_bytes = ngroups * q_group_bytes(kind, GS, has_min);
+    const int panel = M > 4;
+    const uint8_t *item = w + it * item_bytes;
+    if (panel)
+        for (int64_t g = 0; g < ngroups; g++)
+            for (int64_t c = 0; c < GS / 8; c++)
+                for (int b = 0; b < QGROUP; b++) {
+                    __m512i v[4];
+                    qpairs4(kind, item + g * q_group_bytes(kind, GS, has_min), GS, c, b, v);
+                    for (int j = 0; j < 4; j++)
+                        _mm512_storeu_si512(pbuf + (b * (K / 2) + g * GS / 2 + 4 * c + j) * 32, v[j]);
+                }
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
+        const bf16 *xt = x + m0 * ldx;
+        const float *xs = xsum + m0 * ngroups;
+        float acc[4][QGROUP][16];
+        /* constant kind, panel, min and MM: no branches in the inner loops */
+        if (kind == 4 && panel) {
+            QTILES(4, 1, 1)
+        } else if (kind == 4) {
+            QTILES(4, 0, 1)
+        } else if (kind == 5 && panel) {
+            QTILES(5, 1, 1)
+        } else if (kind == 5) {
+            QTILES(5, 0, 1)
+        } else if (panel && has_min) {
+            QTILES(8, 1, 1)
+        } else if (panel) {
+            QTILES(8, 1, 0)
+        } else if (has_min) {
+            QTILES(8, 0, 1)
+        } else {
+            QTILES(8, 0, 0)
+        }
+        store_tile(&acc[0][0][0], QGROUP * 16, mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
+    }
+}
+
 static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
                               const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *xsum) {
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
-    const int64_t ngroups = K / GS, item_bytes = ngroups * q_group_bytes(kind, GS, has_min);
     /* per-row group sums of x, for the min terms (every thread needs all of them) */
     if (has_min) {
 #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t g = 0; g < ngroups; g++) {
-                float s = 0;
-                for (int64_t k = g * GS; k < (g + 1) * GS; k++) s += b2f(x[m * ldx + k]);
-                xsum[m * ngroups + g] = s;
-            }
+        for (int64_t m = 0; m < M; m++) q_xsum_row(x + m * ldx, GS, K, xsum + m * (K / GS));
     }
-    const int panel = M > 4;
-    bf16 *pbuf = panel ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K) : NULL;
+    bf16 *pbuf = M > 4 ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K) : NULL;
 #pragma omp for schedule(static)
-    for (int64_t it = 0; it < nitems; it++) {
-        const uint8_t *item = w + it * item_bytes;
-        if (panel)
-            for (int64_t g = 0; g < ngroups; g++)
-                for (int64_t c = 0; c < GS / 8; c++)
-                    for (int b = 0; b < QGROUP; b++) {
-                        __m512i v[4];
-                        qpairs4(kind, item + g * q_group_bytes(kind, GS, has_min), GS, c, b, v);
-                        for (int j = 0; j < 4; j++)
-                            _mm512_storeu_si512(pbuf + (b * (K / 2) + g * GS / 2 + 4 * c + j) * 32, v[j]);
-                    }
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
-            const bf16 *xt = x + m0 * ldx;
-            const float *xs = xsum + m0 * ngroups;
-            float acc[4][QGROUP][16];
-            /* constant kind, panel, min and MM: no branches in the inner loops */
-            if (kind == 4 && panel) {
-                QTILES(4, 1, 1)
-            } else if (kind == 4) {
-                QTILES(4, 0, 1)
-            } else if (kind == 5 && panel) {
-                QTILES(5, 1, 1)
-            } else if (kind == 5) {
-                QTILES(5, 0, 1)
-            } else if (panel && has_min) {
-                QTILES(8, 1, 1)
-            } else if (panel) {
-                QTILES(8, 1, 0)
-            } else if (has_min) {
-                QTILES(8, 0, 1)
-            } else {
-                QTILES(8, 0, 0)
-            }
-            store_tile(&acc[0][0][0], QGROUP * 16, mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
-        }
-    }
+    for (int64_t it = 0; it < nitems; it++)
+        qlinear_item(kind, x, ldx, w, has_min, GS, bias, y, ldy, M, N, K, xsum, it, pbuf);
     free(pbuf);
 }
 
@@ -797,16 +807,59 @@ void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_
 static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *xs, int64_t ldx,
                              const int64_t *counts, int64_t n_experts, bf16 *out, int64_t ldo, int64_t E,
                              int64_t I, bf16 *gu_buf, bf16 *act, float *xsum) {
-    int64_t start = 0;
+    int quantized = 1, most = 0;
     for (int64_t e = 0; e < n_experts; e++) {
-        const int64_t n = counts[e];
-        if (n) {
-            lin_body(gu + e, xs + start * ldx, ldx, gu_buf + start * 2 * I, 2 * I, n, 2 * I, E, xsum);
-            silu_mul_bf16_body(gu_buf + start * 2 * I, 2 * I, act + start * I, I, n, I);
-            lin_body(down + e, act + start * I, I, out + start * ldo, ldo, n, E, I, xsum);
-        }
-        start += n;
+        quantized &= gu[e].kind != 0 && down[e].kind != 0;
+        if (counts[e] > most) most = (int)counts[e];
     }
+    if (!quantized) { /* bf16 experts: one call per matrix (linear_bf16_body splits by output blocks) */
+        int64_t start = 0;
+        for (int64_t e = 0; e < n_experts; e++) {
+            const int64_t n = counts[e];
+            if (n) {
+                lin_body(gu + e, xs + start * ldx, ldx, gu_buf + start * 2 * I, 2 * I, n, 2 * I, E, xsum);
+                silu_mul_bf16_body(gu_buf + start * 2 * I, 2 * I, act + start * I, I, n, I);
+                lin_body(down + e, act + start * I, I, out + start * ldo, ldo, n, E, I, xsum);
+            }
+            start += n;
+        }
+        return;
+    }
+    /* Quantized experts: all experts' work items of a matrix in one loop over the threads (three barriers
+     * per layer, not three per expert; a decode step's 8 experts of 24-32 items each balance across the
+     * threads), each item computed as qlinear_bf16_body computes it, so the same bits. xsum: expert e's
+     * rows' group sums at row offset starts[e] (stride K / 16: groups are >= 16). */
+    int64_t starts[n_experts + 1], units[n_experts + 1];
+    const int64_t gu_items = (2 * I + 31) / 32, down_items = (E + 31) / 32;
+    starts[0] = units[0] = 0;
+    for (int64_t e = 0; e < n_experts; e++) starts[e + 1] = starts[e] + counts[e];
+    const int64_t R = starts[n_experts];
+    bf16 *pbuf = most > 4 ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * (E > I ? E : I)) : NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        const kv_lin *L = pass ? down : gu;
+        const bf16 *in = pass ? act : xs;
+        const int64_t ldi = pass ? I : ldx, K = pass ? I : E, N = pass ? E : 2 * I, items = pass ? down_items : gu_items;
+        bf16 *o = pass ? out : gu_buf;
+        const int64_t ldout = pass ? ldo : 2 * I;
+        for (int64_t e = 0; e < n_experts; e++) units[e + 1] = units[e] + (counts[e] ? items : 0);
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < R; m++) {
+            int64_t e = 0;
+            while (starts[e + 1] <= m) e++;
+            if (L[e].has_min)
+                q_xsum_row(in + m * ldi, L[e].group, K, xsum + starts[e] * (K / 16) + (m - starts[e]) * (K / L[e].group));
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < units[n_experts]; u++) {
+            int64_t e = 0;
+            while (units[e + 1] <= u) e++;
+            qlinear_item((int)L[e].kind, in + starts[e] * ldi, ldi, (const uint8_t *)L[e].w, (int)L[e].has_min,
+                         L[e].group, L[e].bias, o + starts[e] * ldout, ldout, counts[e], N, K,
+                         xsum + starts[e] * (K / 16), u - units[e], pbuf);
+        }
+        if (!pass) silu_mul_bf16_body(gu_buf, 2 * I, act, I, R, I);
+    }
+    free(pbuf);
 }
 
 static float *moe_xsum(int64_t rows, int64_t E, int64_t I) { /* group sums: groups are >= 16 */
@@ -829,44 +882,61 @@ void kv_moe_experts_bf16(const kv_lin *gu, const kv_lin *down, const bf16 *xs, i
  * rows grouped by expert (stable) through moe_experts_body, and each row's k outputs weighted and summed
  * in ascending expert order, each product and each sum rounded to bf16 (the PyTorch path's index_add).
  * y [T, E]. Scratch from the caller: logits [T, NE], xs and ys [T k, E], gu_buf [T k, 2I], act [T k, I]. */
-void kv_moe_layer_bf16(const kv_lin *router, const kv_lin *gu, const kv_lin *down, const bf16 *x, int64_t ldx,
-                       int64_t T, int64_t E, int64_t I, int64_t NE, int64_t k, int64_t renormalize, bf16 *logits,
-                       bf16 *xs, bf16 *ys, bf16 *gu_buf, bf16 *act, bf16 *y) {
+/* kv_moe_layer_bf16's integer and fp32 scratch, for R = T k rows and NE experts */
+typedef struct {
+    int64_t *sel, *pos, *counts, *next;
+    float *w, *p;
+} moe_scratch;
+
+static moe_scratch moe_scratch_alloc(int64_t R, int64_t NE) {
+    moe_scratch m = {(int64_t *)malloc(sizeof(int64_t) * (R ? R : 1)), (int64_t *)malloc(sizeof(int64_t) * (R ? R : 1)),
+                     (int64_t *)malloc(sizeof(int64_t) * NE), (int64_t *)malloc(sizeof(int64_t) * NE),
+                     (float *)malloc(sizeof(float) * (R ? R : 1)), (float *)malloc(sizeof(float) * NE)};
+    return m;
+}
+
+static void moe_scratch_free(moe_scratch *m) { free(m->sel), free(m->pos), free(m->counts), free(m->next), free(m->w), free(m->p); }
+
+/* kv_moe_layer_bf16's work, called inside a parallel region (the fused decoder layers call it too). */
+static void moe_layer_body(const kv_lin *router, const kv_lin *gu, const kv_lin *down, const bf16 *x, int64_t ldx,
+                           int64_t T, int64_t E, int64_t I, int64_t NE, int64_t k, int64_t renormalize,
+                           bf16 *logits, bf16 *xs, bf16 *ys, bf16 *gu_buf, bf16 *act, bf16 *y, int64_t ldy,
+                           moe_scratch *ms, float *xsum) {
     const int64_t R = T * k;
-    int64_t *sel = (int64_t *)malloc(sizeof(int64_t) * R), *pos = (int64_t *)malloc(sizeof(int64_t) * R);
-    int64_t *counts = (int64_t *)calloc(NE, sizeof(int64_t)), *next = (int64_t *)malloc(sizeof(int64_t) * NE);
-    float *w = (float *)malloc(sizeof(float) * R), *p = (float *)malloc(sizeof(float) * NE);
-    float *xsum = moe_xsum(R > T ? R : T, E, I);
-#pragma omp parallel
+    int64_t *sel = ms->sel, *pos = ms->pos, *counts = ms->counts, *next = ms->next;
+    float *w = ms->w, *p = ms->p;
     lin_body(router, x, ldx, logits, NE, T, NE, E, xsum);
-    for (int64_t t = 0; t < T; t++) {
-        float m = -INFINITY, sum = 0.0f, picked = 0.0f;
-        for (int64_t e = 0; e < NE; e++) m = fmaxf(m, b2f(logits[t * NE + e]));
-        for (int64_t e = 0; e < NE; e++) sum += (p[e] = expf(b2f(logits[t * NE + e]) - m));
-        for (int64_t e = 0; e < NE; e++) p[e] /= sum;
-        for (int64_t j = 0; j < k; j++) {
-            int64_t best = -1;
-            for (int64_t e = 0; e < NE; e++)
-                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
-            sel[t * k + j] = best;
-            w[t * k + j] = p[best];
-            picked += p[best];
-            p[best] = -1.0f; /* taken */
+#pragma omp single
+    {
+        for (int64_t e = 0; e < NE; e++) counts[e] = 0;
+        for (int64_t t = 0; t < T; t++) {
+            float m = -INFINITY, sum = 0.0f, picked = 0.0f;
+            for (int64_t e = 0; e < NE; e++) m = fmaxf(m, b2f(logits[t * NE + e]));
+            for (int64_t e = 0; e < NE; e++) sum += (p[e] = expf(b2f(logits[t * NE + e]) - m));
+            for (int64_t e = 0; e < NE; e++) p[e] /= sum;
+            for (int64_t j = 0; j < k; j++) {
+                int64_t best = -1;
+                for (int64_t e = 0; e < NE; e++)
+                    if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+                sel[t * k + j] = best;
+                w[t * k + j] = p[best];
+                picked += p[best];
+                p[best] = -1.0f; /* taken */
+            }
+            if (renormalize)
+                for (int64_t j = 0; j < k; j++) w[t * k + j] /= picked;
+            for (int64_t j = 0; j < k; j++) counts[sel[t * k + j]]++;
         }
-        if (renormalize)
-            for (int64_t j = 0; j < k; j++) w[t * k + j] /= picked;
-        for (int64_t j = 0; j < k; j++) counts[sel[t * k + j]]++;
+        for (int64_t e = 0, at = 0; e < NE; e++) next[e] = at, at += counts[e];
+        for (int64_t r = 0; r < R; r++) { /* rows grouped by expert, in (token, choice) order within each */
+            pos[r] = next[sel[r]]++;
+            memcpy(xs + pos[r] * E, x + (r / k) * ldx, sizeof(bf16) * E);
+        }
     }
-    for (int64_t e = 0, at = 0; e < NE; e++) next[e] = at, at += counts[e];
-    for (int64_t r = 0; r < R; r++) { /* rows grouped by expert, in (token, choice) order within each */
-        pos[r] = next[sel[r]]++;
-        memcpy(xs + pos[r] * E, x + (r / k) * ldx, sizeof(bf16) * E);
-    }
-#pragma omp parallel
     moe_experts_body(gu, down, xs, E, counts, NE, ys, E, E, I, gu_buf, act, xsum);
-#pragma omp parallel for schedule(static) if (T * E >= 16384)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
-        bf16 *yt = y + t * E;
+        bf16 *yt = y + t * ldy;
         for (int64_t c = 0; c < E; c++) yt[c] = 0;
         for (int64_t done = 0; done < k; done++) { /* the token's experts in ascending order */
             int64_t j = -1;
@@ -882,7 +952,18 @@ void kv_moe_layer_bf16(const kv_lin *router, const kv_lin *gu, const kv_lin *dow
                 store16(yt + c, _mm512_add_ps(load16(yt + c), round16(_mm512_mul_ps(load16(yr + c), wj))));
         }
     }
-    free(sel), free(pos), free(counts), free(next), free(w), free(p), free(xsum);
+}
+
+void kv_moe_layer_bf16(const kv_lin *router, const kv_lin *gu, const kv_lin *down, const bf16 *x, int64_t ldx,
+                       int64_t T, int64_t E, int64_t I, int64_t NE, int64_t k, int64_t renormalize, bf16 *logits,
+                       bf16 *xs, bf16 *ys, bf16 *gu_buf, bf16 *act, bf16 *y) {
+    moe_scratch ms = moe_scratch_alloc(T * k, NE);
+    float *xsum = moe_xsum(T * k > T ? T * k : T, E, I);
+#pragma omp parallel
+    moe_layer_body(router, gu, down, x, ldx, T, E, I, NE, k, renormalize, logits, xs, ys, gu_buf, act, y, E, &ms,
+                   xsum);
+    moe_scratch_free(&ms);
+    free(xsum);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -894,7 +975,8 @@ void kv_moe_layer_bf16(const kv_lin *router, const kv_lin *gu, const kv_lin *dow
  *   residual = h + residual (residual all zeros for the first layer: exact, x + 0 rounds to x)
  *   x = norm_in(residual); qkv = x Wqkv (+b); [q, k = norm_q(q), norm_k(k) per head]
  *   rope(q, k), cache <- k, v; a = attention(q, cache); o = a Wo (+b); [o = norm_attn(o)]
- *   residual = o + residual; x = norm_post(residual); h = act_mul(x Wgu) Wdown; [h = norm_mlp(h)]
+ *   residual = o + residual; x = norm_post(residual); h = act_mul(x Wgu) Wdown, or a mixture of experts
+ *   (kv_moe_layer_bf16's work) where the layer has a router; [h = norm_mlp(h)]
  * Each layer reads the slots and block tables of its KV group (sliding-window layers have their own) and
  * its own rotary tables. h [S, E] is updated in place. Scratch buffers come from the caller: x [S, E],
  * qkv [S, (H + 2 KVH) D], a [S, H D], gu [S, 2 I], act [S, I].
@@ -934,6 +1016,9 @@ typedef struct {
     const bf16 *cos, *sin;                /* the layer's rotary tables */
     int64_t act;                          /* 0: silu, 1: gelu (tanh) */
     int64_t group;                        /* its KV group: which slots and block tables it reads */
+    /* a mixture-of-experts MLP in place of gu / down (router NULL: none): kv_moe_layer_bf16's arguments */
+    const kv_lin *router, *moe_gu, *moe_down;
+    int64_t n_experts, top_k, renormalize, moe_inter;
 } kv_layer;
 
 void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *residual, int64_t S_all, int64_t E,
@@ -943,8 +1028,24 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
                            int64_t block_size, bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act,
                            const int64_t *out_rows, int64_t n_out) {
     const int64_t W = (H + 2 * KVH) * D;
-    const int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D);
-    float *xsum = (float *)malloc(sizeof(float) * S_all * (kmax / 16)); /* group sums: groups are >= 16 */
+    int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D), rows = S_all, NE = 1, MI = 16, K = 1;
+    for (int64_t l = 0; l < L; l++) /* the mixture-of-experts layers' sizes, for their scratch */
+        if (layers[l].router) {
+            const kv_layer *ly = layers + l;
+            if (ly->moe_inter > kmax) kmax = ly->moe_inter;
+            if (ly->n_experts > NE) NE = ly->n_experts;
+            if (ly->moe_inter > MI) MI = ly->moe_inter;
+            if (ly->top_k > K) K = ly->top_k;
+        }
+    if (S_all * K > rows) rows = S_all * K;
+    float *xsum = (float *)malloc(sizeof(float) * rows * (kmax / 16)); /* group sums: groups are >= 16 */
+    moe_scratch ms = moe_scratch_alloc(S_all * K, NE);
+    bf16 *moe_buf = NULL, *logits = NULL, *xs = NULL, *ys = NULL, *mgu = NULL, *mact = NULL;
+    if (NE > 1) {
+        const int64_t R = S_all * K;
+        moe_buf = (bf16 *)malloc(sizeof(bf16) * (S_all * NE + 2 * R * E + 3 * R * MI));
+        logits = moe_buf, xs = logits + S_all * NE, ys = xs + R * E, mgu = ys + R * E, mact = mgu + 2 * R * MI;
+    }
     /* out_rows (ascending; prefill and mixed steps only): the rows whose hidden state is wanted. The last
      * layer writes every row's K/V, then moves those rows to the front and runs its attention, o and MLP
      * on them alone, as their results reach nothing else. */
@@ -988,20 +1089,27 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
         KV_PHASE(4);
         rms_norm_bf16_body(h, E, residual, E, ly->norm_post, x, E, S, E, ly->eps);
         KV_PHASE(5);
-        lin_body(ly->gu, x, E, gu, 2 * I, S, 2 * I, E, xsum);
-        KV_PHASE(6);
-        if (ly->act)
-            gelu_tanh_mul_bf16_body(gu, 2 * I, act, I, S, I);
-        else
-            silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
-        KV_PHASE(7);
-        lin_body(ly->down, act, I, h, E, S, E, I, xsum);
+        if (ly->router) {
+            moe_layer_body(ly->router, ly->moe_gu, ly->moe_down, x, E, S, E, ly->moe_inter, ly->n_experts, ly->top_k,
+                           ly->renormalize, logits, xs, ys, mgu, mact, h, E, &ms, xsum);
+        } else {
+            lin_body(ly->gu, x, E, gu, 2 * I, S, 2 * I, E, xsum);
+            KV_PHASE(6);
+            if (ly->act)
+                gelu_tanh_mul_bf16_body(gu, 2 * I, act, I, S, I);
+            else
+                silu_mul_bf16_body(gu, 2 * I, act, I, S, I);
+            KV_PHASE(7);
+            lin_body(ly->down, act, I, h, E, S, E, I, xsum);
+        }
         if (ly->norm_mlp) rms_norm_bf16_body(h, E, NULL, 0, ly->norm_mlp, h, E, S, E, ly->eps);
         KV_PHASE(8);
     }
 
     free(xsum);
     free(out_ctx);
+    free(moe_buf);
+    moe_scratch_free(&ms);
 }
 
 /* ---------------------------------------------------------------------------------------------------

@@ -84,6 +84,13 @@ class KvLayer(ctypes.Structure):
         ("sin", _P),
         ("act", _I),
         ("group", _I),
+        ("router", ctypes.POINTER(KvLin)),
+        ("moe_gu", ctypes.POINTER(KvLin)),
+        ("moe_down", ctypes.POINTER(KvLin)),
+        ("n_experts", _I),
+        ("top_k", _I),
+        ("renormalize", _I),
+        ("moe_inter", _I),
     ]
 
 
@@ -345,8 +352,9 @@ class CpuKernels:
 class FusedDecodeLayers:
     """All decoder layers as one C call per step (kv_decode_layers_bf16), for every step the kernels run.
     The weights' addresses are collected once (the parameters never move), the caches' on the first call.
-    Layers of Llama's form (DecoderLayer), with q/k norms where the family has them, and Gemma 3's
-    (``DecoderLayer.output_norms``: norms of the attention's and the MLP's outputs, GeGLU)."""
+    Layers of Llama's form (DecoderLayer), with q/k norms where the family has them, a mixture of experts
+    where KernelMoe runs it (no shared expert), and Gemma 3's (``DecoderLayer.output_norms``: norms of
+    the attention's and the MLP's outputs, GeGLU)."""
 
     def __init__(self, kernels: CpuKernels, model) -> None:
         cfg = model.config
@@ -358,7 +366,19 @@ class FusedDecodeLayers:
         self._descs = []  # the KvLin descriptors the array points at
         for spec, layer in zip(self.layers, model.model.layers, strict=True):
             a, m = layer.self_attn, layer.mlp
-            descs = [lin.method.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+            if isinstance(m, SparseMoeBlock):  # its KernelMoe's descriptors (it keeps them alive)
+                moe = m.fused
+                descs = [a.qkv_proj.method.desc, a.o_proj.method.desc]
+                spec.router = ctypes.pointer(moe.router)
+                spec.moe_gu = ctypes.cast(moe.experts.gu, ctypes.POINTER(KvLin))
+                spec.moe_down = ctypes.cast(moe.experts.down, ctypes.POINTER(KvLin))
+                spec.n_experts, spec.top_k, spec.renormalize = moe.experts.n, moe.k, moe.renormalize
+                spec.moe_inter = moe.experts.inter
+                spec.qkv, spec.o = (ctypes.pointer(d) for d in descs)
+            else:
+                descs = [lin.method.desc for lin in (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)]
+                spec.qkv, spec.o, spec.gu, spec.down = (ctypes.pointer(d) for d in descs)
+                spec.act = 0 if m.act == "silu" else 1
             self._descs.append(descs)
             if layer.output_norms:  # the norm before the MLP adds the residual; the other two do not
                 spec.norm_post = _ptr(layer.pre_feedforward_layernorm.kernel_weight)
@@ -369,10 +389,8 @@ class FusedDecodeLayers:
             spec.norm_in = _ptr(layer.input_layernorm.kernel_weight)
             if a.qk_norm:
                 spec.norm_q, spec.norm_k = _ptr(a.q_norm.kernel_weight), _ptr(a.k_norm.kernel_weight)
-            spec.qkv, spec.o, spec.gu, spec.down = (ctypes.pointer(d) for d in descs)
             spec.eps, spec.scale, spec.window = layer.input_layernorm.eps, a.scale, a.window or 0
             spec.cos, spec.sin = _ptr(a.rotary.cos), _ptr(a.rotary.sin)
-            spec.act = 0 if m.act == "silu" else 1
             spec.group = -1  # set from each step's metadata
         self._caches = None  # data_ptr of the first layer's cache the array holds
 
@@ -384,11 +402,20 @@ class FusedDecodeLayers:
             if type(layer) is not DecoderLayer and not layer.output_norms:
                 return f"{type(layer).__name__} layers (the fused call runs Llama's and Gemma 3's)"
             a, m = layer.self_attn, layer.mlp
-            if not isinstance(m, MLP):
-                return f"{type(m).__name__} layers (mixture of experts)"
-            linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            if m.act not in ("silu", "gelu_pytorch_tanh"):
-                return f"the {m.act} activation"
+            if not a.standard_qk:
+                return f"{type(a).__name__}'s own q/k handling"
+            if isinstance(m, SparseMoeBlock):
+                if not isinstance(m.fused, KernelMoe):
+                    return "mixture-of-experts layers the kernels do not run in one call"
+                if m.shared_expert is not None:
+                    return "shared experts"
+                linears = (a.qkv_proj, a.o_proj, m.gate)
+            elif not isinstance(m, MLP):
+                return f"{type(m).__name__} layers"
+            else:
+                linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+                if m.act not in ("silu", "gelu_pytorch_tanh"):
+                    return f"the {m.act} activation"
             if any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
                 return "a linear layer the kernels do not run"
             if any(lin.reduce_output for lin in linears):
