@@ -170,7 +170,9 @@ def test_health_answers_while_a_4mib_prompt_is_tokenized_and_rejected(smol_serve
             gaps.append(time.monotonic() - t0)
             time.sleep(0.02)
         t.join()
-        assert not gaps or max(gaps) < 0.2, f"{path}: /health took {max(gaps):.3f} s"
+        # NOTE: 0.5 s, not less: on a 2-core host busy tokenizing, /health once took 0.23 s; blocking on the
+        # tokenization would take seconds
+        assert not gaps or max(gaps) < 0.5, f"{path}: /health took {max(gaps):.3f} s"
         r = result[0]
         assert r.status_code == status, r.text
         if status == 200:
