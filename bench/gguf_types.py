@@ -26,16 +26,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 TYPES = "Q2_K,Q3_K_M,Q4_0,Q4_1,Q4_K_M,Q5_0,Q5_1,Q5_K_M,Q6_K,Q8_0,IQ4_NL,IQ4_XS"
-PROMPTS = [
-    "The capital of France is",
-    "def fibonacci(n):",
-    "Once upon a time",
-    "1, 2, 3, 4,",
-    "Hi",
-    "Write a haiku about the sea.",
-    "List three colors:",
-    "Translate to French: The cat sits on the mat.",
-]
 
 
 def tensor_types(path: Path) -> str:
@@ -56,7 +46,7 @@ def main() -> int:
     from moe_gguf import QUANTIZE
 
     from kvloom import LLM, SamplingParams
-    from kvloom.benchmarks.perplexity import DEFAULT_TEXT, perplexity
+    from kvloom.benchmarks.perplexity import DEFAULT_TEXT, GREEDY_PROMPTS, perplexity
     from kvloom.loader.checkpoint import default_model_path
 
     text = DEFAULT_TEXT.read_text()
@@ -82,7 +72,7 @@ def main() -> int:
                 show_progress=False,
             )
             ppl, n = perplexity(llm, text)
-            outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))
+            outs = llm.generate(GREEDY_PROMPTS, SamplingParams(temperature=0, max_tokens=24))
             runs[how] = ppl, n, [o.outputs[0].text for o in outs]
             del llm
             gc.collect()

@@ -8,6 +8,17 @@ from pathlib import Path
 from kvloom.sampling_params import SamplingParams
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "tests" / "data" / "perplexity.txt"
+# Prompts whose greedy text a weight format's run is compared on (tests/models, bench/gguf_types.py)
+GREEDY_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "1, 2, 3, 4,",
+    "Hi",
+    "Write a haiku about the sea.",
+    "List three colors:",
+    "Translate to French: The cat sits on the mat.",
+]
 
 
 def perplexity(llm, text: str, window: int | None = None) -> tuple[float, int]:  # noqa: ANN001 - kvloom.LLM

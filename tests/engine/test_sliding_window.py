@@ -12,18 +12,10 @@ from kvloom import LLM, SamplingParams
 from kvloom.core.kv_cache_manager import NULL_BLOCK, cdiv
 
 from ..models.reference import random_prompts, save_random_model
+from ..models.test_tiny_models import COMMON
 
-SMALL = dict(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    bos_token_id=1,
-    eos_token_id=2,
-    initializer_range=0.3,
-)
+# the tiny models' shapes, with layers and context of each test's own
+SMALL = {k: v for k, v in COMMON.items() if k not in ("num_hidden_layers", "max_position_embeddings")}
 
 
 def gemma3(layers: int, window: int, context: int) -> Gemma3TextConfig:

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 from kvloom import LLM, SamplingParams
 from kvloom.backends.cpu.kernels import load_cpu_kernels
-from kvloom.benchmarks.perplexity import DEFAULT_TEXT, perplexity
+from kvloom.benchmarks.perplexity import DEFAULT_TEXT, GREEDY_PROMPTS, perplexity
 from kvloom.layers.linear import Linear
 
 from .reference import KERNEL_SHAPES, random_prompts, save_random_model
@@ -85,16 +85,7 @@ def _native_vs_dequantized(path, expect: set[str]) -> None:
     rounds the weights to bf16, and a 135-270M model's greedy text forks at the first near tie (Gemma 3
     270M: 4 of 8 the same, the others forking after 4-21 tokens, with or without the kernels' GeGLU)."""
     text = DEFAULT_TEXT.read_text()
-    prompts = [
-        "The capital of France is",
-        "def fibonacci(n):",
-        "Once upon a time",
-        "1, 2, 3, 4,",
-        "Hi",
-        "Write a haiku about the sea.",
-        "List three colors:",
-        "Translate to French: The cat sits on the mat.",
-    ]
+    prompts = GREEDY_PROMPTS
     greedy = SamplingParams(temperature=0, max_tokens=24)
     runs = {}
     for how in ("auto", "none"):
