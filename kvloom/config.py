@@ -66,6 +66,11 @@ class CacheConfig:
         "page faults on fresh blocks while running) instead of as steps first use it",
     )
     enable_prefix_caching: bool = option(True, "automatic prefix caching (default: on)")
+    gpu_memory_utilization: float = option(
+        0.9,
+        "CUDA: the share of the GPU's memory this process may use, weights and KV pool together; the pool "
+        "gets what the weights leave (default: 0.9)",
+    )
     disable_hybrid_kv_cache_manager: bool = option(
         False,
         "one block table for all layers: sliding-window layers keep every block of the sequence instead of "
@@ -139,7 +144,7 @@ class SpeculativeConfig:
 class DeviceConfig:
     """Where the model runs, and on which backend (kvloom/backends)."""
 
-    device: str = option("cpu", "cpu or cuda[:N] (default: cpu)")
+    device: str = option("auto", "auto (default: cuda when torch sees a GPU, else cpu), cpu or cuda[:N]")
     backend: str = option(
         "auto",
         "auto (default: the device's own; on the CPU, bf16 models run on kvloom's AVX-512 BF16 kernels where "

@@ -140,8 +140,14 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     hf_config = checkpoint.hf_config
     get_model_class(hf_config.model_type)  # unsupported architectures fail here, before any loading
     dev = device.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        device = dataclasses.replace(device, device=dev)
     if dev not in ("cpu", "cuda") and not dev.startswith("cuda:"):
-        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {dev!r}")
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {dev!r}")
+    util = cache.gpu_memory_utilization
+    if not isinstance(util, int | float) or not 0 < util <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util!r}")
     context = int(getattr(hf_config, "max_position_embeddings", 2048))
     max_model_len = context if m.max_model_len is None else m.max_model_len
     _positive("max_model_len", max_model_len)
@@ -193,8 +199,9 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
         ),
         cache=dataclasses.replace(
             cache,
+            # the CPU's default here; on CUDA the backend sizes the pool from free memory after loading
             kv_cache_memory=cache.kv_cache_memory
-            if cache.kv_cache_memory is not None
+            if cache.kv_cache_memory is not None or dev != "cpu"
             else _default_kv_cache_memory(),
             reserve_kv_cache=bool(cache.reserve_kv_cache),
             # the draft model's pool is addressed by the target's tables, whose blocks all stay

@@ -48,6 +48,10 @@ class Backend:
         # masked out), and garbage there could be NaN, which masking does not remove.
         return torch.zeros(shape, dtype=dtype, device=self.device)
 
+    def kv_cache_memory(self) -> int:
+        """Bytes for the KV pool when the options set none (the CUDA backend: from free GPU memory)."""
+        raise ValueError(f"kv_cache_memory: set it (or num_kv_blocks) for the {self.device} device")
+
     def build_metadata(self, inp) -> list:  # noqa: ANN001 - ModelInput
         """The attention's metadata of each KV group."""
         bs = self.config.cache.block_size

@@ -77,9 +77,10 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
-def num_kv_blocks(config: EngineConfig, layout: KVLayout) -> int:
+def num_kv_blocks(config: EngineConfig, layout: KVLayout, memory: int | None = None) -> int:
     """How many KV blocks the pool gets (each ``layout.group_size`` layers' K/V of ``block_size`` tokens):
-    from the memory budget, never more than max_num_seqs sequences can use."""
+    from the memory budget (``kv_cache_memory``, else ``memory``: the backend's), never more than
+    max_num_seqs sequences can use."""
     bs = config.cache.block_size
     chunk = config.scheduler.max_num_batched_tokens or config.model.max_model_len
     blocks_per_seq = layout.blocks_per_seq(config.model.max_model_len, bs, chunk) + layout.frees_blocks
@@ -88,7 +89,7 @@ def num_kv_blocks(config: EngineConfig, layout: KVLayout) -> int:
     else:
         layer_bytes = config.kv_bytes_per_token // config.hf_config.num_hidden_layers
         n = min(
-            config.cache.kv_cache_memory // (layer_bytes * layout.group_size * bs),
+            (config.cache.kv_cache_memory or memory or 0) // (layer_bytes * layout.group_size * bs),
             config.scheduler.max_num_seqs * blocks_per_seq,
         )
     if n < blocks_per_seq:
@@ -142,7 +143,10 @@ class ModelRunner:
         )
         if self.layout.num_groups > 1 or self.layout.frees_blocks:
             logger.info("KV cache: %s", self.layout.describe())
-        self.num_blocks = num_kv_blocks(config, self.layout)
+        memory = None
+        if config.cache.kv_cache_memory is None and config.cache.num_kv_blocks is None:
+            memory = self.backend.kv_cache_memory()  # the CUDA backend: from free GPU memory
+        self.num_blocks = num_kv_blocks(config, self.layout, memory)
         shape = (
             self.layout.group_size,
             2,

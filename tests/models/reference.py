@@ -32,8 +32,8 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
     for ids in prompts:
         with torch.no_grad():
             seq = model.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                torch.tensor([ids], device=model.device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
             )

@@ -1,0 +1,58 @@
+"""The CUDA device's backend: the PyTorch reference ops for the layers, paged attention on kvloom's Triton
+kernel (attention.py) where Triton imports and the shapes suit it, and a KV pool sized from the GPU's free
+memory (``--gpu-memory-utilization``) unless ``--kv-cache-memory`` or ``--num-kv-blocks`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvloom.backends.base import Backend
+from kvloom.config import EngineConfig
+from kvloom.logger import init_logger
+
+logger = init_logger(__name__)
+
+
+def gpu_kv_budget(free: int, total: int, utilization: float) -> int:
+    """Bytes the KV pool may take: what keeps the process's GPU use within ``utilization`` of the card,
+    given the bytes free now (after the weights)."""
+    return max(0, int(free - (1.0 - utilization) * total))
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)  # PyTorch attention; refuses int8/int4
+        if config.device.backend != "auto":
+            return
+        try:
+            from kvloom.backends.cuda.attention import TritonAttention
+        except ImportError as e:  # no Triton on this host
+            logger.info("CUDA: paged attention on PyTorch ops (Triton does not import: %s)", e)
+            return
+        if TritonAttention.supports(config.cache.block_size, config.head_dim):
+            self.attention = TritonAttention()
+        else:
+            logger.info(
+                "CUDA: block size %d / head_dim %d: paged attention on PyTorch ops",
+                config.cache.block_size,
+                config.head_dim,
+            )
+
+    def describe(self, model: torch.nn.Module) -> str:
+        return f"PyTorch ops, attention on {self.attention.name}"
+
+    def kv_cache_memory(self) -> int:
+        free, total = torch.cuda.mem_get_info(self.device)
+        budget = gpu_kv_budget(free, total, self.config.cache.gpu_memory_utilization)
+        logger.info(
+            "KV cache: %.2f GiB of %.2f GiB free on %s (gpu_memory_utilization %.2f of %.2f GiB)",
+            budget / 2**30,
+            free / 2**30,
+            self.device,
+            self.config.cache.gpu_memory_utilization,
+            total / 2**30,
+        )
+        return budget

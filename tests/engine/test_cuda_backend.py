@@ -1,0 +1,91 @@
+"""The CUDA backend: its Triton paged attention inside the engine (under Triton's interpreter on CPU tensors
+where there is no GPU), device and pool options, and, marked ``cuda``, the whole engine on a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import Gemma3TextConfig, LlamaConfig
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (triton.jit reads it)
+pytest.importorskip("triton")
+
+from kvloom import LLM, SamplingParams  # noqa: E402
+from kvloom.backends.cuda.attention import TritonAttention  # noqa: E402
+from kvloom.backends.cuda.backend import gpu_kv_budget  # noqa: E402
+from kvloom.models.llama import Attention  # noqa: E402
+
+from ..models.reference import hf_greedy, random_prompts, save_random_model  # noqa: E402
+from ..models.test_tiny_models import COMMON  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    # local (window 8) and global layers: block tables per KV group, null entries before the window
+    "gemma3": lambda: Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+}
+
+
+def _on_triton(llm: LLM) -> LLM:
+    """The engine's attention swapped for the Triton kernel (on this host's device)."""
+    attention = TritonAttention()
+    llm.engine.runner.backend.attention = attention
+    for module in llm.engine.runner.model.modules():
+        if isinstance(module, Attention):
+            module.impl = attention
+    return llm
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_triton_attention_in_the_engine_equals_the_reference(family, tmp_path, stories):
+    """Greedy tokens equal and logprobs within 1e-3 (fp32), chunked prefills and decodes mixed."""
+    save_random_model(CONFIGS[family](), tmp_path, stories)
+    prompts = random_prompts(3, [5, 30, 21], 512, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=0, ignore_eos=True)
+    runs = []
+    for triton_attention in (False, True):
+        llm = LLM(
+            str(tmp_path), dtype="float32", backend="torch", max_num_batched_tokens=16, show_progress=False
+        )
+        if triton_attention:
+            _on_triton(llm)
+        runs.append(llm.generate(prompts, params, use_tqdm=False))
+    for ref, got in zip(*runs, strict=True):
+        a, b = ref.outputs[0], got.outputs[0]
+        assert a.token_ids == b.token_ids
+        for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids, strict=True):
+            assert abs(la[t].logprob - lb[t].logprob) < 1e-3
+
+
+def test_device_and_pool_options():
+    from kvloom.engine_args import create_engine_config
+
+    assert gpu_kv_budget(free=60 << 30, total=80 << 30, utilization=0.9) == 52 << 30
+    assert gpu_kv_budget(free=4 << 30, total=80 << 30, utilization=0.9) == 0
+    config = create_engine_config(device="auto")
+    assert config.device.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        create_engine_config(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="device"):
+        create_engine_config(device="tpu")
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_gpu_greedy_equals_transformers(family, tmp_path, stories):
+    """fp32 on the GPU: token-exact against transformers on the same GPU."""
+    hf_model = save_random_model(CONFIGS[family](), tmp_path, stories).to("cuda")
+    prompts = random_prompts(4, [3, 17, 40, 90], 512, seed=1)
+    expected = hf_greedy(hf_model, prompts, 32)
+    llm = LLM(str(tmp_path), dtype="float32", device="cuda", show_progress=False)
+    assert llm.engine.runner.backend.attention.name == TritonAttention.name
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
