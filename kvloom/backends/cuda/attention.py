@@ -2,16 +2,18 @@
 its sequence's blocks, in the usual cache layout ([KV heads, blocks, block_size, head_dim] per layer, as
 TorchAttention keeps it; K/V written by slot as there).
 
-One kernel for all rows (FlashAttention-2's loop over a paged cache): a program takes a tile of up to
-BLOCK_M consecutive query rows of one sequence and one query head, and walks that sequence's blocks from the
-first one its window reaches to its last row's position, with an online softmax in fp32. The mask is
-causal and within the sliding window; the null entries of a sliding-window table lie before the first
-block read. fp32 models multiply in IEEE fp32 (no TF32), bf16/fp16 ones in their dtype with fp32 sums
-(under the interpreter in fp32: its tl.dot mistakes bf16 operands).
+Two kernels (FlashAttention-2's loop over a paged cache, online softmax in fp32):
+- decode rows (a sequence's only query, the step's first rows): a program takes one row and one KV head,
+  the G query heads that share its K/V as the rows of one tile, over one split of the row's blocks; long
+  contexts are cut into splits whose partial results a second kernel combines (flash-decoding);
+- every other row: a program takes a tile of up to BLOCK_M consecutive query rows of one sequence and one
+  query head.
+Both walk the sequence's blocks from the first one its window reaches; the mask is causal and within the
+sliding window; the null entries of a sliding-window table lie before the first block read. fp32 models
+multiply in IEEE fp32 (no TF32), bf16/fp16 ones in their dtype with fp32 sums (under the interpreter in
+fp32: its tl.dot mistakes bf16 operands).
 
-Tests run the kernel under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against TorchAttention.
-NOTE: a decode row fills one row of a 16-row tile (tl.dot's least M on GPUs); a decode kernel that puts a
-KV head's query heads in those rows, and split-K over long contexts (flash-decoding), are not written yet.
+Tests run the kernels under Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) against TorchAttention.
 """
 
 from __future__ import annotations
@@ -117,13 +119,131 @@ def _paged_attention(
     )
 
 
+@triton.jit
+def _paged_decode(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    part_o_ptr,
+    part_ml_ptr,
+    tables_ptr,
+    ctx_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kh,
+    stride_kb,
+    stride_kp,
+    stride_bt,
+    scale,
+    window_ptr,
+    blocks_per_split,
+    num_splits,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BS: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """One decode row (a sequence's only query) and one KV head: the G query heads that share the head's
+    K/V as the rows of one tile, over one split of the row's blocks (flash-decoding); the split's partial
+    output, max and sum go to part_o [rows, H, splits, D] and part_ml [rows, H, splits, 2]."""
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    ctx = tl.load(ctx_ptr + row)  # positions 0 .. ctx - 1; the query is at ctx - 1
+    window = tl.load(window_ptr)
+    g_offs = tl.arange(0, BLOCK_G)
+    d_offs = tl.arange(0, BLOCK_D)
+    p_offs = tl.arange(0, BS)
+    g_mask = g_offs < G
+    d_mask = d_offs < D
+    h = kvh * G + g_offs
+    q = tl.load(
+        q_ptr + row * stride_qt + h[:, None] * stride_qh + d_offs[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    lo = tl.maximum(ctx - window, 0)
+    first = lo // BS + split * blocks_per_split
+    last = tl.minimum(first + blocks_per_split, (ctx + BS - 1) // BS)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    b = first
+    while b < last:  # NOTE: a while loop, as in _paged_attention
+        block = tl.load(tables_ptr + row * stride_bt + b)
+        kv = kvh * stride_kh + block * stride_kb + p_offs[:, None] * stride_kp + d_offs[None, :]
+        k = tl.load(k_ptr + kv, mask=d_mask[None, :], other=0.0)
+        v = tl.load(v_ptr + kv, mask=d_mask[None, :], other=0.0)
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * scale
+        k_pos = b * BS + p_offs
+        valid = (k_pos < ctx) & (k_pos >= lo)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+        b += 1
+    heads = tl.num_programs(1) * G
+    base = (row * heads + h) * num_splits + split  # (row, head, split)
+    tl.store(part_o_ptr + base[:, None] * BLOCK_D + d_offs[None, :], acc, mask=g_mask[:, None])
+    tl.store(part_ml_ptr + base * 2, m_i, mask=g_mask)
+    tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce(
+    part_o_ptr,
+    part_ml_ptr,
+    o_ptr,
+    stride_ot,
+    stride_oh,
+    num_splits,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """Combine one (row, head)'s splits: rescale each partial output to the common max and divide by the
+    summed softmax denominators."""
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    s_offs = tl.arange(0, BLOCK_S)
+    d_offs = tl.arange(0, BLOCK_D)
+    s_mask = s_offs < num_splits
+    base = (row * tl.num_programs(1) + h) * num_splits + s_offs
+    m = tl.load(part_ml_ptr + base * 2, mask=s_mask, other=float("-inf"))
+    sums = tl.load(part_ml_ptr + base * 2 + 1, mask=s_mask, other=0.0)
+    m_all = tl.max(m, 0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+    acc = tl.load(part_o_ptr + base[:, None] * BLOCK_D + d_offs[None, :], mask=s_mask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(sums * w, 0)
+    out_ptr = o_ptr + row * stride_ot + h * stride_oh + d_offs
+    tl.store(out_ptr, out.to(o_ptr.dtype.element_ty), mask=d_offs < D)
+
+
 @dataclass
 class TritonAttentionMetadata:
-    """One KV group's step data on the device: slots, padded block tables, and the query tiles (a tile: up
-    to BLOCK_M consecutive rows of one sequence)."""
+    """One KV group's step data on the device: slots, padded block tables, the decode rows (the first
+    ``num_decodes`` rows, one per sequence, each the sequence's table row) and the query tiles of the rest
+    (a tile: up to BLOCK_M consecutive rows of one sequence)."""
 
     slot_mapping: torch.Tensor  # [rows] long
     block_tables: torch.Tensor  # [seqs, max_blocks] int32
+    num_decodes: int
+    decode_ctx: torch.Tensor  # [num_decodes] int32: context length (position + 1)
+    blocks_per_split: int  # flash-decoding: each decode row's blocks in splits of this many
+    num_splits: int
     tile_seq: torch.Tensor  # [tiles] int32: the tile's sequence (row of block_tables)
     tile_row: torch.Tensor  # [tiles] int32: its first row in the step
     tile_pos: torch.Tensor  # [tiles] int32: that row's position
@@ -131,15 +251,27 @@ class TritonAttentionMetadata:
     output_rows: torch.Tensor | None
 
 
-def build_tiles(query_lens: list[int], positions: np.ndarray) -> np.ndarray:
-    """[4, tiles] int32: (sequence, first row, its position, rows) of each tile of BLOCK_M rows."""
+SPLIT_BLOCKS = 32  # blocks a decode split covers at least (512 tokens of 16)
+MAX_SPLITS = 16
+
+
+def build_tiles(query_lens: list[int], positions: np.ndarray, skip: int = 0) -> np.ndarray:
+    """[4, tiles] int32: (sequence, first row, its position, rows) of each tile of BLOCK_M rows, for the
+    sequences after the first ``skip``."""
     tiles = []
-    row = 0
-    for seq, n in enumerate(query_lens):
+    row = sum(query_lens[:skip])
+    for seq, n in enumerate(query_lens[skip:], start=skip):
         for first in range(0, n, BLOCK_M):
             tiles.append((seq, row + first, int(positions[row + first]), min(BLOCK_M, n - first)))
         row += n
     return np.array(tiles, dtype=np.int32).reshape(-1, 4).T.copy()
+
+
+def decode_splits(max_blocks: int) -> tuple[int, int]:
+    """(blocks per split, splits) for decode rows of up to ``max_blocks`` blocks: one split up to
+    SPLIT_BLOCKS, then as many as keep the splits at least that long, MAX_SPLITS at most."""
+    splits = max(1, min(MAX_SPLITS, max_blocks // SPLIT_BLOCKS))
+    return -(-max_blocks // splits), splits
 
 
 class TritonAttention:
@@ -156,11 +288,19 @@ class TritonAttention:
         self, inp, group: int, block_size: int, device: torch.device
     ) -> TritonAttentionMetadata:
         """KV group ``group``'s metadata."""
-        tiles = torch.from_numpy(build_tiles(inp.query_lens, inp.positions)).to(device)
+        lens = inp.query_lens
+        nd = next((i for i, n in enumerate(lens) if n != 1), len(lens))  # decodes come first
+        tiles = torch.from_numpy(build_tiles(lens, inp.positions, skip=nd)).to(device)
         tables = padded_tables(inp.block_tables[group]).astype(np.int32)
+        ctx = (inp.positions[:nd] + 1).astype(np.int32)
+        per_split, splits = decode_splits(-(-int(ctx.max()) // block_size) if nd else 1)
         return TritonAttentionMetadata(
             slot_mapping=torch.from_numpy(inp.slots[group]).to(device),
             block_tables=torch.from_numpy(tables).to(device),
+            num_decodes=nd,
+            decode_ctx=torch.from_numpy(ctx).to(device),
+            blocks_per_split=per_split,
+            num_splits=splits,
             tile_seq=tiles[0],
             tile_row=tiles[1],
             tile_pos=tiles[2],
@@ -204,6 +344,52 @@ def paged_attention(
     q = q.contiguous()
     heads = q.shape[1]
     out = torch.empty_like(q)
+    # NOTE: the interpreter's tl.dot gets bf16 operands wrong (numpy has no bf16): it multiplies in fp32
+    ieee = q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    win = _window(window or NO_WINDOW, q.device)  # NOTE: a tensor: see the loops' note
+    block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot's least K on GPUs
+    nd, splits = meta.num_decodes, meta.num_splits
+    if nd:
+        part_o = torch.empty(nd, heads, splits, block_d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(nd, heads, splits, 2, dtype=torch.float32, device=q.device)
+        _paged_decode[(nd, kv_heads, splits)](
+            q,
+            k_cache,
+            v_cache,
+            part_o,
+            part_ml,
+            meta.block_tables,
+            meta.decode_ctx,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            meta.block_tables.stride(0),
+            scale,
+            win,
+            meta.blocks_per_split,
+            splits,
+            G=heads // kv_heads,
+            D=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_G=max(16, triton.next_power_of_2(heads // kv_heads)),  # tl.dot's least M on GPUs
+            BS=block_size,
+            IEEE=ieee,
+        )
+        _decode_reduce[(nd, heads)](
+            part_o,
+            part_ml,
+            out,
+            out.stride(0),
+            out.stride(1),
+            splits,
+            D=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=triton.next_power_of_2(splits),
+        )
+    if meta.tile_seq.shape[0] == 0:
+        return out
     grid = (meta.tile_seq.shape[0], heads)
     _paged_attention[grid](
         q,
@@ -224,13 +410,12 @@ def paged_attention(
         k_cache.stride(2),
         meta.block_tables.stride(0),
         scale,
-        _window(window or NO_WINDOW, q.device),  # NOTE: a tensor: see the loop's note
+        win,
         G=heads // kv_heads,
         D=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot's least K on GPUs
+        BLOCK_D=block_d,
         BLOCK_M=BLOCK_M,
         BS=block_size,
-        # NOTE: the interpreter's tl.dot gets bf16 operands wrong (numpy has no bf16): it multiplies in fp32
-        IEEE=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        IEEE=ieee,
     )
     return out
