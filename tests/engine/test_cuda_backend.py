@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from transformers import Gemma3TextConfig, LlamaConfig
+from transformers import Gemma3TextConfig, LlamaConfig, Qwen3Config
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module is imported (triton.jit reads it)
@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 
 from kvloom import LLM, SamplingParams  # noqa: E402
 from kvloom.backends.cuda.attention import TritonAttention  # noqa: E402
-from kvloom.backends.cuda.backend import gpu_kv_budget  # noqa: E402
+from kvloom.backends.cuda.backend import give_triton_kernels, gpu_kv_budget  # noqa: E402
 from kvloom.models.llama import Attention  # noqa: E402
 
 from ..models.reference import hf_greedy, random_prompts, save_random_model  # noqa: E402
@@ -24,6 +24,7 @@ from ..models.test_tiny_models import COMMON  # noqa: E402
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON),  # per-head q/k norms through the Triton RMSNorm
     # local (window 8) and global layers: block tables per KV group, null entries before the window
     "gemma3": lambda: Gemma3TextConfig(
         **{**COMMON, "num_hidden_layers": 3},
@@ -34,12 +35,14 @@ CONFIGS = {
 
 
 def _on_triton(llm: LLM) -> LLM:
-    """The engine's attention swapped for the Triton kernel (on this host's device)."""
+    """The engine's attention, norms and activations swapped for the Triton kernels, as CudaBackend has
+    them (on this host's device)."""
     attention = TritonAttention()
     llm.engine.runner.backend.attention = attention
     for module in llm.engine.runner.model.modules():
         if isinstance(module, Attention):
             module.impl = attention
+    give_triton_kernels(llm.engine.runner.model)
     return llm
 
 
@@ -89,3 +92,29 @@ def test_gpu_greedy_equals_transformers(family, tmp_path, stories):
     assert llm.engine.runner.backend.attention.name == TritonAttention.name
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_norm_and_activation_follow_pytorch(dtype):
+    from kvloom.backends.cuda.fused import TritonActMul, TritonRMSNorm
+    from kvloom.layers.mlp import MLP
+    from kvloom.layers.norm import RMSNorm
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(5, 96, generator=g).to(dtype).to(dev) for _ in range(2))
+    norm = RMSNorm(96, 1e-6).to(dtype).to(dev)
+    norm.weight.data = torch.randn(96, generator=g).to(dtype).to(dev)
+    ref_out, ref_res = norm(x, res.clone())
+    got_res = res.clone()
+    got = TritonRMSNorm()(x, got_res, norm.kernel_weight, norm.eps)
+    # NOTE: bf16 within 2e-2: the interpreter casts fp32 to bf16 by truncation (the residual sums then
+    # differ in their last bit), a GPU rounds to nearest
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(got_res.float(), ref_res.float(), rtol=tol, atol=0)
+    assert (got - ref_out).abs().max() <= tol * ref_out.abs().max()
+    gate_up = torch.randn(5, 2 * 80, generator=g).to(dtype).to(dev)
+    for act in ("silu", "gelu_pytorch_tanh"):
+        gate, up = gate_up.split(80, dim=-1)
+        ref = MLP.ACTIVATIONS[act](gate) * up
+        assert (TritonActMul(act)(gate_up) - ref).abs().max() <= tol * ref.abs().max()

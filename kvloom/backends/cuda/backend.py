@@ -20,8 +20,22 @@ def gpu_kv_budget(free: int, total: int, utilization: float) -> int:
     return max(0, int(free - (1.0 - utilization) * total))
 
 
+def give_triton_kernels(model: torch.nn.Module) -> None:
+    """Point the model's norms and MLP activations at the Triton kernels (backends/cuda/fused.py)."""
+    from kvloom.backends.cuda.fused import TritonActMul, TritonRMSNorm
+    from kvloom.layers.mlp import MLP
+    from kvloom.layers.norm import RMSNorm
+
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fused = TritonRMSNorm()
+        elif isinstance(module, MLP):
+            module.fused_act = TritonActMul(module.act)
+
+
 class CudaBackend(Backend):
     name = "cuda"
+    triton = False  # whether the Triton kernels run (Triton imports, --backend auto)
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)  # PyTorch attention; refuses int8/int4
@@ -32,6 +46,7 @@ class CudaBackend(Backend):
         except ImportError as e:  # no Triton on this host
             logger.info("CUDA: paged attention on PyTorch ops (Triton does not import: %s)", e)
             return
+        self.triton = True
         if TritonAttention.supports(config.cache.block_size, config.head_dim):
             self.attention = TritonAttention()
         else:
@@ -41,8 +56,14 @@ class CudaBackend(Backend):
                 config.head_dim,
             )
 
+    def prepare(self, model: torch.nn.Module) -> None:
+        super().prepare(model)
+        if self.triton:
+            give_triton_kernels(model)
+
     def describe(self, model: torch.nn.Module) -> str:
-        return f"PyTorch ops, attention on {self.attention.name}"
+        fused = ", norms and activation on Triton" if self.triton else ""
+        return f"PyTorch ops{fused}, attention on {self.attention.name}"
 
     def kv_cache_memory(self) -> int:
         free, total = torch.cuda.mem_get_info(self.device)
