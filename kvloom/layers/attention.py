@@ -119,6 +119,19 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
     return rows.view(kv_heads, -1, head_dim)
 
 
+def write_cache(
+    k: torch.Tensor,  # [tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_kv_heads, num_blocks, block_size, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [tokens] long
+) -> None:
+    """Each token's K/V into its slot of the cache (a slot: block * block_size + offset)."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+
+
 def paged_attention(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -131,8 +144,7 @@ def paged_attention(
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
 
     nd = meta.num_decodes
     if nd:
@@ -213,8 +225,13 @@ class TorchAttention:
     ) -> torch.Tensor:
         """[tokens, q_size] attention output of ``layer`` (its fused qkv output given)."""
         q, k, v = layer.split_qkv(positions, qkv)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, layer.scale, layer.window)
-        return o.view(qkv.shape[0], layer.q_size)
+        o = self.paged(q, k, v, kv_cache[0], kv_cache[1], meta, layer.scale, layer.window)
+        return o.reshape(qkv.shape[0], layer.q_size)
+
+    @staticmethod
+    def paged(q, k, v, k_cache, v_cache, meta, scale, window):  # noqa: ANN001, ANN205 - paged_attention's
+        """The step's K/V written, then every row's attention (a subclass's kernels in its place)."""
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
 
 
 def output_rows(inp, device: torch.device) -> torch.Tensor | None:  # noqa: ANN001 - ModelInput

@@ -27,10 +27,33 @@ import torch
 import triton
 import triton.language as tl
 
-from kvloom.layers.attention import output_rows, padded_tables
+from kvloom.layers.attention import TorchAttention, output_rows, padded_tables, write_cache
 
 BLOCK_M = 16
 NO_WINDOW = 1 << 30
+
+
+@triton.jit
+def _block_step(q, k_ptr, v_ptr, kv, d_mask, valid, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+    """One block of keys for a tile of queries: scores, the mask ``valid`` ([rows, BS]), and the online
+    softmax's running max, sum and output updated. Returns (m_i, l_i, acc)."""
+    k = tl.load(k_ptr + kv, mask=d_mask[None, :], other=0.0)
+    v = tl.load(v_ptr + kv, mask=d_mask[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(valid, s * scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet (padding rows)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -90,26 +113,9 @@ def _paged_attention(
     while p0 < hi:
         block = tl.load(tables_ptr + seq * stride_bt + p0 // BS)
         kv = kvh * stride_kh + block * stride_kb + p_offs[:, None] * stride_kp + d_offs[None, :]
-        k = tl.load(k_ptr + kv, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + kv, mask=d_mask[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
         k_pos = p0 + p_offs
         valid = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet (padding rows)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = _block_step(q, k_ptr, v_ptr, kv, d_mask, valid, m_i, l_i, acc, scale, IEEE)
         p0 += BS
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(
@@ -174,26 +180,9 @@ def _paged_decode(
     while b < last:  # NOTE: a while loop, as in _paged_attention
         block = tl.load(tables_ptr + row * stride_bt + b)
         kv = kvh * stride_kh + block * stride_kb + p_offs[:, None] * stride_kp + d_offs[None, :]
-        k = tl.load(k_ptr + kv, mask=d_mask[None, :], other=0.0)
-        v = tl.load(v_ptr + kv, mask=d_mask[None, :], other=0.0)
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
         k_pos = b * BS + p_offs
-        valid = (k_pos < ctx) & (k_pos >= lo)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        valid = ((k_pos < ctx) & (k_pos >= lo))[None, :] & g_mask[:, None]
+        m_i, l_i, acc = _block_step(q, k_ptr, v_ptr, kv, d_mask, valid, m_i, l_i, acc, scale, IEEE)
         b += 1
     heads = tl.num_programs(1) * G
     base = (row * heads + h) * num_splits + split  # (row, head, split)
@@ -274,8 +263,9 @@ def decode_splits(max_blocks: int) -> tuple[int, int]:
     return -(-max_blocks // splits), splits
 
 
-class TritonAttention:
-    """Paged attention on Triton kernels (the CUDA backend; CPU tensors under TRITON_INTERPRET=1)."""
+class TritonAttention(TorchAttention):
+    """Paged attention on Triton kernels (the CUDA backend; CPU tensors under TRITON_INTERPRET=1): the
+    reference's forward, with its own metadata and kernels."""
 
     name = "kvloom Triton kernels"
 
@@ -308,17 +298,9 @@ class TritonAttention:
             output_rows=output_rows(inp, device),
         )
 
-    def forward(
-        self,
-        layer,
-        positions: torch.Tensor,
-        qkv: torch.Tensor,
-        kv_cache: torch.Tensor,
-        meta: TritonAttentionMetadata,  # noqa: ANN001 - models' Attention
-    ) -> torch.Tensor:
-        q, k, v = layer.split_qkv(positions, qkv)
-        o = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, layer.scale, layer.window)
-        return o.reshape(qkv.shape[0], layer.q_size)
+    @staticmethod
+    def paged(q, k, v, k_cache, v_cache, meta, scale, window):  # noqa: ANN001, ANN205 - paged_attention's
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
 
 
 @functools.cache
@@ -339,8 +321,7 @@ def paged_attention(
     """Write the rows' K/V to their slots, then attend every row over its sequence's cache: [rows, heads,
     head_dim]."""
     kv_heads, _, block_size, head_dim = k_cache.shape
-    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+    write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
     q = q.contiguous()
     heads = q.shape[1]
     out = torch.empty_like(q)
