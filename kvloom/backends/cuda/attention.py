@@ -221,6 +221,57 @@ def _decode_reduce(
     tl.store(out_ptr, out.to(o_ptr.dtype.element_ty), mask=d_offs < D)
 
 
+@triton.jit
+def _rope_cache(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_out_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slots_ptr,
+    stride_q,
+    stride_k,
+    stride_v,
+    stride_kh,
+    H,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """One row, one head: q heads rotated into q_out [rows, H, 2 HALF]; a KV head's k rotated and written
+    with its v to the row's slot of the caches ([KVH, blocks x block_size, 2 HALF]). The rotation in fp32
+    (q cos + rotate_half(q) sin), rounded once."""
+    t = tl.program_id(0)
+    j = tl.program_id(1)
+    pos = tl.load(pos_ptr + t)
+    offs = tl.arange(0, BLOCK_H)
+    m = offs < HALF
+    c1 = tl.load(cos_ptr + pos * 2 * HALF + offs, mask=m, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + pos * 2 * HALF + HALF + offs, mask=m, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + pos * 2 * HALF + offs, mask=m, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + pos * 2 * HALF + HALF + offs, mask=m, other=0.0).to(tl.float32)
+    if j < H:
+        src = q_ptr + t * stride_q + j * 2 * HALF
+        dst = q_out_ptr + (t * H + j) * 2 * HALF
+    else:
+        kvh = j - H
+        src = k_ptr + t * stride_k + kvh * 2 * HALF
+        slot = tl.load(slots_ptr + t)
+        dst = k_cache_ptr + kvh * stride_kh + slot * 2 * HALF
+        v1 = tl.load(v_ptr + t * stride_v + kvh * 2 * HALF + offs, mask=m)
+        v2 = tl.load(v_ptr + t * stride_v + kvh * 2 * HALF + HALF + offs, mask=m)
+        tl.store(v_cache_ptr + kvh * stride_kh + slot * 2 * HALF + offs, v1, mask=m)
+        tl.store(v_cache_ptr + kvh * stride_kh + slot * 2 * HALF + HALF + offs, v2, mask=m)
+    x1 = tl.load(src + offs, mask=m, other=0.0)
+    x2 = tl.load(src + HALF + offs, mask=m, other=0.0)
+    a, b = x1.to(tl.float32), x2.to(tl.float32)
+    tl.store(dst + offs, (a * c1 - b * s1).to(x1.dtype), mask=m)
+    tl.store(dst + HALF + offs, (b * c2 + a * s2).to(x1.dtype), mask=m)
+
+
 @dataclass
 class TritonAttentionMetadata:
     """One KV group's step data on the device: slots, padded block tables, the decode rows (the first
@@ -298,6 +349,49 @@ class TritonAttention(TorchAttention):
             output_rows=output_rows(inp, device),
         )
 
+    def forward(
+        self,
+        layer,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: TritonAttentionMetadata,  # noqa: ANN001 - models' Attention
+    ) -> torch.Tensor:
+        """Standard q/k handling (per-head norms, then a full rotary): q and k rotated and K/V written in
+        one kernel (_rope_cache), then attention. Other layers: the reference's split, then the kernels."""
+        d = layer.head_dim
+        if not layer.standard_qk or layer.rotary.rotary_dim != d or d % 2:
+            return super().forward(layer, positions, qkv, kv_cache, meta)
+        n, heads, kv_heads = qkv.shape[0], layer.num_heads, layer.num_kv_heads
+        q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+        if layer.qk_norm:
+            q = layer.q_norm(q.view(n, heads, d)).view(n, layer.q_size)
+            k = layer.k_norm(k.reshape(n, kv_heads, d)).view(n, layer.kv_size)
+        q_rot = torch.empty(n, heads, d, dtype=qkv.dtype, device=qkv.device)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        if n:
+            _rope_cache[(n, heads + kv_heads)](
+                q,
+                k,
+                v,
+                q_rot,
+                positions,
+                layer.rotary.cos,
+                layer.rotary.sin,
+                k_cache,
+                v_cache,
+                meta.slot_mapping,
+                q.stride(0),
+                k.stride(0),
+                v.stride(0),
+                k_cache.stride(0),
+                heads,
+                HALF=d // 2,
+                BLOCK_H=triton.next_power_of_2(d // 2),
+            )
+        o = attend(q_rot, k_cache, v_cache, meta, layer.scale, layer.window)
+        return o.reshape(n, layer.q_size)
+
     @staticmethod
     def paged(q, k, v, k_cache, v_cache, meta, scale, window):  # noqa: ANN001, ANN205 - paged_attention's
         return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
@@ -320,8 +414,20 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write the rows' K/V to their slots, then attend every row over its sequence's cache: [rows, heads,
     head_dim]."""
-    kv_heads, _, block_size, head_dim = k_cache.shape
     write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    return attend(q, k_cache, v_cache, meta, scale, window)
+
+
+def attend(
+    q: torch.Tensor,  # [rows, heads, head_dim]
+    k_cache: torch.Tensor,  # [kv_heads, num_blocks, block_size, head_dim], this step's K/V in it
+    v_cache: torch.Tensor,
+    meta: TritonAttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """Every row over its sequence's cache: [rows, heads, head_dim]."""
+    kv_heads, _, block_size, head_dim = k_cache.shape
     q = q.contiguous()
     heads = q.shape[1]
     out = torch.empty_like(q)
