@@ -9,6 +9,7 @@ writes), so a long request holds on those layers about a window's worth of block
 
 from __future__ import annotations
 
+import collections
 import hashlib
 from dataclasses import dataclass
 
@@ -77,9 +78,7 @@ class KVLayout:
         )
 
     def describe(self) -> str:
-        counts: dict[int | None, int] = {}
-        for w in self.windows:
-            counts[w] = counts.get(w, 0) + 1
+        counts = collections.Counter(self.windows)
         kinds = ", ".join(
             f"{n} {'full-attention' if w is None else f'sliding-window {w}'}" for w, n in counts.items()
         )

@@ -77,6 +77,13 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fused projection's output -> q [n, H, D], k, v [n, KVH, D]: q/k normalized (where the
         family does) and rotated."""
+        q, k, v = self.split_normed(qkv)
+        q, k = self.rotary(positions, q, k)
+        return q, k, v
+
+    def split_normed(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """split_qkv before the rotary (views of ``qkv`` where nothing is normalized); a backend that
+        rotates in its own kernel starts here (``standard_qk`` layers)."""
         n = qkv.shape[0]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
@@ -84,7 +91,6 @@ class Attention(nn.Module):
         v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
         return q, k, v
 
     def forward(

@@ -52,8 +52,6 @@ _SIGNATURES = {
     "kv_rope_cache_bf16": [_P, _I] * 3 + [_P] * 3 + [_I] * 4 + [_P] * 3 + [_I, _I, ctypes.c_int],
     "kv_argmax_bf16": [_P, _I, _I, _I, _P],
     "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
-    # layers, L, h, residual, S, E, I, H, KVH, D, positions, cos, sin, slots, tables, row tables,
-    # max_blocks, ctx_lens, num_blocks, block_size, 5 scratch buffers, output rows, their count
     # layers, L, h, residual, S, E, I, H, KVH, D, positions, slots per group, tables per group, row table,
     # table widths per group, context lengths, num_blocks, block_size, 5 scratch buffers, out rows, n_out
     "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _I, *[_P] * 6, _I],
@@ -280,7 +278,7 @@ class CpuKernels:
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
-        """Write K/V rows to their slots (models whose q/k are normalized before the rotary)."""
+        """Write K/V rows to their slots, k already rotated (layers with their own q/k handling: OLMoE)."""
         t, kvh, d = k.shape
         if k.stride(1) != d or k.stride(2) != 1:
             k = k.contiguous()

@@ -363,10 +363,7 @@ class TritonAttention(TorchAttention):
         if not layer.standard_qk or layer.rotary.rotary_dim != d or d % 2:
             return super().forward(layer, positions, qkv, kv_cache, meta)
         n, heads, kv_heads = qkv.shape[0], layer.num_heads, layer.num_kv_heads
-        q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-        if layer.qk_norm:
-            q = layer.q_norm(q.view(n, heads, d)).view(n, layer.q_size)
-            k = layer.k_norm(k.reshape(n, kv_heads, d)).view(n, layer.kv_size)
+        q, k, v = layer.split_normed(qkv)  # heads contiguous within each row
         q_rot = torch.empty(n, heads, d, dtype=qkv.dtype, device=qkv.device)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if n:
