@@ -1,6 +1,7 @@
 """kvloom on a GPU against transformers on the same GPU (bench/gpu_check.sh runs it on the device machine):
 throughput of N x (input, output) requests and batch-1 decode, for random-weight models of SmolLM2-135M's and
-Llama-3.2-1B's configs, and batch-1 decode against the HBM roofline (the weights' bytes per token over
+Llama-3.2-1B's configs (kvloom's batch-1 decode also without CUDA graphs: --enforce-eager), and batch-1
+decode against the HBM roofline (the weights' bytes per token over
 the card's bandwidth).
 
     python bench/gpu_bench.py                            # both models, 256 x (128, 128), bf16
@@ -74,11 +75,21 @@ def write_model(name: str, folder: Path, tiny: bool, dtype) -> Path:  # noqa: AN
     return folder
 
 
-def kvloom_run(folder: Path, prompts: list[list[int]], out_len: int, device: str, dtype: str) -> float:
-    """Output tokens per second of one generate() over all prompts (after a warm-up)."""
+def kvloom_run(
+    folder: Path, prompts: list[list[int]], out_len: int, device: str, dtype: str, eager: bool = False
+) -> float:
+    """Output tokens per second of one generate() over all prompts (after a warm-up); ``eager``: without
+    CUDA graphs."""
     from kvloom import LLM, SamplingParams
 
-    llm = LLM(str(folder), dtype=dtype, device=device, max_num_seqs=max(len(prompts), 1), show_progress=False)
+    llm = LLM(
+        str(folder),
+        dtype=dtype,
+        device=device,
+        max_num_seqs=max(len(prompts), 1),
+        enforce_eager=eager,
+        show_progress=False,
+    )
     params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
     _sync(device)
@@ -149,18 +160,23 @@ def main() -> int:
                 row[f"{engine}_decode"] = run(folder, prompts[:1], args.output_len, args.device, d)
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
+            row["kvloom_decode_eager"] = kvloom_run(
+                folder, prompts[:1], args.output_len, args.device, args.dtype, True
+            )
             if bandwidth:  # tokens per second if every decode step read the weights once at full bandwidth
                 row["roofline_decode"] = bandwidth * 1e9 / weight_bytes
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{args.num_prompts} x ({args.input_len}, {args.output_len}), {args.dtype}, {rows[0]['device']}")
-    print(f"{'model':<10}{'kvloom':>10}{'hf':>10}{'ratio':>8}{'decode':>10}{'hf':>8}{'roofline':>10}")
+    print(
+        f"{'model':<10}{'kvloom':>10}{'hf':>10}{'ratio':>8}{'decode':>10}{'eager':>8}{'hf':>8}{'roofline':>10}"
+    )
     for r in rows:
         roof = r.get("roofline_decode")
         print(
             f"{r['model']:<10}{r['kvloom_throughput']:>10.1f}{r['transformers_throughput']:>10.1f}"
             f"{r['kvloom_throughput'] / r['transformers_throughput']:>8.2f}{r['kvloom_decode']:>10.1f}"
-            f"{r['transformers_decode']:>8.1f}"
+            f"{r['kvloom_decode_eager']:>8.1f}{r['transformers_decode']:>8.1f}"
             + (f"{r['kvloom_decode'] / roof:>9.0%}" if roof else f"{'-':>10}")
         )
     if args.json:

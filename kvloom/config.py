@@ -151,6 +151,11 @@ class DeviceConfig:
         "the CPU has them) or torch (PyTorch ops, the reference)",
         choices=BACKENDS,
     )
+    enforce_eager: bool = option(
+        False,
+        "CUDA: run every step eagerly (default: decode steps of up to max_num_seqs sequences, 512 at most, "
+        "replay CUDA graphs captured at start-up)",
+    )
 
 
 # group attribute of EngineConfig -> its options, in the order --help lists them

@@ -111,8 +111,13 @@ def _check_parallel(parallel: ParallelConfig, hf_config: Any, device: str, spec:
         raise ValueError(
             f"tensor_parallel_size {tp} must divide the model's MLP size {hf_config.intermediate_size}"
         )
-    if device != "cpu":
-        raise ValueError(f"tensor_parallel_size > 1 runs on the cpu device only so far (got {device})")
+    if device.startswith("cuda"):  # one GPU per rank of this host
+        import torch
+
+        from kvloom.distributed.parallel_state import rank_device
+
+        local = tp // parallel.nnodes
+        rank_device(device, local - 1, local, torch.cuda.device_count())
     if spec.speculative_method == "draft":
         raise ValueError(
             "speculative_method: a draft model does not run with tensor_parallel_size > 1 yet (ngram does)"

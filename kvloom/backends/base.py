@@ -3,7 +3,8 @@
 A backend is applied to a built, loaded model (``prepare``): it may give layers methods of its own (a
 LinearMethod per weight format, an attention implementation, fused norms and activation, a fused decoder
 stack that declares the steps it takes). It allocates the KV pool in the layout its attention reads,
-builds that attention's metadata from each step's ModelInput, and may take the greedy argmax. Models and
+builds that attention's metadata from each step's ModelInput, may replay steps it recorded (CUDA graphs),
+and may take the greedy argmax. Models and
 layers never ask which backend runs them.
 """
 
@@ -51,6 +52,17 @@ class Backend:
     def kv_cache_memory(self) -> int:
         """Bytes for the KV pool when the options set none (the CUDA backend: from free GPU memory)."""
         raise ValueError(f"kv_cache_memory: set it (or num_kv_blocks) for the {self.device} device")
+
+    def capture_graphs(
+        self, model: torch.nn.Module, kv_caches: list[torch.Tensor], layer_group: list[int]
+    ) -> None:
+        """Record whatever the backend replays later (the CUDA backend: decode graphs), once the KV pool
+        exists. ``layer_group``: each layer's KV group."""
+
+    def replay(self, inp) -> torch.Tensor | None:  # noqa: ANN001 - ModelInput
+        """The hidden states of a step the backend runs from a recording (``capture_graphs``); None: run
+        the model."""
+        return None
 
     def build_metadata(self, inp) -> list:  # noqa: ANN001 - ModelInput
         """The attention's metadata of each KV group."""

@@ -3,8 +3,9 @@
 One group per engine: ``init_tensor_parallel`` meets the other ranks on torch.distributed (gloo, a TCP
 store at ``dist_init_addr``) and, when they all run on this host, opens a shared-memory segment for the
 collectives (kvloom/distributed/shm.py: gloo's loopback all-reduce costs 100-300 us, twice a layer).
-Ranks on several machines use gloo itself. Without a group (one rank) every collective is the identity,
-so the layers call them unconditionally.
+Ranks on several machines use gloo itself. On CUDA the layers' collectives (GPU tensors) go through a
+second group on NCCL (as vLLM's device group); the steps rank 0 hands out still go the CPU way. Without a
+group (one rank) every collective is the identity, so the layers call them unconditionally.
 """
 
 from __future__ import annotations
@@ -31,15 +32,20 @@ class TensorParallel:
     rank: int = 0
     size: int = 1
     shm: ShmGroup | None = None  # one host: collectives through shared memory; None: gloo (or one rank)
+    device_group: object = None  # CUDA: the NCCL group of the GPU tensors' collectives
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place; every rank gets the same bits."""
         if self.size == 1:
             return x
-        if self.shm is not None:
-            return self.shm.all_reduce(x)
         import torch.distributed as dist
 
+        if x.is_cuda:
+            # NOTE: in the model dtype (NCCL's ring: each element summed on one rank, then copied to all)
+            dist.all_reduce(x, group=self.device_group)
+            return x
+        if self.shm is not None:
+            return self.shm.all_reduce(x)
         # NOTE: gloo sums in fp32 here whatever the model dtype: one rounding, as the shared-memory path
         acc = x.float()
         dist.all_reduce(acc)
@@ -49,14 +55,28 @@ class TensorParallel:
         """Every rank's ``x`` on rank 0 (same shape on all ranks), in rank order; None elsewhere."""
         if self.size == 1:
             return [x]
-        if self.shm is not None:
-            return self.shm.gather(x)
         import torch.distributed as dist
 
         x = x.contiguous()
+        if x.is_cuda:  # NCCL gathers to every rank
+            parts = [torch.empty_like(x) for _ in range(self.size)]
+            dist.all_gather(parts, x, group=self.device_group)
+            return parts if self.rank == 0 else None
+        if self.shm is not None:
+            return self.shm.gather(x)
         parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
         dist.gather(x, parts, dst=0)
         return parts
+
+    def min(self, value: int) -> int:
+        """The least of the ranks' ``value`` (the KV blocks every rank can hold)."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)  # the CPU (gloo) group
+        return int(t)
 
     def send(self, obj: object) -> None:
         """Rank 0: hand ``obj`` (a step's inputs, or None to stop) to every other rank."""
@@ -105,6 +125,21 @@ def local_heads(num_heads: int, num_kv_heads: int) -> tuple[int, int, int]:
     return num_heads // size, max(1, num_kv_heads // size), rank * num_kv_heads // size
 
 
+def rank_device(device: str, rank: int, local: int, gpus: int) -> str:
+    """The device of tensor-parallel ``rank`` when ``local`` ranks share this host: on CUDA one GPU each,
+    counted from the index ``device`` names (cuda:N; 0 without one)."""
+    if not device.startswith("cuda"):
+        return device
+    first = int(device.partition(":")[2] or 0)
+    gpu = first + rank % local
+    if first + local > gpus:
+        raise ValueError(
+            f"tensor_parallel_size: {local} ranks on this host need GPUs {first}..{first + local - 1}; "
+            f"torch sees {gpus}"
+        )
+    return f"cuda:{gpu}"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -119,9 +154,12 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def init_tensor_parallel(rank: int, size: int, local_size: int, addr: str, timeout_s: int) -> TensorParallel:
+def init_tensor_parallel(
+    rank: int, size: int, local_size: int, addr: str, timeout_s: int, cuda: bool = False
+) -> TensorParallel:
     """Meet the other ``size - 1`` ranks at ``addr`` (HOST:PORT; rank 0 listens there) and set this
-    process's group. Raises RankUnreachable naming the address when they do not all come in time."""
+    process's group; ``cuda``: with an NCCL group for the GPU tensors (each rank's GPU already set).
+    Raises RankUnreachable naming the address when they do not all come in time."""
     global _group
     import torch.distributed as dist
 
@@ -175,12 +213,14 @@ def init_tensor_parallel(rank: int, size: int, local_size: int, addr: str, timeo
         dist.barrier()
         if rank == 0:
             group.shm.unlink()  # every rank has it mapped
+    if cuda:
+        group.device_group = dist.new_group(backend="nccl")
     logger.info(
         "Tensor parallel: rank %d of %d (%s), collectives through %s",
         rank,
         size,
         f"{size // local_size} node{'s' if size > local_size else ''}",
-        "shared memory" if group.shm is not None else "gloo",
+        "NCCL" if cuda else "shared memory" if group.shm is not None else "gloo",
     )
     _group = group
     return group

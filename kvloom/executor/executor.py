@@ -21,7 +21,7 @@ import sys
 import weakref
 
 from kvloom.config import EngineConfig
-from kvloom.distributed.parallel_state import close_tensor_parallel, get_tp, init_tensor_parallel
+from kvloom.distributed.parallel_state import close_tensor_parallel, get_tp, init_tensor_parallel, rank_device
 from kvloom.logger import init_logger
 from kvloom.worker.model_runner import ModelRunner
 
@@ -120,16 +120,25 @@ def stop_rank_processes(procs: list[subprocess.Popen], timeout: float = 5.0) -> 
             proc.wait()
 
 
-def join_tensor_parallel(config: EngineConfig, rank: int, addr: str, local: int) -> None:
-    """This process joins the ranks as ``rank``; its threads are its share of this host's CPUs."""
+def join_tensor_parallel(config: EngineConfig, rank: int, addr: str, local: int) -> EngineConfig:
+    """This process joins the ranks as ``rank``; its threads are its share of this host's CPUs, and on
+    CUDA its GPU is its own. Returns the config with that GPU as its device."""
+    import dataclasses
+
     import torch
 
     p = config.parallel
-    tp = init_tensor_parallel(rank, p.tensor_parallel_size, local, addr, p.dist_timeout)
+    cuda = config.device.device.startswith("cuda")
+    if cuda:
+        device = rank_device(config.device.device, rank, local, torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        config = dataclasses.replace(config, device=dataclasses.replace(config.device, device=device))
+    tp = init_tensor_parallel(rank, p.tensor_parallel_size, local, addr, p.dist_timeout, cuda)
     threads = p.num_threads or threads_per_rank(local)
     torch.set_num_threads(threads)
     if tp.shm is not None:
         tp.shm.oversubscribed = local * threads > _cpus()
+    return config
 
 
 def _cpus() -> int:
@@ -149,7 +158,7 @@ class MultiprocExecutor(Executor):
         self.procs = start_rank_processes(config, rank + 1, local - 1, addr) if starts else []
         self._finalizer = weakref.finalize(self, _shutdown, self.procs)
         try:
-            join_tensor_parallel(config, rank, addr, local)
+            config = join_tensor_parallel(config, rank, addr, local)
             logger.info(
                 "Tensor parallel %d (%d node%s): rank %d here, %d worker process%s, %d threads each",
                 p.tensor_parallel_size,

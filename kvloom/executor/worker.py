@@ -16,7 +16,7 @@ def run_rank(config, rank: int, addr: str, local: int) -> None:  # noqa: ANN001 
     from kvloom.executor.executor import join_tensor_parallel
     from kvloom.worker.model_runner import ModelRunner
 
-    join_tensor_parallel(config, rank, addr, local)
+    config = join_tensor_parallel(config, rank, addr, local)
     try:
         ModelRunner(config, show_progress=False).serve_peer()
     finally:

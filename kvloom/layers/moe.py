@@ -33,6 +33,8 @@ class FusedExperts(nn.Module):
     """One layer's experts: gate_up_proj [E, 2I, H] (gate rows, then up), down_proj [E, H, I]; with tensor
     parallel each rank holds its share of I of every expert, and the caller sums the ranks' outputs."""
 
+    cuda_graph_safe = False  # the forward reads each expert's token count on the host
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int, act: str) -> None:
         super().__init__()
         tp = get_tp()

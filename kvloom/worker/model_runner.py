@@ -146,7 +146,9 @@ class ModelRunner:
         memory = None
         if config.cache.kv_cache_memory is None and config.cache.num_kv_blocks is None:
             memory = self.backend.kv_cache_memory()  # the CUDA backend: from free GPU memory
-        self.num_blocks = num_kv_blocks(config, self.layout, memory)
+        # NOTE: the least over the tensor-parallel ranks: rank 0 schedules for all, and free GPU memory
+        # differs between GPUs
+        self.num_blocks = self.tp.min(num_kv_blocks(config, self.layout, memory))
         shape = (
             self.layout.group_size,
             2,
@@ -158,6 +160,7 @@ class ModelRunner:
         self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype)
         slots = self.kv_cache.unbind(0)
         self.kv_caches = [slots[i] for i in self.layout.layer_slot]  # per layer
+        self.backend.capture_graphs(self.model, self.kv_caches, self.layout.layer_group)
         self.generator = torch.Generator(self.device).manual_seed(config.model.seed)
         self.requests: dict[str, NewRequestData] = {}  # the requests the scheduler has scheduled, by id
 
@@ -320,13 +323,15 @@ class ModelRunner:
         """One forward over a step's tokens: the logits of ``inp.logit_rows`` (None on tensor-parallel
         ranks but the first, and when no row wants them)."""
         dev = self.device
-        metas = self.backend.build_metadata(inp)  # per KV group
-        hidden = self.model(
-            torch.from_numpy(inp.input_ids).to(dev),
-            torch.from_numpy(inp.positions).to(dev),
-            self.kv_caches,
-            [metas[g] for g in self.layout.layer_group],
-        )
+        hidden = self.backend.replay(inp)  # a decode step's CUDA graph
+        if hidden is None:
+            metas = self.backend.build_metadata(inp)  # per KV group
+            hidden = self.model(
+                torch.from_numpy(inp.input_ids).to(dev),
+                torch.from_numpy(inp.positions).to(dev),
+                self.kv_caches,
+                [metas[g] for g in self.layout.layer_group],
+            )
         if not inp.logit_rows:
             return None
         return self.model.compute_logits(hidden[torch.tensor(inp.logit_rows, dtype=torch.long, device=dev)])

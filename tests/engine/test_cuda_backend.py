@@ -67,6 +67,77 @@ def test_triton_attention_in_the_engine_equals_the_reference(family, tmp_path, s
             assert abs(la[t].logprob - lb[t].logprob) < 1e-3
 
 
+class RerunGraph:
+    """A captured forward replayed by running it again on the static buffers (there is no CUDA here)."""
+
+    replays = 0
+
+    @staticmethod
+    def new_pool():  # noqa: ANN205
+        return None
+
+    def capture(self, fn, pool):  # noqa: ANN001, ANN201
+        self.fn = fn
+        return fn()
+
+    def replay(self):  # noqa: ANN201
+        RerunGraph.replays += 1
+        return self.fn()
+
+
+def _cuda_backend_here(monkeypatch, graphs: bool) -> None:  # noqa: ANN001
+    """The engine gets a CudaBackend on this host's device: Triton attention, norms and activation, and
+    with ``graphs`` the decode graphs (RerunGraph)."""
+    import kvloom.worker.model_runner as model_runner
+    from kvloom.backends.cuda.backend import CudaBackend
+
+    def backend(config):  # noqa: ANN001, ANN202
+        b = CudaBackend(config)
+        b.use_graphs, b.graph_type = graphs, RerunGraph
+        return b
+
+    monkeypatch.setattr(model_runner, "get_backend", backend)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # one KV group; six with null entries
+def test_decode_graphs_equal_eager_steps(family, tmp_path, stories, monkeypatch):
+    """Decode steps through the graphs' static buffers (padded to the captured sizes 1, 2, 4, 8, the
+    padding rows in the spare block, stale table columns left behind) give the eager steps' tokens and
+    logprobs; prefill chunks stay eager."""
+    from kvloom.backends.cuda.graphs import capture_sizes
+
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(1000)[-1] == 512
+    save_random_model(CONFIGS[family](), tmp_path, stories)
+    prompts = random_prompts(5, [5, 30, 21, 3, 12], 512, seed=7)
+    params = [
+        SamplingParams(temperature=0, max_tokens=m, logprobs=0, ignore_eos=True) for m in (12, 4, 9, 7, 3)
+    ]
+    runs = []
+    for graphs in (False, True):
+        _cuda_backend_here(monkeypatch, graphs)
+        llm = LLM(
+            str(tmp_path),
+            dtype="float32",
+            max_num_batched_tokens=16,
+            max_num_seqs=8,
+            max_model_len=160,  # 10 blocks: 1 split per decode row in the graphs
+            show_progress=False,
+        )
+        runner = llm.engine.runner
+        assert (runner.backend.graphs is not None) == graphs
+        assert runner.kv_cache.shape[3] == runner.num_blocks + graphs  # the spare block
+        RerunGraph.replays = 0
+        runs.append(llm.generate(prompts, params, use_tqdm=False))
+        assert (RerunGraph.replays > 5) == graphs
+    for ref, got in zip(*runs, strict=True):
+        a, b = ref.outputs[0], got.outputs[0]
+        assert a.token_ids == b.token_ids
+        for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids, strict=True):
+            assert abs(la[t].logprob - lb[t].logprob) < 1e-4
+
+
 def test_device_and_pool_options():
     from kvloom.engine_args import create_engine_config
 

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
@@ -23,6 +24,7 @@ from transformers import (
 )
 
 from kvloom import LLM, SamplingParams
+from kvloom.distributed.parallel_state import rank_device
 from kvloom.engine_args import create_engine_config
 from tests.models.reference import hf_greedy, random_prompts, save_random_model
 from tests.server.conftest import Server, free_port
@@ -164,6 +166,27 @@ def test_parallel_options_checked(tmp_path):
     ]:
         with pytest.raises(ValueError, match=field):
             create_engine_config(str(folder), **kwargs)
+    if torch.cuda.device_count() < 2:  # a GPU per rank
+        with pytest.raises(ValueError, match="tensor_parallel_size: 2 ranks on this host need GPUs 0..1"):
+            create_engine_config(str(folder), tensor_parallel_size=2, device="cuda")
+
+
+def test_each_rank_gets_its_own_gpu():
+    assert [rank_device("cuda", r, 4, 8) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert [rank_device("cuda:2", r, 2, 4) for r in (4, 5)] == ["cuda:2", "cuda:3"]  # node 2 of 2-rank nodes
+    assert rank_device("cpu", 3, 4, 0) == "cpu"
+    with pytest.raises(ValueError, match="need GPUs 3..4; torch sees 4"):
+        rank_device("cuda:3", 0, 2, 4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than 2 GPUs")
+def test_gpu_tp2_greedy_equal_to_tp1(stories):
+    """NCCL between two GPUs: fp32 greedy tokens equal to one GPU's."""
+    prompts = ["Once upon a time", "The little dog", "Lily wanted to", "One day, a big"]
+    one = _greedy(stories, 1, prompts, 40, dtype="float32", device="cuda")
+    two = _greedy(stories, 2, prompts, 40, dtype="float32", device="cuda")
+    assert _tokens(one) == _tokens(two)
 
 
 def test_dead_rank_fails_fast(stories):

@@ -1,6 +1,7 @@
 """The CUDA device's backend: the PyTorch reference ops for the layers, paged attention on kvloom's Triton
 kernel (attention.py) where Triton imports and the shapes suit it, and a KV pool sized from the GPU's free
-memory (``--gpu-memory-utilization``) unless ``--kv-cache-memory`` or ``--num-kv-blocks`` says otherwise.
+memory (``--gpu-memory-utilization``) unless ``--kv-cache-memory`` or ``--num-kv-blocks`` says otherwise, and
+decode steps replayed from CUDA graphs captured at start-up (graphs.py) unless ``--enforce-eager``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def give_triton_kernels(model: torch.nn.Module) -> None:
 class CudaBackend(Backend):
     name = "cuda"
     triton = False  # whether the Triton kernels run (Triton imports, --backend auto)
+    use_graphs = False  # whether decode steps replay CUDA graphs (Triton attention, not --enforce-eager)
+    graph_type = None  # the graph class (graphs.CudaGraph); tests replay by running the forward again
+    graphs = None  # graphs.DecodeGraphs, once captured
 
     def __init__(self, config: EngineConfig) -> None:
         super().__init__(config)  # PyTorch attention; refuses int8/int4
@@ -49,6 +53,7 @@ class CudaBackend(Backend):
         self.triton = True
         if TritonAttention.supports(config.cache.block_size, config.head_dim):
             self.attention = TritonAttention()
+            self.use_graphs = not config.device.enforce_eager and self.device.type == "cuda"
         else:
             logger.info(
                 "CUDA: block size %d / head_dim %d: paged attention on PyTorch ops",
@@ -60,6 +65,37 @@ class CudaBackend(Backend):
         super().prepare(model)
         if self.triton:
             give_triton_kernels(model)
+
+    def allocate_kv_cache(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self.use_graphs:  # one spare block: the decode graphs' padding rows write and read it
+            shape = (*shape[:3], shape[3] + 1, *shape[4:])
+        return super().allocate_kv_cache(shape, dtype)
+
+    def capture_graphs(
+        self, model: torch.nn.Module, kv_caches: list[torch.Tensor], layer_group: list[int]
+    ) -> None:
+        if not self.use_graphs:
+            return
+        unsafe = sorted(
+            {type(m).__name__ for m in model.modules() if not getattr(m, "cuda_graph_safe", True)}
+        )
+        if unsafe:
+            logger.info("CUDA graphs: off (%s reads the device during the forward)", ", ".join(unsafe))
+            return
+        from kvloom.backends.cuda.graphs import CudaGraph, DecodeGraphs, capture_sizes
+
+        self.graphs = DecodeGraphs(
+            model,
+            kv_caches,
+            layer_group,
+            self.config.cache.block_size,
+            self.config.model.max_model_len,
+            capture_sizes(self.config.scheduler.max_num_seqs),
+            self.graph_type or CudaGraph,
+        )
+
+    def replay(self, inp) -> torch.Tensor | None:  # noqa: ANN001 - ModelInput
+        return None if self.graphs is None else self.graphs.run(inp)
 
     def describe(self, model: torch.nn.Module) -> str:
         fused = ", norms and activation on Triton" if self.triton else ""
