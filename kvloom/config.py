@@ -15,7 +15,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-QUANTIZATIONS = ("auto", "none", "int8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "w8a8")
+CPU_QUANTIZATIONS = ("int8", "int4", "w8a8")  # what the CPU kernels quantize a dense checkpoint to
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
 SPECULATIVE_METHODS = ("ngram", "draft")
 BACKENDS = ("auto", "torch")
@@ -39,7 +40,8 @@ class ModelConfig:
     quantization: str = option(
         "auto",
         "weights: auto (default; GGUF Q4_0/Q4_1/Q8_0/Q4_K/Q6_K run quantized where the backend runs them: "
-        "the CPU kernels), none (dequantize to --dtype), int8 / int4 (round-to-nearest, groups of 32)",
+        "the CPU kernels), none (dequantize to --dtype), int8 / int4 (weights round-to-nearest, groups of "
+        "32), w8a8 (int8 weights per output channel and int8 activations per token, on the CPU's VNNI)",
         choices=QUANTIZATIONS,
     )
     seed: int | None = option(

@@ -11,6 +11,7 @@ import torch
 
 from kvloom.config import (
     BACKENDS,
+    CPU_QUANTIZATIONS,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
     SPECULATIVE_METHODS,
@@ -169,12 +170,12 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _one_of("backend", device.backend, BACKENDS)
     quant = m.quantization
     resolved_dtype = resolve_dtype(
-        "bfloat16" if quant in ("int8", "int4") and dtype == "auto" else dtype,
+        "bfloat16" if quant in CPU_QUANTIZATIONS and dtype == "auto" else dtype,
         hf_config,
         checkpoint.format,
         dev,
     )
-    if quant in ("int8", "int4") and (resolved_dtype != torch.bfloat16 or dev != "cpu"):
+    if quant in CPU_QUANTIZATIONS and (resolved_dtype != torch.bfloat16 or dev != "cpu"):
         raise ValueError(
             f"quantization: {quant} runs in kvloom's CPU kernels on bf16 activations; "
             f"use dtype bfloat16 on the cpu device (got {resolved_dtype}, {dev})"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvloom.config import EngineConfig
+from kvloom.config import CPU_QUANTIZATIONS, EngineConfig
 from kvloom.layers.attention import TorchAttention
 from kvloom.models.llama import Attention
 
@@ -24,7 +24,7 @@ class Backend:
         self.config = config
         self.device = torch.device(config.device.device)
         self.attention = TorchAttention()
-        if config.model.quantization in ("int8", "int4"):
+        if config.model.quantization in CPU_QUANTIZATIONS:
             raise ValueError(
                 f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "
                 "AVX-512 BF16, a C compiler, --backend auto); they are not available here"

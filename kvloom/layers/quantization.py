@@ -2,12 +2,14 @@
 dense checkpoints (``--quantization``). A backend's linear method runs them without expanding them to
 bf16 (kvloom/backends/cpu: pack_quantized, the kernels' layout).
 
-Every format here is one of three kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
+Every format here is one of four kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
 - kind 4: q in 0..15: Q4_0, Q4_1, Q4_K, int4 (group 32); Q3_K (q + 4, group 16), Q2_K (0..3, group 16);
 - kind 5: q in 0..31: Q5_0 (the min is -16 scale), Q5_1 and Q5_K (group 32), stored in the kernels as
   kind 4's nibbles and a plane of fifth bits: 5 bits a weight, as in the file;
 - kind 8: q in -128..127: Q8_0, IQ4_NL and IQ4_XS (their 16 non-linear levels, -127..113), int8 (group 32);
-  Q6_K (q - 32, group 16).
+  Q6_K (q - 32, group 16);
+- kind 9: W8A8 (``--quantization w8a8``): kind 8's q in -127..127 with one scale per output channel (group
+  = the input size), run with int8 activations (a scale per token, computed as they come).
 Q6_K and the IQ4 formats take 8 bits a weight here (their files: 4.25-6.5), still half of bf16.
 Scales and mins are fp32: GGUF's fp16 d, m times the blocks' integer sub-scales convert to them exactly,
 so a backend computes with the file's exact weights.
@@ -43,8 +45,8 @@ _IQ4_LEVELS = np.array(
 
 @dataclass
 class QuantizedWeight:
-    kind: int  # 4, 5 or 8
-    q: torch.Tensor  # [N, K] uint8 (kinds 4 and 5) or int8 (kind 8)
+    kind: int  # 4, 5, 8 or 9
+    q: torch.Tensor  # [N, K] uint8 (kinds 4 and 5) or int8 (kinds 8 and 9)
     scale: torch.Tensor  # [N, K // group] float32
     min: torch.Tensor | None  # [N, K // group] float32, or None (symmetric)
     group: int
@@ -119,6 +121,38 @@ def quantize_rtn(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedWeight
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     q = torch.round((wg - lo[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
     return QuantizedWeight(4, q.view(n, k), scale, lo, group)
+
+
+def quantize_w8a8(w: torch.Tensor) -> QuantizedWeight:
+    """Kind 9: int8 per output channel, symmetric (absmax / 127), round to nearest."""
+    n, k = w.shape
+    if k % 4:
+        raise ValueError(f"quantization: w8a8 needs an input size divisible by 4, got {k}")
+    q8 = quantize_rtn(w, 8, group=k)
+    return QuantizedWeight(9, q8.q, q8.scale, None, k)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activations, per row (token): (q [M, K] int8 in -127..127, scale [M] fp32), q = rint(x * (127 /
+    amax)), scale = amax / 127 (the kernels' arithmetic, in fp32)."""
+    x = x.float()
+    amax = x.abs().amax(-1)
+    # NOTE: tensor by tensor: PyTorch divides by (and into) a Python scalar through its reciprocal, one ulp
+    # off a true division now and then, which moves ties like 63.499996 -> 64
+    c = torch.full_like(amax, 127.0)
+    inv = torch.where(amax > 0, c / amax, torch.zeros_like(amax))
+    return torch.round(x * inv[:, None]).to(torch.int8), amax / c
+
+
+def w8a8_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = bf16(float(xq @ q.T) * scale_w * scale_x + bias): the kernels' W8A8 result, on PyTorch ops (exact
+    integer sums in int64)."""
+    xq, sx = quantize_activations(x)
+    acc = (xq.long() @ w.q.long().T).to(torch.int32).float()
+    y = acc * w.scale[:, 0] * sx[:, None]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(torch.bfloat16)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:

@@ -36,7 +36,7 @@ class CpuBackend(Backend):
         wants = config.device.backend == "auto" and config.dtype == torch.bfloat16
         self.kernels: CpuKernels | None = load_cpu_kernels() if wants else None
         if self.kernels is None:
-            super().__init__(config)  # refuses int8/int4
+            super().__init__(config)  # refuses int8/int4/w8a8
             return
         self.config = config
         self.device = torch.device("cpu")
@@ -44,7 +44,7 @@ class CpuBackend(Backend):
 
     @property
     def keep_quantized(self) -> bool:
-        # GGUF blocks run as they are under "auto"; int8/int4 re-quantize the dequantized weights.
+        # GGUF blocks run as they are under "auto"; int8/int4/w8a8 re-quantize the dequantized weights.
         return self.kernels is not None and self.config.model.quantization == "auto"
 
     def prepare(self, model: torch.nn.Module) -> None:

@@ -24,7 +24,7 @@ from kvloom.logger import init_logger
 logger = init_logger(__name__)
 
 _SOURCE = Path(__file__).parent / "cpu_kernels.c"
-_REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+_REQUIRED_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}
 
 
 def cache_dir() -> Path:

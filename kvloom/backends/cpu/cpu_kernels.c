@@ -774,7 +774,98 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
     free(pbuf);
 }
 
-/* A linear layer as the kernels see it: kind 0 = packed bf16, 4 / 5 / 8 = quantized (w: the item stream above). */
+/* ---------------------------------------------------------------------------------------------------
+ * W8A8 (kind 9, --quantization w8a8): int8 weights per output channel, int8 activations per token,
+ * quantized here on the fly (ZeroQuant's dynamic per-token scales); the products on AVX-512 VNNI, whose
+ * vpdpbusd adds four u8 x s8 products into each 32-bit lane: 64 multiply-adds an instruction, twice
+ * vdpbf16ps's 32.
+ *   row m:   sx[m] = amax_k |x[m, k]| / 127,  xq[m, k] = rint(x[m, k] * (127 / amax)) in -127..127,
+ *            stored as u = xq + 128 (vpdpbusd's unsigned operand)
+ *   y[m, n] = bf16(float(sum_k u[m, k] q[n, k] - 128 wsum[n]) * sw[n] * sx[m] + b[n]),  wsum[n] = sum_k q[n, k]
+ * The integer sums are exact (int32: |sum| < K 255 127), so the result does not depend on M or threads.
+ * Layout (kernels.py, pack_w8a8), per item of 32 outputs (two blocks of 16): [K / 4 quads][2 blocks][16
+ * outputs][4 k] int8, then sw [2][16] fp32, then wsum [2][16] int32. Scratch: sx [M] fp32, then u [M][K].
+ */
+#define W8_ROWS 8 /* row tiles of 8 x 2 blocks: 16 accumulators, 2 weight loads and 8 broadcasts a quad */
+
+INLINE int64_t w8a8_item_bytes(int64_t K) { return K * 32 + 2 * QGROUP * 64; }
+
+/* Row m of x -> its scale and u[K] (K a multiple of 4; a masked tail for K % 16). */
+static void w8a8_quantize_row(const bf16 *x, int64_t K, uint8_t *u, float *sx) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(load16_mask(x + k, m)));
+    }
+    const float a = _mm512_reduce_max_ps(amax);
+    *sx = a / 127.0f;
+    const __m512 inv = _mm512_set1_ps(a > 0 ? 127.0f / a : 0.0f);
+    const __m512i off = _mm512_set1_epi32(128);
+    for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1u);
+        const __m512i q = _mm512_cvt_roundps_epi32(_mm512_mul_ps(load16_mask(x + k, m), inv),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_mask_cvtepi32_storeu_epi8(u + k, m, _mm512_add_epi32(q, off)); /* 1..255 */
+    }
+}
+
+INLINE void w8a8_tile(int MM, const uint8_t *u, int64_t K, const int8_t *wq, __m512i acc[W8_ROWS][QGROUP]) {
+    for (int i = 0; i < MM; i++)
+        for (int b = 0; b < QGROUP; b++) acc[i][b] = _mm512_setzero_si512();
+    for (int64_t kq = 0; kq < K / 4; kq++) {
+        const __m512i w0 = _mm512_loadu_si512(wq + kq * 128), w1 = _mm512_loadu_si512(wq + kq * 128 + 64);
+        for (int i = 0; i < MM; i++) {
+            const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(u + i * K + 4 * kq));
+            acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xb, w0);
+            acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], xb, w1);
+        }
+    }
+}
+
+/* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
+static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t ldy,
+                      int64_t M, int64_t N, int64_t K, float *scratch) {
+    float *sx = scratch;
+    uint8_t *u = (uint8_t *)(scratch + M);
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; m++) w8a8_quantize_row(x + m * ldx, K, u + m * K, sx + m);
+    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ib = w8a8_item_bytes(K);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < nitems; it++) {
+        const int8_t *wq = (const int8_t *)(w + it * ib);
+        const float *sw = (const float *)(w + it * ib + K * 32);
+        const int32_t *wsum = (const int32_t *)(sw + QGROUP * 16);
+        for (int64_t m0 = 0; m0 < M; m0 += W8_ROWS) {
+            const int mm = M - m0 < W8_ROWS ? (int)(M - m0) : W8_ROWS;
+            __m512i acc[W8_ROWS][QGROUP];
+            switch (mm) { /* constant MM: no branches in the inner loop */
+            case 1: w8a8_tile(1, u + m0 * K, K, wq, acc); break;
+            case 2: w8a8_tile(2, u + m0 * K, K, wq, acc); break;
+            case 3: w8a8_tile(3, u + m0 * K, K, wq, acc); break;
+            case 4: w8a8_tile(4, u + m0 * K, K, wq, acc); break;
+            default: w8a8_tile(W8_ROWS, u + m0 * K, K, wq, acc); break;
+            }
+            float out[W8_ROWS][QGROUP][16];
+            for (int b = 0; b < QGROUP; b++) {
+                const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(wsum + b * 16), 7); /* 128 wsum */
+                const __m512 s = _mm512_loadu_ps(sw + b * 16);
+                for (int i = 0; i < mm; i++) {
+                    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][b], corr));
+                    _mm512_storeu_ps(out[i][b], _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_set1_ps(sx[m0 + i])));
+                }
+            }
+            store_tile(&out[0][0][0], QGROUP * 16, mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
+        }
+    }
+}
+
+/* Floats of scratch a linear of M rows and K inputs needs: group sums (groups >= 16) or W8A8's sx and u. */
+INLINE int64_t lin_scratch_floats(int64_t M, int64_t K) {
+    const int64_t sums = M * (K / 16), w8 = M + (M * K + 3) / 4;
+    return (sums > w8 ? sums : w8) + 16;
+}
+
+/* A linear layer as the kernels see it: kind 0 = packed bf16, 4 / 5 / 8 = quantized (w: the item stream above), 9 = W8A8. */
 typedef struct {
     int64_t kind;
     const void *w;
@@ -787,6 +878,8 @@ static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64
                      int64_t K, float *xsum) {
     if (L->kind == 0)
         linear_bf16_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
+    else if (L->kind == 9)
+        w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum);
     else
         qlinear_bf16_body((int)L->kind, x, ldx, (const uint8_t *)L->w, (int)L->has_min, L->group, L->bias, y, ldy, M,
                           N, K, xsum);
@@ -794,7 +887,7 @@ static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64
 
 void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,
                     int64_t K) {
-    float *xsum = L->kind ? (float *)malloc(sizeof(float) * M * (K / L->group)) : NULL;
+    float *xsum = L->kind ? (float *)malloc(sizeof(float) * lin_scratch_floats(M, K)) : NULL;
 #pragma omp parallel
     lin_body(L, x, ldx, y, ldy, M, N, K, xsum);
     free(xsum);
@@ -864,7 +957,7 @@ static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *x
 
 static float *moe_xsum(int64_t rows, int64_t E, int64_t I) { /* group sums: groups are >= 16 */
     const int64_t kmax = E > I ? E : I;
-    return (float *)malloc(sizeof(float) * (rows ? rows : 1) * (kmax / 16));
+    return (float *)malloc(sizeof(float) * lin_scratch_floats(rows ? rows : 1, kmax));
 }
 
 void kv_moe_experts_bf16(const kv_lin *gu, const kv_lin *down, const bf16 *xs, int64_t ldx, const int64_t *counts,
@@ -1038,7 +1131,7 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
             if (ly->top_k > K) K = ly->top_k;
         }
     if (S_all * K > rows) rows = S_all * K;
-    float *xsum = (float *)malloc(sizeof(float) * rows * (kmax / 16)); /* group sums: groups are >= 16 */
+    float *xsum = (float *)malloc(sizeof(float) * lin_scratch_floats(rows, kmax));
     moe_scratch ms = moe_scratch_alloc(S_all * K, NE);
     bf16 *moe_buf = NULL, *logits = NULL, *xs = NULL, *ys = NULL, *mgu = NULL, *mact = NULL;
     if (NE > 1) {

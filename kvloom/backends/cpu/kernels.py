@@ -20,11 +20,12 @@ import torch.nn.functional as F
 
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
+from kvloom.config import CPU_QUANTIZATIONS
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.mlp import MLP
 from kvloom.layers.moe import FusedExperts, SparseMoeBlock
 from kvloom.layers.norm import RMSNorm
-from kvloom.layers.quantization import QuantizedWeight, quantize_rtn
+from kvloom.layers.quantization import QuantizedWeight, quantize_rtn, quantize_w8a8
 from kvloom.logger import init_logger
 from kvloom.models.llama import DecoderLayer
 
@@ -34,7 +35,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class KvLin(ctypes.Structure):
-    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 8 = quantized)."""
+    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 8 = quantized, 9 =
+    W8A8)."""
 
     _fields_ = [("kind", _I), ("w", _P), ("has_min", _I), ("group", _I), ("bias", _P)]
 
@@ -513,10 +515,27 @@ def load_cpu_kernels() -> CpuKernels | None:
         return None
 
 
+def pack_w8a8(w: QuantizedWeight) -> torch.Tensor:
+    """Kind 9 in the kernels' layout (cpu_kernels.c, w8a8_body): per item of 32 outputs, the q as [K / 4
+    quads][2 blocks][16 outputs][4 k], then the 32 scales (fp32) and the 32 row sums of q (int32)."""
+    n, k = w.q.shape
+    pad = -n % 32
+    items = (n + pad) // 32
+    q, scale = w.q, w.scale[:, 0].float()
+    if pad:
+        q, scale = torch.cat([q, q.new_zeros(pad, k)]), torch.cat([scale, scale.new_zeros(pad)])
+    packed = q.view(items, 32, k // 4, 4).transpose(1, 2).reshape(items, k * 32).view(torch.uint8)
+    wsum = q.to(torch.int32).sum(1, dtype=torch.int32).view(items, 32)
+    parts = [packed, scale.view(items, 32).view(torch.uint8), wsum.view(torch.uint8)]
+    return torch.cat(parts, dim=1).contiguous()
+
+
 def pack_quantized(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
     """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
-    group of inputs, its q, scales and mins together, so a thread reads one sequential stream.
-    Returns (bytes, has_min)."""
+    group of inputs, its q, scales and mins together, so a thread reads one sequential stream (kind 9:
+    pack_w8a8). Returns (bytes, has_min)."""
+    if w.kind == 9:
+        return pack_w8a8(w), False
     n, k = w.q.shape
     pad = -n % 32
     g = k // w.group
@@ -706,7 +725,9 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
     its plain weight), point the norms, attention and MLP blocks at the kernels, and, where the model's
     shapes allow, run all-decode steps as one call per step (FusedDecodeLayers). Weights loaded
     quantized (``model.quantized``: GGUF blocks) run quantized; quantization int8/int4 quantizes the others
-    (round to nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits).
+    (round to nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits),
+    w8a8 to int8 per output channel with int8 activations (the output layer: int8 weights, groups of 32,
+    bf16 activations, as vLLM's W8A8 checkpoints leave it out).
     """
     quantized = getattr(model, "quantized", {})
     for name, module in list(model.named_modules()):  # NOTE: a list: experts add Linears as they go
@@ -719,8 +740,10 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 )
             elif module.weight is None or not kernels.can_pack(module.weight):
                 continue
-            elif quantization in ("int8", "int4"):
-                bits = 8 if quantization == "int8" or name == "lm_head" else 4
+            elif quantization == "w8a8" and name != "lm_head":
+                PackedLinearMethod.install(kernels, module, quantize_w8a8(module.weight.data))
+            elif quantization in CPU_QUANTIZATIONS:
+                bits = 4 if quantization == "int4" and name != "lm_head" else 8
                 PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
             else:
                 PackedLinearMethod.install(kernels, module)
