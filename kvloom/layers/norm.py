@@ -34,6 +34,14 @@ class RMSNorm(nn.Module):
             return self._norm(residual), residual
         return self._norm(x)
 
+    def divide_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """Divide the output's per-channel scale by ``s`` (SmoothQuant); returns the ratio old / new that the
+        rounded weight applies ([dim] fp32: ``s`` up to rounding, 1 where the weight is 0)."""
+        old = self.weight.data.float()
+        new = (old / s).to(self.weight.dtype)
+        self.weight.data.copy_(new)
+        return torch.where(new != 0, old / new.float(), torch.ones_like(old))
+
     @property
     def kernel_weight(self) -> torch.Tensor:
         """The weight a fused kernel multiplies by (the kernel computes as transformers' Llama does)."""

@@ -30,6 +30,18 @@ class GemmaRMSNorm(RMSNorm):
             None  # 1 + weight in its dtype, made on first use (after loading)
         )
 
+    def divide_weight(self, s: torch.Tensor) -> torch.Tensor:
+        """RMSNorm's, on the scale 1 + weight. NOTE: 1 + weight near 0 has few bits left in bf16: s stays
+        within 32x of the scale, and a channel whose new scale would round to 0 keeps its old one."""
+        old = 1.0 + self.weight.data.float()
+        s = torch.minimum(s, 32 * old.abs().clamp(min=1e-3))
+        new_w = (old / s - 1.0).to(self.weight.dtype)
+        new = 1.0 + new_w.float()
+        keep = new == 0
+        self.weight.data.copy_(torch.where(keep, self.weight.data, new_w))
+        self._plus_one = None
+        return torch.where(keep, torch.ones_like(old), old / torch.where(keep, old, new))
+
     @property
     def kernel_weight(self) -> torch.Tensor:
         if self._plus_one is None:
@@ -58,6 +70,10 @@ class Gemma3DecoderLayer(DecoderLayer):
         super().__init__(config, opts, rotary, mlp)
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    @property
+    def mlp_norm(self) -> nn.Module:
+        return self.pre_feedforward_layernorm
 
     def forward(
         self,

@@ -112,6 +112,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.mlp = mlp
 
+    @property
+    def mlp_norm(self) -> nn.Module:
+        """The norm whose output is the MLP's input."""
+        return self.post_attention_layernorm
+
     def enter(self, h: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's input norm over the residual stream: (normalized, residual)."""
         if residual is None:

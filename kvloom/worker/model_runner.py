@@ -124,6 +124,10 @@ class ModelRunner:
             leave=False,
         )
         model.load_weights(weights)
+        if config.model.quantization == "w8a8":
+            from kvloom.quantization.smoothquant import smooth
+
+            smooth(model, config.checkpoint.load_tokenizer())
         self.backend.prepare(model)
         logger.info(
             "Compute: %s on %s, %s",
