@@ -40,6 +40,7 @@ ENGINES = {
     # name: (engine, weights, kvloom quantization)
     "kvloom-bf16": ("kvloom", "hf-bf16", "none"),
     "kvloom-q4_1": ("kvloom", "gguf", "auto"),
+    "kvloom-w8a8": ("kvloom", "hf-bf16", "w8a8"),
     "vllm-bf16": ("vllm", "hf-bf16", None),
     "llamacpp-bf16": ("llamacpp", "gguf-bf16", None),
     "llamacpp-q4_1": ("llamacpp", "gguf", None),
@@ -227,6 +228,31 @@ double kv_bf16_peak(long iters) {
     }
     return threads * iters * 24 * 64 / dt / 1e9; /* 16 lanes x 2 products x 2 FLOP each */
 }
+double kv_int8_peak(long iters) { /* the same on vpdpbusd (AVX-512 VNNI): 16 lanes x 4 products */
+    double t0 = 0, dt = 0;
+    long threads = 1;
+#pragma omp parallel
+    {
+        __m512i a[24];
+        for (int i = 0; i < 24; i++) a[i] = _mm512_setzero_si512();
+        __m512i x = _mm512_set1_epi32(0x01010101), w = x;
+#pragma omp barrier
+#pragma omp master
+        t0 = omp_get_wtime(), threads = omp_get_num_threads();
+        for (long it = 0; it < iters; it++) {
+#pragma GCC unroll 24
+            for (int i = 0; i < 24; i++) a[i] = _mm512_dpbusd_epi32(a[i], x, w);
+            __asm__ volatile("" : "+v"(x));
+        }
+        int s = 0;
+        for (int i = 0; i < 24; i++) s += _mm512_reduce_add_epi32(a[i]);
+        __asm__ volatile("" ::"r"(s));
+#pragma omp barrier
+#pragma omp master
+        dt = omp_get_wtime() - t0;
+    }
+    return threads * iters * 24 * 128 / dt / 1e9;
+}
 """
 
 
@@ -244,8 +270,9 @@ def c_library(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
 
 
 class PeakRate:
-    """The CPU's bf16 peak in GFLOP/s: _PEAK_C on every thread, best of 5 reads of about 0.1 s. Read before
-    and after each engine's run, like the matmul speed; None where the CPU lacks AVX-512 BF16."""
+    """The CPU's bf16 peak in GFLOP/s (and its int8 peak: int8_gops): _PEAK_C on every thread, best of 5
+    reads of about 0.1 s. Read before and after each engine's run, like the matmul speed; None where the
+    CPU lacks AVX-512 BF16."""
 
     def __init__(self, threads: int) -> None:
         import torch
@@ -256,12 +283,18 @@ class PeakRate:
         self.fn = None
         if load_cpu_kernels() is None:  # no AVX-512 BF16 (or no compiler)
             return
-        self.fn = c_library("bf16_peak", _PEAK_C, ["-O2", "-march=native", "-fopenmp"]).kv_bf16_peak
-        self.fn.restype, self.fn.argtypes = ctypes.c_double, [ctypes.c_long]
-        self.fn(1_000_000)
+        lib = c_library("bf16_peak", _PEAK_C, ["-O2", "-march=native", "-fopenmp"])
+        self.fn, self.int8_fn = lib.kv_bf16_peak, lib.kv_int8_peak
+        for fn in (self.fn, self.int8_fn):
+            fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_long]
+            fn(1_000_000)
 
     def gflops(self) -> float | None:
         return None if self.fn is None else max(self.fn(15_000_000) for _ in range(5))
+
+    def int8_gops(self) -> float | None:
+        """The int8 peak (vpdpbusd) in GOP/s, as gflops()."""
+        return None if self.fn is None else max(self.int8_fn(15_000_000) for _ in range(5))
 
 
 def linear_params(cfg) -> tuple[int, int, int]:
@@ -421,7 +454,9 @@ def main() -> int:
         readings = {"bandwidth_gbs": (Bandwidth(args.threads).gbs, 1)}
         if wl == "throughput":
             readings["matmul_gflops"] = (MatmulRate(args.threads).gflops, None)
-            readings["peak_gflops"] = (PeakRate(args.threads).gflops, None)
+            peak = PeakRate(args.threads)
+            readings["peak_gflops"] = (peak.gflops, None)
+            readings["int8_peak_gops"] = (peak.int8_gops, None)
         for name in names:
             print(f"[{wl}] {name} ...", flush=True)
             before = {key: read() for key, (read, _) in readings.items()}
@@ -445,14 +480,14 @@ def main() -> int:
             else f"batch 1, {args.input_len}-token prompt, {args.output_len} decode steps"
         )
         print(f"\n{wl}: {title}, {args.threads} threads")
-        print(f"{'engine':<20}{unit:>16}   kvloom-bf16 / it   kvloom-q4_1 / it")
+        print(f"{'engine':<20}{unit:>16}   kvloom-bf16 / it   kvloom-q4_1 / it   kvloom-w8a8 / it")
         ours = {r["name"]: r[key] for r in rows if r["engine"] == "kvloom"}
         for r in rows:
             ratios = [
                 f"{ours[k] / r[key]:>16.2f}x" if k in ours else f"{'-':>17}"
-                for k in ("kvloom-bf16", "kvloom-q4_1")
+                for k in ("kvloom-bf16", "kvloom-q4_1", "kvloom-w8a8")
             ]
-            print(f"{r['name']:<20}{r[key]:>16.1f}  {ratios[0]}  {ratios[1]}")
+            print(f"{r['name']:<20}{r[key]:>16.1f}  {ratios[0]}  {ratios[1]}  {ratios[2]}")
     if "throughput" in results:
         flops = throughput_linear_flops(ckpt.hf_config, args.num_prompts, args.input_len, args.output_len)
         tokens = args.num_prompts * args.output_len
@@ -487,6 +522,26 @@ def main() -> int:
                     f"  {r['name']:<20}{r['output_tok_s'] / bound * 100:>6.1f}% of {bound:.0f} tok/s "
                     f"({r['peak_gflops'][0]} / {r['peak_gflops'][1]} GFLOP/s, "
                     f"{r['bandwidth_gbs'][0]:.1f} / {r['bandwidth_gbs'][1]:.1f} GB/s)"
+                )
+        if any(r["name"] == "kvloom-w8a8" for r in results["throughput"]):
+            _, _, head = linear_params(ckpt.hf_config)
+            head_flops = 2.0 * args.num_prompts * args.output_len * head
+            print(
+                "\nint8 machine bound (w8a8): the same linear FLOPs at the int8 peak (vpdpbusd on "
+                "registers), but the output layer's at the bf16 peak (w8a8 keeps it on bf16 activations), "
+                "plus the K/V reads as above"
+            )
+        for r in results["throughput"]:
+            if r["name"] == "kvloom-w8a8" and "int8_peak_gops" in r:
+                i8, peak = sum(r["int8_peak_gops"]) / 2, sum(r["peak_gflops"]) / 2
+                bw = sum(r["bandwidth_gbs"]) / 2
+                seconds = (flops - head_flops) / (i8 * 1e9) + head_flops / (peak * 1e9) + kv / (bw * 1e9)
+                bound = tokens / seconds
+                r["machine_bound"] = {"int8_peak_gops": i8, "peak_gflops": peak, "bandwidth_gbs": bw}
+                r["machine_bound"]["tok_s"] = bound
+                print(
+                    f"  {r['name']:<20}{r['output_tok_s'] / bound * 100:>6.1f}% of {bound:.0f} tok/s "
+                    f"({r['int8_peak_gops'][0]} / {r['int8_peak_gops'][1]} int8 GOP/s)"
                 )
     if "decode" in results:
         nbytes = weight_bytes_per_token(ckpt.hf_config)

@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
     def divide_weight(self, s: torch.Tensor) -> torch.Tensor:
         """Divide the output's per-channel scale by ``s`` (SmoothQuant); returns the ratio old / new that the
         rounded weight applies ([dim] fp32: ``s`` up to rounding, 1 where the weight is 0)."""
-        old = self.weight.data.float()
+        old = self.weight.data.float().clone()  # NOTE: a copy: .float() of an fp32 weight is the weight
         new = (old / s).to(self.weight.dtype)
         self.weight.data.copy_(new)
         return torch.where(new != 0, old / new.float(), torch.ones_like(old))

@@ -93,12 +93,14 @@ def input_maxima(model: torch.nn.Module, windows: list[list[int]], linears: list
     return maxima
 
 
-def smooth(model: torch.nn.Module, tokenizer: Any, alpha: float = ALPHA) -> None:
-    """Calibrate on calibration.txt and fold the smoothing scales into ``model`` (loaded, not yet prepared
-    by a backend); the model computes the same function up to the rounding of its weights."""
+def smooth(model: torch.nn.Module, tokenizer: Any, max_len: int, alpha: float = ALPHA) -> None:
+    """Calibrate on calibration.txt (in sequences of up to ``max_len`` tokens) and fold the smoothing scales
+    into ``model`` (loaded, not yet prepared by a backend); the model computes the same function up to the
+    rounding of its weights."""
     start = time.perf_counter()
     ids = tokenizer.encode(CALIBRATION_TEXT.read_text())
-    windows = [ids[i : i + WINDOW] for i in range(0, len(ids), WINDOW)]
+    window = min(WINDOW, max_len)
+    windows = [ids[i : i + window] for i in range(0, len(ids), window)]
     pairs = smoothing_pairs(model)
     maxima = input_maxima(model, windows, [lin for _, _, lin in pairs])
     worst = 0.0

@@ -127,7 +127,7 @@ class ModelRunner:
         if config.model.quantization == "w8a8":
             from kvloom.quantization.smoothquant import smooth
 
-            smooth(model, config.checkpoint.load_tokenizer())
+            smooth(model, config.checkpoint.load_tokenizer(), config.model.max_model_len)
         self.backend.prepare(model)
         logger.info(
             "Compute: %s on %s, %s",
