@@ -92,10 +92,7 @@ def hf_bf16_folder(gguf_path: Path) -> Path:
 
     ckpt = resolve_checkpoint(str(gguf_path))
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ckpt.gguf.transformers_config()
-    cfg.architectures = ["LlamaForCausalLM"] if cfg.model_type == "llama" else cfg.architectures
-    cfg.dtype = torch.bfloat16
-    cfg.save_pretrained(out)
+    ckpt.transformers_config().save_pretrained(out)
     ckpt.load_tokenizer().save_pretrained(out)
     tensors = {name: t.contiguous() for name, t in ckpt.iter_tensors(torch.bfloat16)}
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})

@@ -217,6 +217,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kvloom.quantization.compressed_tensors import write_w8a8
+
+    out = write_w8a8(args.model, Path(args.output), args.max_model_len)
+    print(f"wrote {out}; serve it with: kvloom serve --model {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kvloom import __version__
 
@@ -357,6 +367,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-warmups", type=int, default=1, help="untimed requests sent first, one at a time (default: 1)"
     )
     bench.set_defaults(func=cmd_bench)
+
+    qz = sub.add_parser(
+        "quantize",
+        help="write a W8A8 checkpoint (SmoothQuant-calibrated) that later starts load as it is",
+        description="Smooth (SmoothQuant, on the calibration text kvloom ships) and quantize a bf16/fp32 "
+        "model as --quantization w8a8 does at start-up, and write it as a compressed-tensors W8A8 Hugging "
+        "Face folder (vLLM reads the format too). Serving that folder skips the calibration.",
+    )
+    qz.add_argument("--model", default=None, help="Hugging Face folder or .gguf file (default: SmolLM2-135M)")
+    qz.add_argument("--output", required=True, help="the folder to write")
+    qz.add_argument("--quantization", default="w8a8", choices=["w8a8"], help="the scheme (default: w8a8)")
+    qz.add_argument(
+        "--max-model-len", type=int, default=None, help="longest calibration sequence (default: the model's)"
+    )
+    qz.set_defaults(func=cmd_quantize)
     return parser
 
 

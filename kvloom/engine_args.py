@@ -169,8 +169,10 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _one_of("quantization", m.quantization, QUANTIZATIONS)
     _one_of("backend", device.backend, BACKENDS)
     quant = m.quantization
+    if checkpoint.quantization is not None and quant == checkpoint.quantization:
+        quant = "auto"  # quantized that way already: run as written (no second calibration)
     resolved_dtype = resolve_dtype(
-        "bfloat16" if quant in CPU_QUANTIZATIONS and dtype == "auto" else dtype,
+        "bfloat16" if (quant in CPU_QUANTIZATIONS or checkpoint.quantization) and dtype == "auto" else dtype,
         hf_config,
         checkpoint.format,
         dev,
@@ -199,6 +201,7 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
             m,
             dtype=str(resolved_dtype).removeprefix("torch."),
             max_model_len=max_model_len,
+            quantization=quant,
             # NOTE: None draws one (the CLI's default, so sampling differs from run to run; logged by the
             # engine so that a run can be repeated with --seed).
             seed=m.seed if m.seed is not None else int.from_bytes(os.urandom(4), "little"),

@@ -67,6 +67,25 @@ class Checkpoint:
             raise ValueError(f"model: cannot read {self.path / 'config.json'}: {e}") from e
 
     @cached_property
+    def quantization(self) -> str | None:
+        """The scheme of a pre-quantized checkpoint ("w8a8": compressed-tensors, kvloom quantize), or None;
+        a quantization_config kvloom does not run is a ValueError naming its field."""
+        if self.format != "hf":
+            return None
+        from kvloom.quantization.compressed_tensors import scheme
+
+        return scheme(self.hf_config)
+
+    def transformers_config(self) -> Any:
+        """A transformers config to write beside converted weights (a GGUF file's, made from its metadata)."""
+        if self.format == "hf":
+            return self.hf_config
+        cfg = self.gguf.transformers_config()
+        cfg.architectures = ["LlamaForCausalLM"] if cfg.model_type == "llama" else cfg.architectures
+        cfg.dtype = torch.bfloat16
+        return cfg
+
+    @cached_property
     def eos_token_ids(self) -> frozenset[int]:
         """EOS ids from the config and, for HF folders, generation_config.json (chat models list several)."""
         ids: set[int] = set()
@@ -114,8 +133,9 @@ class Checkpoint:
     ) -> Iterator[tuple[str, Any]]:
         """(Hugging Face parameter name, tensor) pairs, in ``dtype`` where floating point.
 
-        keep_quantized: GGUF linear weights in a format the CPU kernels run (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) come
-        as kvloom.layers.quantization.QuantizedWeight instead of dequantized tensors.
+        keep_quantized: GGUF linear weights in a format the CPU kernels run (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K), and a
+        W8A8 checkpoint's int8 ones, come as kvloom.layers.quantization.QuantizedWeight instead of
+        dequantized tensors.
         shard: name -> (dim, start, length) or None: read only that part of each tensor (a tensor-parallel
         rank's slice; the model's ``checkpoint_slice``)."""
         shard = shard or (lambda name: None)
@@ -124,7 +144,12 @@ class Checkpoint:
         else:
             from kvloom.loader.safetensors import iter_safetensors
 
-            yield from iter_safetensors(self.path, dtype, shard)
+            tensors = iter_safetensors(self.path, dtype, shard)
+            if self.quantization == "w8a8":
+                from kvloom.quantization.compressed_tensors import pair_scales
+
+                tensors = pair_scales(tensors, dtype, keep_quantized)
+            yield from tensors
 
 
 def resolve_checkpoint(model: str | os.PathLike | None) -> Checkpoint:

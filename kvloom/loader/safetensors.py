@@ -23,7 +23,8 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor, or of those ``shard(name)`` slices, (dim, start, length), that part alone (read as
-    such: safetensors' get_slice)."""
+    such: safetensors' get_slice); floating point in ``dtype``, but quantization scales (``*_scale``) as
+    stored."""
     for f in safetensors_files(folder):
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
@@ -34,4 +35,4 @@ def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Itera
                     dim, start, n = part
                     index = (slice(None),) * dim + (slice(start, start + n),)
                     t = st.get_slice(name)[index]
-                yield name, t.to(dtype) if t.is_floating_point() else t
+                yield name, t.to(dtype) if t.is_floating_point() and not name.endswith("_scale") else t

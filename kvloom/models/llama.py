@@ -259,8 +259,8 @@ class LlamaForCausalLM(nn.Module):
             return 0, start, min(module.num_embeddings, module.vocab_size - start)
         if isinstance(module, Linear) and module.shard_slices is not None:
             dim, start, n = module.shard_slices[shard]
-            if parts[-1] == "bias":
-                return None if dim == 1 else (0, start, n)  # a row-parallel bias is whole (rank 0 adds it)
+            if parts[-1] in ("bias", "weight_scale"):  # per output: whole in a row-parallel layer
+                return None if dim == 1 else (0, start, n)  # (rank 0 alone adds the bias)
             return dim, start, n
         return None
 
@@ -338,6 +338,23 @@ class LlamaForCausalLM(nn.Module):
         missing = [n for n in params if not all((n, s) in loaded for s in range(self.num_shards(n)))]
         if missing:
             raise ValueError(f"model: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def checkpoint_tensor(self, name: str) -> tuple[torch.Tensor | None, str]:
+        """(the model's current value of checkpoint tensor ``name``: where load_weights put it, a fused
+        layer's rows of that shard; the parameter's name). The value is None where the model keeps the
+        tensor otherwise (a family's own loading, rotary buffers, a tied output layer). One rank's model."""
+        parts = name.split(".")
+        shard = None
+        if len(parts) >= 2 and parts[-2] in _STACKED:
+            parts[-2], shard = _STACKED[parts[-2]]
+        target = ".".join(parts)
+        param = dict(self.named_parameters(remove_duplicate=False)).get(target)
+        if param is None:
+            return None, target
+        if shard is None:
+            return param.data, target
+        sizes = self._shard_sizes(target)
+        return param.data.narrow(0, sum(sizes[:shard]), sizes[shard]), target
 
     def load_other(self, name: str, tensor: Any, params: dict) -> tuple[str, int] | None:
         """Where a family loads a checkpoint tensor its own way (experts): copy it and return the

@@ -41,6 +41,22 @@ def smoothing_pairs(model: torch.nn.Module) -> list[tuple[str, Any, Linear]]:
     return pairs
 
 
+def w8a8_linears(model: torch.nn.Module) -> dict[str, Linear]:
+    """The linear layers W8A8 quantizes, by name: attention's q/k/v and o, and every dense MLP's gate/up and
+    down (shared experts included); not the output layer, nor a mixture of experts' router and experts
+    (vLLM's W8A8 checkpoints leave them out too)."""
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}."
+        out[prefix + "self_attn.qkv_proj"] = layer.self_attn.qkv_proj
+        out[prefix + "self_attn.o_proj"] = layer.self_attn.o_proj
+        for name, module in layer.named_modules():
+            if isinstance(module, MLP):
+                out[f"{prefix}{name}.gate_up_proj"] = module.gate_up_proj
+                out[f"{prefix}{name}.down_proj"] = module.down_proj
+    return out
+
+
 @torch.inference_mode()
 def input_maxima(model: torch.nn.Module, windows: list[list[int]], linears: list[Linear]) -> dict:
     """max |x| per input channel ([in_features] fp32) of each of ``linears`` over the tokens of ``windows``

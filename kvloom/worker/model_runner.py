@@ -101,6 +101,31 @@ def num_kv_blocks(config: EngineConfig, layout: KVLayout, memory: int | None = N
     return n
 
 
+def load_model(config: EngineConfig, keep_quantized: bool, show_progress: bool = True) -> torch.nn.Module:
+    """The model of ``config`` built on its device and loaded (this rank's slices), before any backend
+    touches it; ``--quantization w8a8`` smooths it here (SmoothQuant: the backend quantizes it next)."""
+    device = torch.device(config.device.device)
+    model_cls = get_model_class(config.model_type)
+    with torch.device("meta"), _default_dtype(config.dtype):
+        model = model_cls(config.hf_config, config.model.max_model_len, config.dtype, device)
+    _materialize(model, device)
+    ckpt = config.checkpoint
+    weights = tqdm(
+        ckpt.iter_tensors(config.dtype, keep_quantized, shard=model.checkpoint_slice),
+        total=ckpt.num_tensors(),
+        desc=f"Loading {ckpt.path.name}",
+        unit="tensor",
+        disable=not show_progress,
+        leave=False,
+    )
+    model.load_weights(weights)
+    if config.model.quantization == "w8a8":
+        from kvloom.quantization.smoothquant import smooth
+
+        smooth(model, ckpt.load_tokenizer(), config.model.max_model_len)
+    return model
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, show_progress: bool = True) -> None:
         self.config = config
@@ -108,26 +133,9 @@ class ModelRunner:
         if config.parallel.num_threads is not None:
             torch.set_num_threads(config.parallel.num_threads)
         hf = config.hf_config
-        model_cls = get_model_class(config.model_type)
-        with torch.device("meta"), _default_dtype(config.dtype):
-            model = model_cls(hf, config.model.max_model_len, config.dtype, self.device)
-        _materialize(model, self.device)
-        ckpt = config.checkpoint
         self.backend = get_backend(config)
         self.tp = get_tp()
-        weights = tqdm(
-            ckpt.iter_tensors(config.dtype, self.backend.keep_quantized, shard=model.checkpoint_slice),
-            total=ckpt.num_tensors(),
-            desc=f"Loading {ckpt.path.name}",
-            unit="tensor",
-            disable=not show_progress,
-            leave=False,
-        )
-        model.load_weights(weights)
-        if config.model.quantization == "w8a8":
-            from kvloom.quantization.smoothquant import smooth
-
-            smooth(model, config.checkpoint.load_tokenizer(), config.model.max_model_len)
+        model = load_model(config, self.backend.keep_quantized, show_progress)
         self.backend.prepare(model)
         logger.info(
             "Compute: %s on %s, %s",

@@ -3,8 +3,11 @@ and activations stays close to bf16 on a real model."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import Gemma3TextConfig, LlamaConfig
 
 from kvloom import LLM, SamplingParams
@@ -74,3 +77,56 @@ def test_w8a8_close_to_bf16_on_a_real_model(stories):
     (ppl_bf16, greedy_bf16), (ppl_w8, greedy_w8) = runs["none"], runs["w8a8"]
     assert abs(ppl_w8 / ppl_bf16 - 1) < 0.02, (ppl_bf16, ppl_w8)
     assert sum(a[:4] == b[:4] for a, b in zip(greedy_bf16, greedy_w8, strict=True)) >= 2
+
+
+@pytest.mark.skipif(load_cpu_kernels() is None, reason="W8A8 runs on the CPU kernels (AVX-512 VNNI)")
+def test_quantize_writes_what_start_up_quantization_runs(stories, tmp_path):
+    """`kvloom quantize` writes a compressed-tensors W8A8 folder; serving it gives --quantization w8a8's
+    tokens and logprobs bit for bit (no second calibration), and the PyTorch backend runs it dequantized."""
+    from kvloom.cli import main
+
+    out = tmp_path / "w8a8"
+    assert main(["quantize", "--model", str(stories), "--output", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.int8
+        assert f.get_tensor("model.layers.0.mlp.down_proj.weight_scale").dtype == torch.float32
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=2)
+    prompts = ["Once upon a time", "The little dog", "Lily wanted to"]
+    runs = []
+    for model, quant, backend in [(stories, "w8a8", "auto"), (out, "auto", "auto"), (out, "w8a8", "auto")]:
+        llm = LLM(str(model), quantization=quant, backend=backend, show_progress=False)
+        assert llm.engine.config.model.quantization == ("w8a8" if model == stories else "auto")
+        runs.append([o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)])
+    for ref, *others in zip(*runs, strict=True):
+        for got in others:
+            assert got.token_ids == ref.token_ids
+            assert [lp[t].logprob for lp, t in zip(got.logprobs, got.token_ids, strict=True)] == [
+                lp[t].logprob for lp, t in zip(ref.logprobs, ref.token_ids, strict=True)
+            ]
+    torch_run = LLM(str(out), backend="torch", show_progress=False).generate(prompts, params, use_tqdm=False)
+    same = [o.outputs[0].token_ids[:4] == r.token_ids[:4] for o, r in zip(torch_run, runs[0], strict=True)]
+    assert sum(same) >= 2
+
+
+def test_malformed_quantization_config_is_refused_naming_the_field(tmp_path, stories):
+    from kvloom.engine_args import create_engine_config
+    from kvloom.quantization.compressed_tensors import W8A8_GROUP, w8a8_config
+
+    base = json.loads((stories / "config.json").read_text())
+    bad_weights = {**W8A8_GROUP, "weights": {**W8A8_GROUP["weights"], "strategy": "tensor"}}
+    for qc, field in [
+        ({"quant_method": "awq"}, "quantization_config.quant_method"),
+        ({**w8a8_config([]), "format": "pack-quantized"}, "quantization_config.format"),
+        ({**w8a8_config([]), "config_groups": {}}, "quantization_config.config_groups"),
+        (
+            {**w8a8_config([]), "config_groups": {"group_0": bad_weights}},
+            "quantization_config.config_groups.group_0.weights.strategy",
+        ),
+    ]:
+        folder = tmp_path / field.replace(".", "_")
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**base, "quantization_config": qc}))
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            create_engine_config(str(folder))

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
-from kvloom.config import CPU_QUANTIZATIONS
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.mlp import MLP
 from kvloom.layers.moe import FusedExperts, SparseMoeBlock
@@ -28,6 +27,7 @@ from kvloom.layers.norm import RMSNorm
 from kvloom.layers.quantization import QuantizedWeight, quantize_rtn, quantize_w8a8
 from kvloom.logger import init_logger
 from kvloom.models.llama import DecoderLayer
+from kvloom.quantization.smoothquant import w8a8_linears
 
 logger = init_logger(__name__)
 
@@ -726,10 +726,11 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
     shapes allow, run all-decode steps as one call per step (FusedDecodeLayers). Weights loaded
     quantized (``model.quantized``: GGUF blocks) run quantized; quantization int8/int4 quantizes the others
     (round to nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits),
-    w8a8 to int8 per output channel with int8 activations (the output layer: int8 weights, groups of 32,
-    bf16 activations, as vLLM's W8A8 checkpoints leave it out).
+    w8a8 the attention's and dense MLPs' layers to int8 per output channel with int8 activations (the rest
+    stays bf16: smoothquant.w8a8_linears).
     """
     quantized = getattr(model, "quantized", {})
+    w8a8 = set(w8a8_linears(model).values()) if quantization == "w8a8" else set()
     for name, module in list(model.named_modules()):  # NOTE: a list: experts add Linears as they go
         if isinstance(module, Linear):
             key = f"{name}.weight"
@@ -740,9 +741,9 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 )
             elif module.weight is None or not kernels.can_pack(module.weight):
                 continue
-            elif quantization == "w8a8" and name != "lm_head":
+            elif module in w8a8:
                 PackedLinearMethod.install(kernels, module, quantize_w8a8(module.weight.data))
-            elif quantization in CPU_QUANTIZATIONS:
+            elif quantization in ("int8", "int4"):
                 bits = 4 if quantization == "int4" and name != "lm_head" else 8
                 PackedLinearMethod.install(kernels, module, quantize_rtn(module.weight.data, bits))
             else:
