@@ -123,16 +123,21 @@ def test_quantized_linear_matches_dequantized(name, m):
 
 
 @pytest.mark.parametrize(
-    ("m", "n", "k"), [(1, 96, 64), (3, 72, 100), (8, 32, 576), (13, 130, 68), (40, 64, 1536)]
+    ("m", "n", "k"), [(1, 96, 64), (3, 72, 100), (8, 32, 576), (13, 130, 68), (40, 64, 1536), (21, 96, 128)]
 )
 @pytest.mark.parametrize("bias", [False, True])
-def test_w8a8_kernel_equals_its_integer_reference(m, n, k, bias):
-    """The VNNI kernel's W8A8 (per-token int8 activations quantized on the fly, per-channel int8 weights)
-    gives the reference's bits: its integer sums are exact; tails of K % 16 and N % 32, row tiles of 8."""
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_w8a8_kernel_equals_its_integer_reference(m, n, k, bias, amx):
+    """The kernel's W8A8 (per-token int8 activations quantized on the fly, per-channel int8 weights) gives
+    the reference's bits, on VNNI and on AMX tiles: the integer sums are exact; tails of K % 16 and N % 32,
+    row tiles of 8 (VNNI) and 16 with zero padding rows (AMX: K % 64 == 0, more than 4 rows)."""
     from kvloom.layers.quantization import quantize_w8a8, w8a8_reference
 
     if K is None:
         pytest.skip("CPU kernels need x86-64 with AVX-512 BF16 and a compiler")
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
     g = torch.Generator().manual_seed(m * n + k)
     w = torch.randn(n, k, generator=g)
     w[:, 3] *= 20  # an outlier input channel
@@ -144,6 +149,7 @@ def test_w8a8_kernel_equals_its_integer_reference(m, n, k, bias):
     packed = pack_quantized(qw)  # NOTE: kept alive: the descriptor holds its address
     y = K.run_linear(K.linear_desc(packed, b, 9, k), x, k, n)
     ref = w8a8_reference(x, qw, b)
+    K.set_amx(True)  # back to the default
     assert y.shape == (m, n) and torch.equal(y, ref)
     # near the exact product: an int8 step per token on x, per output channel on w (the outlier input
     # channel coarsens every row of w: what SmoothQuant moves)

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 typedef uint16_t bf16;
 
@@ -822,46 +824,114 @@ INLINE void w8a8_tile(int MM, const uint8_t *u, int64_t K, const int8_t *wq, __m
     }
 }
 
+/* AMX (Intel Sapphire Rapids on; kv_set_amx): tdpbusd multiplies a 16 x 64 tile of u by a 64 x 16 tile
+ * of q into 16 x 16 int32 sums, 16384 multiply-adds an instruction. The item layout above is AMX's: the B
+ * tile of block b over inputs 64 kc .. 64 kc + 63 is 16 rows (quads) of 64 bytes, 128 bytes apart from
+ * offset kc 2048 + 64 b. Rows go in tiles of 16 (u is padded with zero rows to a multiple of 16). The same
+ * exact integer sums as the VNNI tile, so the same bits. Needs K % 64 == 0; taken above 4 rows. */
+static int kv_amx = 0;
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* on != 0: use AMX for W8A8 when the kernel may (the process asks Linux for the tile state once). Returns
+ * whether AMX is on. */
+int kv_set_amx(int64_t on) {
+    static int permitted = -1;
+    if (on && permitted < 0) permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    kv_amx = on && permitted > 0;
+    return kv_amx;
+}
+
+__attribute__((target("amx-tile"))) static void amx_begin(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64; /* C0, C1; A; B0, B1: 16 x 64 bytes */
+    _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
+
+/* 16 rows of u (K bytes apart) times an item's two blocks: c [16][32] int32. */
+__attribute__((target("amx-tile,amx-int8"))) static void w8a8_tile_amx(const uint8_t *u, int64_t K,
+                                                                        const int8_t *wq, int32_t *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int64_t kc = 0; kc < K / 64; kc++) {
+        _tile_loadd(2, u + kc * 64, K);
+        _tile_loadd(3, wq + kc * 2048, 128);
+        _tile_loadd(4, wq + kc * 2048 + 64, 128);
+        _tile_dpbusd(0, 2, 3);
+        _tile_dpbusd(1, 2, 4);
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+}
+
 /* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
 static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t ldy,
                       int64_t M, int64_t N, int64_t K, float *scratch) {
+    const int amx = kv_amx && K % 64 == 0 && M > 4; /* a few rows: VNNI streams the weights faster */
+    const int64_t rows = amx ? (M + 15) / 16 * 16 : M;
     float *sx = scratch;
     uint8_t *u = (uint8_t *)(scratch + M);
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; m++) w8a8_quantize_row(x + m * ldx, K, u + m * K, sx + m);
+    for (int64_t m = 0; m < rows; m++) {
+        if (m < M)
+            w8a8_quantize_row(x + m * ldx, K, u + m * K, sx + m);
+        else
+            memset(u + m * K, 0, K); /* AMX's padding rows */
+    }
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ib = w8a8_item_bytes(K);
+    const int step = amx ? 16 : W8_ROWS;
+    if (amx) amx_begin();
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nitems; it++) {
         const int8_t *wq = (const int8_t *)(w + it * ib);
         const float *sw = (const float *)(w + it * ib + K * 32);
         const int32_t *wsum = (const int32_t *)(sw + QGROUP * 16);
-        for (int64_t m0 = 0; m0 < M; m0 += W8_ROWS) {
-            const int mm = M - m0 < W8_ROWS ? (int)(M - m0) : W8_ROWS;
-            __m512i acc[W8_ROWS][QGROUP];
-            switch (mm) { /* constant MM: no branches in the inner loop */
-            case 1: w8a8_tile(1, u + m0 * K, K, wq, acc); break;
-            case 2: w8a8_tile(2, u + m0 * K, K, wq, acc); break;
-            case 3: w8a8_tile(3, u + m0 * K, K, wq, acc); break;
-            case 4: w8a8_tile(4, u + m0 * K, K, wq, acc); break;
-            default: w8a8_tile(W8_ROWS, u + m0 * K, K, wq, acc); break;
+        for (int64_t m0 = 0; m0 < M; m0 += step) {
+            const int mm = M - m0 < step ? (int)(M - m0) : step;
+            int32_t c[16][QGROUP * 16]; /* the tile's sums, rows of 32 outputs */
+            if (amx) {
+                w8a8_tile_amx(u + m0 * K, K, wq, &c[0][0]);
+            } else {
+                __m512i acc[W8_ROWS][QGROUP];
+                switch (mm) { /* constant MM: no branches in the inner loop */
+                case 1: w8a8_tile(1, u + m0 * K, K, wq, acc); break;
+                case 2: w8a8_tile(2, u + m0 * K, K, wq, acc); break;
+                case 3: w8a8_tile(3, u + m0 * K, K, wq, acc); break;
+                case 4: w8a8_tile(4, u + m0 * K, K, wq, acc); break;
+                default: w8a8_tile(W8_ROWS, u + m0 * K, K, wq, acc); break;
+                }
+                for (int i = 0; i < mm; i++)
+                    for (int b = 0; b < QGROUP; b++) _mm512_storeu_si512(&c[i][b * 16], acc[i][b]);
             }
-            float out[W8_ROWS][QGROUP][16];
+            float out[16][QGROUP][16];
             for (int b = 0; b < QGROUP; b++) {
                 const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(wsum + b * 16), 7); /* 128 wsum */
                 const __m512 s = _mm512_loadu_ps(sw + b * 16);
                 for (int i = 0; i < mm; i++) {
-                    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][b], corr));
+                    const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(&c[i][b * 16]), corr));
                     _mm512_storeu_ps(out[i][b], _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_set1_ps(sx[m0 + i])));
                 }
             }
             store_tile(&out[0][0][0], QGROUP * 16, mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
         }
     }
+    if (amx) amx_end();
 }
 
 /* Floats of scratch a linear of M rows and K inputs needs: group sums (groups >= 16) or W8A8's sx and u. */
 INLINE int64_t lin_scratch_floats(int64_t M, int64_t K) {
-    const int64_t sums = M * (K / 16), w8 = M + (M * K + 3) / 4;
+    const int64_t sums = M * (K / 16), w8 = M + ((M + 15) / 16 * 16 * K + 3) / 4; /* AMX pads to 16 rows */
     return (sums > w8 ? sums : w8) + 16;
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
-from kvloom.backends.cpu.build import _build, _unsupported, wait_for_prebuild
+from kvloom.backends.cpu.build import _build, _cpu_flags, _unsupported, wait_for_prebuild
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.mlp import MLP
 from kvloom.layers.moe import FusedExperts, SparseMoeBlock
@@ -43,6 +44,7 @@ class KvLin(ctypes.Structure):
 
 _SIGNATURES = {
     "kv_lin_forward": [ctypes.POINTER(KvLin), _P, _I, _P, _I, _I, _I, _I],
+    "kv_set_amx": [_I],
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
     "kv_gelu_tanh_mul_bf16": [_P, _I, _P, _I, _I, _I],
@@ -106,8 +108,17 @@ class CpuKernels:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = argtypes, None
+        lib.kv_set_amx.restype = ctypes.c_int
         self._lib = lib
         self.path = path
+        # W8A8 on AMX where the CPU has it (KVLOOM_AMX=0: VNNI alone)
+        self.amx = self.set_amx("amx_int8" in _cpu_flags() and os.environ.get("KVLOOM_AMX", "1") != "0")
+
+    def set_amx(self, on: bool) -> bool:
+        """Run W8A8 layers (K a multiple of 64) on AMX tiles, or on VNNI alone; the same bits either way.
+        Returns whether AMX is on (it needs the CPU and Linux's permission)."""
+        self.amx = bool(self._lib.kv_set_amx(int(on)))
+        return self.amx
 
     # -- linear on packed weights -----------------------------------------------------------------------
     @staticmethod
