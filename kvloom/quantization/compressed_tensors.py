@@ -138,10 +138,14 @@ def write_w8a8(
             tensors[name] = value.to(torch.bfloat16).contiguous()
             if name.endswith(".weight") and value.dim() == 2 and "embed" not in name and "norm" not in name:
                 ignore.append(name.removesuffix(".weight"))
-    output.mkdir(parents=True, exist_ok=True)
     hf = copy.deepcopy(ckpt.transformers_config())
     hf.dtype = torch.bfloat16  # W8A8 runs on bf16 activations
-    hf.quantization_config = w8a8_config(sorted(ignore) or ["lm_head"])
+    if "lm_head.weight" in targets and "lm_head.weight" not in tensors:  # tied: an int8 copy of its own
+        qw = quantize_w8a8(net.lm_head.weight.data)
+        tensors["lm_head.weight"], tensors["lm_head.weight_scale"] = qw.q.contiguous(), qw.scale.contiguous()
+        hf.tie_word_embeddings = False
+    output.mkdir(parents=True, exist_ok=True)
+    hf.quantization_config = w8a8_config(sorted(ignore))
     hf.save_pretrained(output)
     ckpt.load_tokenizer().save_pretrained(output)
     if (ckpt.path / "generation_config.json").is_file():

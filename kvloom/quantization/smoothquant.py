@@ -42,10 +42,13 @@ def smoothing_pairs(model: torch.nn.Module) -> list[tuple[str, Any, Linear]]:
 
 
 def w8a8_linears(model: torch.nn.Module) -> dict[str, Linear]:
-    """The linear layers W8A8 quantizes, by name: attention's q/k/v and o, and every dense MLP's gate/up and
-    down (shared experts included); not the output layer, nor a mixture of experts' router and experts
-    (vLLM's W8A8 checkpoints leave them out too)."""
-    out = {}
+    """The linear layers W8A8 quantizes, by name: attention's q/k/v and o, every dense MLP's gate/up and down
+    (shared experts included), and the output layer (not smoothed; a tied one gets an int8 copy, the
+    embedding stays as it is). Not a mixture of experts' router and experts.
+    NOTE: vLLM's W8A8 checkpoints keep the output layer in bf16; here it is a fifth of the linear FLOPs of
+    a small model (SmolLM2, Llama 3.2 1B), ~30% of a batched W8A8 step's time in bf16, and costs +0.3%
+    perplexity (SmolLM2) in int8."""
+    out = {"lm_head": model.lm_head}
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}."
         out[prefix + "self_attn.qkv_proj"] = layer.self_attn.qkv_proj
