@@ -62,13 +62,14 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2, help="workload repetitions (fresh prompts each)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quantization", default="none", help="the weights: none (bf16), w8a8, int8, int4")
     p.add_argument(
         "--prefill",
         action="store_true",
         help="time the prefill steps instead (one output token per request, every step counted)",
     )
     args = p.parse_args()
-    src = str(HERE.parent / "kvloom" / "kernels" / "cpu_kernels.c")
+    src = str(HERE.parent / "kvloom" / "backends" / "cpu" / "cpu_kernels.c")
     specs = args.variant or [f"a={src}", f"b={src}"]
 
     import random
@@ -91,7 +92,7 @@ def main() -> int:
     llm = LLM(  # the pool written up front: first-write page faults would land in the attention phases
         str(model),
         dtype="bfloat16",
-        quantization="none",
+        quantization=args.quantization,
         num_threads=args.threads,
         show_progress=False,
         reserve_kv_cache=True,
