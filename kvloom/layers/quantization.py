@@ -9,7 +9,9 @@ Every format here is one of four kinds, with w = scale * q + min per group of ``
 - kind 8: q in -128..127: Q8_0, IQ4_NL and IQ4_XS (their 16 non-linear levels, -127..113), int8 (group 32);
   Q6_K (q - 32, group 16);
 - kind 9: W8A8 (``--quantization w8a8``): kind 8's q in -127..127 with one scale per output channel (group
-  = the input size), run with int8 activations (a scale per token, computed as they come).
+  = the input size), run with int8 activations (a scale per token, computed as they come);
+- kind 10: FP8 E4M3 (compressed-tensors FP8 checkpoints): q holds the bytes, w = scale * fp8(q), one scale
+  per output channel or per tensor (group = the input size); the kernels widen it to bf16 exactly.
 Q6_K and the IQ4 formats take 8 bits a weight here (their files: 4.25-6.5), still half of bf16.
 Scales and mins are fp32: GGUF's fp16 d, m times the blocks' integer sub-scales convert to them exactly,
 so a backend computes with the file's exact weights.
@@ -45,8 +47,8 @@ _IQ4_LEVELS = np.array(
 
 @dataclass
 class QuantizedWeight:
-    kind: int  # 4, 5, 8 or 9
-    q: torch.Tensor  # [N, K] uint8 (kinds 4 and 5) or int8 (kinds 8 and 9)
+    kind: int  # 4, 5, 8, 9 or 10
+    q: torch.Tensor  # [N, K] uint8 (kinds 4, 5 and 10: FP8 bytes) or int8 (kinds 8 and 9)
     scale: torch.Tensor  # [N, K // group] float32
     min: torch.Tensor | None  # [N, K // group] float32, or None (symmetric)
     group: int
@@ -57,7 +59,8 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         n, k = self.q.shape
-        w = self.q.float().view(n, k // self.group, self.group) * self.scale[..., None]
+        q = self.q.view(torch.float8_e4m3fn).float() if self.kind == 10 else self.q.float()
+        w = q.view(n, k // self.group, self.group) * self.scale[..., None]
         if self.min is not None:
             w = w + self.min[..., None]
         return w.view(n, k).to(dtype)
@@ -75,6 +78,8 @@ class QuantizedWeight:
         """Row-wise concatenation (fused q/k/v, gate/up); mixed formats meet as the widest kind among
         them, smallest group."""
         if len({(p.kind, p.group) for p in parts}) > 1:
+            if {p.kind for p in parts} & {9, 10}:
+                raise ValueError(f"model: fused shards of kinds {sorted({p.kind for p in parts})} do not mix")
             kind, group = max(p.kind for p in parts), min(p.group for p in parts)
             parts = [p.as_kind(kind, group) for p in parts]
         has_min = any(p.min is not None for p in parts)

@@ -68,7 +68,7 @@ class Checkpoint:
 
     @cached_property
     def quantization(self) -> str | None:
-        """The scheme of a pre-quantized checkpoint ("w8a8": compressed-tensors, kvloom quantize), or None;
+        """The scheme of a pre-quantized checkpoint ("w8a8", "fp8": compressed-tensors), or None;
         a quantization_config kvloom does not run is a ValueError naming its field."""
         if self.format != "hf":
             return None
@@ -145,7 +145,7 @@ class Checkpoint:
             from kvloom.loader.safetensors import iter_safetensors
 
             tensors = iter_safetensors(self.path, dtype, shard)
-            if self.quantization == "w8a8":
+            if self.quantization is not None:
                 from kvloom.quantization.compressed_tensors import pair_scales
 
                 tensors = pair_scales(tensors, dtype, keep_quantized)

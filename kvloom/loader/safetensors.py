@@ -21,18 +21,23 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def _kept(name: str, t: torch.Tensor) -> bool:
+    """Tensors read as stored: quantization scales, and FP8 weights (their scale comes separately)."""
+    return name.endswith("_scale") or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor, or of those ``shard(name)`` slices, (dim, start, length), that part alone (read as
-    such: safetensors' get_slice); floating point in ``dtype``, but quantization scales (``*_scale``) as
-    stored."""
+    such: safetensors' get_slice); floating point in ``dtype``, but quantization scales and FP8 weights as
+    stored (``_kept``)."""
     for f in safetensors_files(folder):
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
                 part = shard(name)
-                if part is None:
-                    t = st.get_tensor(name)
+                view = st.get_slice(name)
+                if part is None or len(view.get_shape()) <= part[0] or view.get_shape()[part[0]] == 1:
+                    t = st.get_tensor(name)  # NOTE: a size-1 dimension (one scale per tensor) broadcasts
                 else:
                     dim, start, n = part
-                    index = (slice(None),) * dim + (slice(start, start + n),)
-                    t = st.get_slice(name)[index]
-                yield name, t.to(dtype) if t.is_floating_point() and not name.endswith("_scale") else t
+                    t = view[(slice(None),) * dim + (slice(start, start + n),)]
+                yield name, t.to(dtype) if t.is_floating_point() and not _kept(name, t) else t

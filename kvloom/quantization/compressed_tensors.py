@@ -1,7 +1,9 @@
-"""W8A8 checkpoints in the compressed-tensors format (what llm-compressor writes and vLLM reads): a Hugging
-Face folder whose quantized linear layers hold ``weight`` (int8, [out, in]) and ``weight_scale`` (one per
-output channel, [out, 1]), and whose config.json says so in ``quantization_config``:
-weights int8 symmetric per channel, input activations int8 symmetric per token, dynamic.
+"""Quantized checkpoints in the compressed-tensors format (what llm-compressor writes and vLLM reads): a
+Hugging Face folder whose quantized linear layers hold ``weight`` ([out, in]) and ``weight_scale`` (one per
+output channel, [out, 1], or one per tensor), and whose config.json says how in ``quantization_config``:
+- W8A8 ("int-quantized"): int8 weights symmetric per channel, int8 input activations per token, dynamic;
+- FP8 ("float-quantized"): FP8 E4M3 weights per channel or per tensor (run widened to bf16 in the kernels'
+  registers, kind 10), activations in bf16.
 
 ``kvloom quantize`` writes one (``write_w8a8``: the model smoothed and quantized as ``--quantization w8a8``
 does at start-up); loading reads it back (``scheme``, ``pair_scales``) and runs it as it was written.
@@ -41,8 +43,10 @@ def w8a8_config(ignore: list[str]) -> dict:
 
 
 def scheme(hf_config: Any) -> str | None:
-    """ "w8a8" for a compressed-tensors W8A8 checkpoint, None for one without quantization_config; any
-    other quantization_config is a ValueError naming the field that kvloom does not run."""
+    """The scheme of a compressed-tensors checkpoint: "w8a8" (int8 weights per channel, int8 activations
+    per token, dynamic) or "fp8" (FP8 E4M3 weights per channel or per tensor; its activations, FP8 in the
+    file's scheme, run in bf16 here: the CPUs have no FP8 arithmetic, and bf16 is the finer of the two);
+    None without quantization_config. Anything else is a ValueError naming the field kvloom does not run."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None
@@ -53,36 +57,62 @@ def scheme(hf_config: Any) -> str | None:
         raise ValueError(
             f"quantization_config.quant_method: {method!r} is not supported (compressed-tensors is)"
         )
-    if fmt not in ("int-quantized", None):
-        raise ValueError(f"quantization_config.format: {fmt!r} is not supported (int-quantized is)")
+    formats = {"int-quantized": "w8a8", "float-quantized": "fp8"}
+    if fmt not in formats:
+        raise ValueError(
+            f"quantization_config.format: {fmt!r} is not supported (int-quantized: W8A8, "
+            "float-quantized: FP8 weights)"
+        )
+    name = formats[fmt]
     groups = qc.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
-        raise ValueError("quantization_config.config_groups: expected one group (W8A8)")
+        raise ValueError("quantization_config.config_groups: expected one group")
     ((gname, group),) = groups.items()
     where = f"quantization_config.config_groups.{gname}"
-    for part in ("weights", "input_activations"):
-        want, got = W8A8_GROUP[part], group.get(part)
+    kind = "int" if name == "w8a8" else "float"
+    wants = {
+        "weights": dict(
+            num_bits=[8], type=[kind], symmetric=[True], dynamic=[False, None],
+            strategy=["channel"] if name == "w8a8" else ["channel", "tensor"],
+        ),
+        "input_activations": dict(
+            num_bits=[8], type=[kind], symmetric=[True],
+            strategy=["token"] if name == "w8a8" else ["token", "tensor"],
+            dynamic=[True] if name == "w8a8" else [True, False],
+        ),
+    }
+    for part, want in wants.items():
+        got = group.get(part)
+        if got is None and part == "input_activations" and name == "fp8":
+            continue  # weights alone
         if not isinstance(got, dict):
-            raise ValueError(f"{where}.{part}: missing (W8A8 needs {want})")
-        for key in ("num_bits", "type", "symmetric", "strategy", "dynamic"):
-            if got.get(key, want[key] if key == "dynamic" else None) != want[key]:
+            raise ValueError(f"{where}.{part}: missing")
+        for key, allowed in want.items():
+            if got.get(key) not in allowed:
                 raise ValueError(
-                    f"{where}.{part}.{key}: {got.get(key)!r} is not supported (W8A8 needs {want[key]!r})"
+                    f"{where}.{part}.{key}: {got.get(key)!r} is not supported ({name} takes {allowed})"
                 )
     targets = group.get("targets")
     if targets != ["Linear"]:
         raise ValueError(f"{where}.targets: {targets!r} is not supported (['Linear'] is)")
-    return "w8a8"
+    if name == "fp8" and group.get("input_activations") is not None:
+        logger.info("FP8 checkpoint: its weights run as they are, its activations in bf16 (not FP8)")
+    return name
 
 
 def pair_scales(
     tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, keep_quantized: bool
 ) -> Iterator[tuple[str, Any]]:
-    """A W8A8 checkpoint's tensors with each int8 ``X.weight`` and its ``X.weight_scale`` as one
-    ``X.weight``: a QuantizedWeight (kind 9) where the backend runs them, else dequantized to ``dtype``."""
+    """A quantized checkpoint's tensors with each ``X.weight`` (int8: W8A8, FP8 E4M3) and its
+    ``X.weight_scale`` (per output channel, or one per tensor) as one ``X.weight``: a QuantizedWeight (kind
+    9 or 10) where the backend runs them, else dequantized to ``dtype``. FP8 activation scales
+    (``X.input_scale``) are dropped: activations run in bf16."""
     waiting: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors:
-        if name.endswith(".weight_scale") or (name.endswith(".weight") and t.dtype == torch.int8):
+        if name.endswith(".input_scale"):
+            continue
+        quantized = t.dtype in (torch.int8, torch.float8_e4m3fn)
+        if name.endswith(".weight_scale") or (name.endswith(".weight") and quantized):
             base = name.removesuffix("_scale")
             parts = waiting.setdefault(base, {})
             parts["scale" if name.endswith("_scale") else "q"] = t
@@ -90,15 +120,21 @@ def pair_scales(
                 continue
             del waiting[base]
             q, scale = parts["q"], parts["scale"].float().reshape(-1, 1)
+            if scale.shape[0] == 1:  # one per tensor
+                scale = scale.expand(q.shape[0], 1).contiguous()
             if scale.shape[0] != q.shape[0]:
                 raise ValueError(f"model: {base}_scale has {scale.shape[0]} rows for {q.shape[0]} outputs")
-            qw = QuantizedWeight(9, q, scale, None, q.shape[1])
+            if q.dtype == torch.int8:
+                qw = QuantizedWeight(9, q, scale, None, q.shape[1])
+            else:
+                qw = QuantizedWeight(10, q.view(torch.uint8), scale, None, q.shape[1])
             yield base, qw if keep_quantized else qw.dequantize(dtype)
         else:
             yield name, t
     if waiting:
         name = next(iter(waiting))
-        raise ValueError(f"model: {name} has no {'weight_scale' if 'q' in waiting[name] else 'int8 weight'}")
+        missing = "weight_scale" if "q" in waiting[name] else "quantized weight"
+        raise ValueError(f"model: {name} has no {missing}")
 
 
 def write_w8a8(

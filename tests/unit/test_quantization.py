@@ -155,3 +155,30 @@ def test_w8a8_kernel_equals_its_integer_reference(m, n, k, bias, amx):
     # channel coarsens every row of w: what SmoothQuant moves)
     exact = F.linear(x.float(), w, None if b is None else b.float())
     assert (y.float() - exact).norm() <= 0.05 * exact.norm() + 1e-3
+
+
+@pytest.mark.parametrize(("m", "group"), [(1, 128), (3, 128), (5, 32), (33, 128)])  # 5, 33: the panel path
+def test_fp8_kernel_widens_every_byte_exactly(m, group):
+    """Kind 10 (FP8 E4M3 weights, bf16 activations): every byte but NaN, subnormals and negatives included,
+    widened in registers as torch's float8_e4m3fn reads it (the reference's dequantization)."""
+    if K is None:
+        pytest.skip("CPU kernels need x86-64 with AVX-512 BF16 and a compiler")
+    n, k = 70, 128
+    g = torch.Generator().manual_seed(m)
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    q = codes[torch.randint(len(codes), (n, k), generator=g)]
+    q[0, : len(codes[:k])] = codes[:k]  # the first row: the codes in order (zero, subnormals, normals)
+    scale = torch.rand(n, k // group, generator=g) + 0.5
+    qw = QuantizedWeight(10, q, scale, None, group)
+    w = qw.dequantize()
+    assert torch.equal(w[0, :8], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]) * 2.0**-9 * scale[0, 0])
+    x = torch.randn(m, k, generator=g).to(BF)
+    packed = pack_quantized(qw)
+    y = K.run_linear(K.linear_desc(packed, None, 10, group), x, k, n)
+    ref = F.linear(x.float(), w)
+    assert torch.all((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-4 * ref.abs().max())
+    # one-hot rows read single weights: every code of row 0 exactly (then rounded to bf16 once)
+    for rows in ([1, 2, 3, 4], list(range(k))):  # streamed (<= 4 rows) and panel paths
+        eye = torch.eye(k)[rows].to(BF)
+        got = K.run_linear(K.linear_desc(packed, None, 10, group), eye, k, n)
+        assert torch.equal(got[:, 0], w[0, rows].to(BF))

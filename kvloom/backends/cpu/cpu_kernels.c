@@ -596,7 +596,7 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, 
  *                  which takes the 128 back out.
  *          kind 5: kind 4's nibbles (the low 4 bits), then [GS / 8 chunks][2 blocks][4] uint32: the fifth bits
  *                  of pairs 4c .. 4c + 3, bit l = lane l: 16 added to 0x4300 | nibble under that mask
- *          kind 8: [GS / 2 pairs][2 blocks][32] int8
+ *          kind 8: [GS / 2 pairs][2 blocks][32] int8;  kind 10: the same bytes in FP8 E4M3 (fp8_pairs)
  *   scale: [2 blocks][16] fp32;  min (when has_min): [2 blocks][16] fp32
  * Up to 4 rows the weights are expanded to bf16 in registers as they stream in; above that, each thread
  * expands its item once into a buffer and every tile of 4 rows reads it from L2.
@@ -632,6 +632,21 @@ INLINE __m512i q8_pairs(const int8_t *p) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
 }
 
+/* One k pair of a block in kind 10: 32 FP8 E4M3 bytes -> 32 bf16, exact (3 mantissa bits fit bf16's 7, its
+ * exponents bf16's). A normal byte s eeee mmm is the bf16 s | (mag << 4) + (120 << 7); a subnormal one
+ * (e = 0) is m 2^-9, from an 8-entry table. NaN (0x7f / 0xff) is not a weight: it comes out as 480. */
+INLINE __m512i fp8_pairs(const uint8_t *p) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7f));
+    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+    const __m512i sub = _mm512_permutexvar_epi16(
+        mag, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
+                              0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0));
+    const __m512i out = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), normal, sub);
+    return _mm512_or_si512(out, sign);
+}
+
 /* Pairs 4c .. 4c + 3 of a group of GS inputs of block b, as bf16 dot-product operands (gq: the group's q). */
 INLINE void qpairs4(int kind, const uint8_t *gq, int64_t GS, int64_t c, int b, __m512i w[4]) {
     if (kind == 4) {
@@ -642,6 +657,8 @@ INLINE void qpairs4(int kind, const uint8_t *gq, int64_t GS, int64_t c, int b, _
         const __m512i sixteen = _mm512_set1_epi16(16);
         /* bit 4 of 0x4300 | nibble is clear: adding 16 sets it (AVX-512 has no 16-bit masked OR) */
         for (int i = 0; i < 4; i++) w[i] = _mm512_mask_add_epi16(w[i], _cvtu32_mask32(high[i]), w[i], sixteen);
+    } else if (kind == 10) {
+        for (int i = 0; i < 4; i++) w[i] = fp8_pairs(gq + ((4 * c + i) * QGROUP + b) * 32);
     } else {
         for (int i = 0; i < 4; i++) w[i] = q8_pairs((const int8_t *)gq + ((4 * c + i) * QGROUP + b) * 32);
     }
@@ -748,6 +765,10 @@ static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w,
             QTILES(5, 1, 1)
         } else if (kind == 5) {
             QTILES(5, 0, 1)
+        } else if (kind == 10 && panel) {
+            QTILES(10, 1, 0)
+        } else if (kind == 10) {
+            QTILES(10, 0, 0)
         } else if (panel && has_min) {
             QTILES(8, 1, 1)
         } else if (panel) {
