@@ -169,6 +169,11 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _one_of("quantization", m.quantization, QUANTIZATIONS)
     _one_of("backend", device.backend, BACKENDS)
     quant = m.quantization
+    if checkpoint.quantization in ("gptq", "awq") and parallel.tensor_parallel_size > 1:
+        raise ValueError(
+            f"tensor_parallel_size: {checkpoint.quantization} checkpoints run on one rank so far (their "
+            "packed tensors are not sliced per rank)"
+        )
     if checkpoint.quantization is not None and quant == checkpoint.quantization:
         quant = "auto"  # quantized that way already: run as written (no second calibration)
     resolved_dtype = resolve_dtype(

@@ -52,6 +52,8 @@ class QuantizedWeight:
     scale: torch.Tensor  # [N, K // group] float32
     min: torch.Tensor | None  # [N, K // group] float32, or None (symmetric)
     group: int
+    # Input j of q is the layer's input perm[j] (GPTQ act-order: groups made contiguous); None: in order.
+    perm: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,7 +65,10 @@ class QuantizedWeight:
         w = q.view(n, k // self.group, self.group) * self.scale[..., None]
         if self.min is not None:
             w = w + self.min[..., None]
-        return w.view(n, k).to(dtype)
+        w = w.view(n, k)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w.to(dtype)
 
     def as_kind(self, kind: int, group: int) -> QuantizedWeight:
         """The same weights as a wider kind (4 -> 5 -> 8) with a smaller or equal group (exact: 0..15 and
@@ -71,7 +76,7 @@ class QuantizedWeight:
         rep = self.group // group
         mins = None if self.min is None else self.min.repeat_interleave(rep, dim=1)
         q = self.q.to(torch.int8) if kind == 8 and self.kind != 8 else self.q
-        return QuantizedWeight(kind, q, self.scale.repeat_interleave(rep, dim=1), mins, group)
+        return QuantizedWeight(kind, q, self.scale.repeat_interleave(rep, dim=1), mins, group, self.perm)
 
     @staticmethod
     def cat(parts: list[QuantizedWeight]) -> QuantizedWeight:
@@ -87,12 +92,15 @@ class QuantizedWeight:
         if has_min:
             mins = torch.cat([p.min if p.min is not None else torch.zeros_like(p.scale) for p in parts])
         first = parts[0]
+        if any(not _same(p.perm, first.perm) for p in parts):
+            raise ValueError("model: fused shards permute their inputs differently (GPTQ act-order)")
         return QuantizedWeight(
             first.kind,
             torch.cat([p.q for p in parts]),
             torch.cat([p.scale for p in parts]),
             mins,
             first.group,
+            first.perm,
         )
 
     def pad_rows(self, n: int) -> QuantizedWeight:
@@ -101,13 +109,18 @@ class QuantizedWeight:
         def pad(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.cat([t, t.new_zeros(n - t.shape[0], t.shape[1])])
 
-        return QuantizedWeight(self.kind, pad(self.q), pad(self.scale), pad(self.min), self.group)
+        return QuantizedWeight(self.kind, pad(self.q), pad(self.scale), pad(self.min), self.group, self.perm)
 
     def permute_rows(self, fn) -> QuantizedWeight:  # noqa: ANN001 - a numpy row permutation
         def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else torch.from_numpy(np.ascontiguousarray(fn(t.numpy())))
 
-        return QuantizedWeight(self.kind, apply(self.q), apply(self.scale), apply(self.min), self.group)
+        q, scale, mins = apply(self.q), apply(self.scale), apply(self.min)
+        return QuantizedWeight(self.kind, q, scale, mins, self.group, self.perm)
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group: int = 32) -> QuantizedWeight:

@@ -68,13 +68,13 @@ class Checkpoint:
 
     @cached_property
     def quantization(self) -> str | None:
-        """The scheme of a pre-quantized checkpoint ("w8a8", "fp8": compressed-tensors), or None;
-        a quantization_config kvloom does not run is a ValueError naming its field."""
+        """The scheme of a pre-quantized checkpoint ("gptq", "awq"; compressed-tensors "w8a8", "fp8"), or
+        None; a quantization_config kvloom does not run is a ValueError naming its field."""
         if self.format != "hf":
             return None
-        from kvloom.quantization.compressed_tensors import scheme
+        from kvloom.quantization import checkpoint_scheme
 
-        return scheme(self.hf_config)
+        return checkpoint_scheme(self.hf_config)
 
     def transformers_config(self) -> Any:
         """A transformers config to write beside converted weights (a GGUF file's, made from its metadata)."""
@@ -146,9 +146,10 @@ class Checkpoint:
 
             tensors = iter_safetensors(self.path, dtype, shard)
             if self.quantization is not None:
-                from kvloom.quantization.compressed_tensors import pair_scales
+                from kvloom.quantization import checkpoint_tensors
 
-                tensors = pair_scales(tensors, dtype, keep_quantized)
+                scheme, cfg = self.quantization, self.hf_config
+                tensors = checkpoint_tensors(scheme, cfg, tensors, dtype, keep_quantized)
             yield from tensors
 
 

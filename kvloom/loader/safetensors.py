@@ -22,8 +22,9 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def _kept(name: str, t: torch.Tensor) -> bool:
-    """Tensors read as stored: quantization scales, and FP8 weights (their scale comes separately)."""
-    return name.endswith("_scale") or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+    """Tensors read as stored: quantization scales (compressed-tensors' ``*_scale``, GPTQ / AWQ ``scales``)
+    and FP8 weights (their scale comes separately)."""
+    return name.endswith(("_scale", ".scales")) or t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Iterator[tuple[str, torch.Tensor]]:

@@ -1,0 +1,54 @@
+"""Quantization methods and quantized checkpoints: SmoothQuant for W8A8 (smoothquant.py), compressed-tensors
+W8A8 / FP8 folders (compressed_tensors.py), GPTQ and AWQ 4-bit folders (int4.py). ``checkpoint_scheme``
+names a folder's scheme from its quantization_config; ``checkpoint_tensors`` turns its tensors into the
+weights kvloom runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def quantization_config(hf_config: Any) -> dict | None:
+    qc = getattr(hf_config, "quantization_config", None)
+    if qc is None or isinstance(qc, dict):
+        return qc
+    return qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
+
+
+def checkpoint_scheme(hf_config: Any) -> str | None:
+    """ "gptq", "awq", "w8a8", "fp8", or None without quantization_config; a config kvloom does not run is a
+    ValueError naming its field."""
+    qc = quantization_config(hf_config)
+    if qc is None:
+        return None
+    method = qc.get("quant_method")
+    if method in ("gptq", "awq"):
+        from kvloom.quantization.int4 import scheme
+
+        scheme(qc)
+        return method
+    if method == "compressed-tensors":
+        from kvloom.quantization.compressed_tensors import scheme
+
+        return scheme(qc)
+    raise ValueError(
+        f"quantization_config.quant_method: {method!r} is not supported (gptq, awq, compressed-tensors are)"
+    )
+
+
+def checkpoint_tensors(
+    scheme: str, hf_config: Any, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, keep: bool
+) -> Iterator[tuple[str, Any]]:
+    """A quantized folder's tensors as (name, weight): each quantized layer's parts as one ``X.weight``, a
+    QuantizedWeight where the backend runs it (``keep``), else dequantized to ``dtype``."""
+    if scheme in ("gptq", "awq"):
+        from kvloom.quantization.int4 import pair_int4
+        from kvloom.quantization.int4 import scheme as int4_scheme
+
+        return pair_int4(tensors, int4_scheme(quantization_config(hf_config)), dtype, keep)
+    from kvloom.quantization.compressed_tensors import pair_scales
+
+    return pair_scales(tensors, dtype, keep)

@@ -42,21 +42,12 @@ def w8a8_config(ignore: list[str]) -> dict:
     }
 
 
-def scheme(hf_config: Any) -> str | None:
-    """The scheme of a compressed-tensors checkpoint: "w8a8" (int8 weights per channel, int8 activations
-    per token, dynamic) or "fp8" (FP8 E4M3 weights per channel or per tensor; its activations, FP8 in the
-    file's scheme, run in bf16 here: the CPUs have no FP8 arithmetic, and bf16 is the finer of the two);
-    None without quantization_config. Anything else is a ValueError naming the field kvloom does not run."""
-    qc = getattr(hf_config, "quantization_config", None)
-    if qc is None:
-        return None
-    if not isinstance(qc, dict):
-        qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
-    method, fmt = qc.get("quant_method"), qc.get("format")
-    if method != "compressed-tensors":
-        raise ValueError(
-            f"quantization_config.quant_method: {method!r} is not supported (compressed-tensors is)"
-        )
+def scheme(qc: dict) -> str:
+    """The scheme of a compressed-tensors quantization_config: "w8a8" (int8 weights per channel, int8
+    activations per token, dynamic) or "fp8" (FP8 E4M3 weights per channel or per tensor; its activations,
+    FP8 in the file's scheme, run in bf16 here: the CPUs have no FP8 arithmetic, and bf16 is the finer of
+    the two). Anything else is a ValueError naming the field kvloom does not run."""
+    fmt = qc.get("format")
     formats = {"int-quantized": "w8a8", "float-quantized": "fp8"}
     if fmt not in formats:
         raise ValueError(
@@ -72,11 +63,16 @@ def scheme(hf_config: Any) -> str | None:
     kind = "int" if name == "w8a8" else "float"
     wants = {
         "weights": dict(
-            num_bits=[8], type=[kind], symmetric=[True], dynamic=[False, None],
+            num_bits=[8],
+            type=[kind],
+            symmetric=[True],
+            dynamic=[False, None],
             strategy=["channel"] if name == "w8a8" else ["channel", "tensor"],
         ),
         "input_activations": dict(
-            num_bits=[8], type=[kind], symmetric=[True],
+            num_bits=[8],
+            type=[kind],
+            symmetric=[True],
             strategy=["token"] if name == "w8a8" else ["token", "tensor"],
             dynamic=[True] if name == "w8a8" else [True, False],
         ),
@@ -157,7 +153,7 @@ def write_w8a8(
         max_model_len=max_model_len,
     )
     ckpt = config.checkpoint
-    if scheme(config.hf_config) is not None:
+    if ckpt.quantization is not None:
         raise ValueError(f"model: {ckpt.path} is already quantized")
     net = load_model(config, keep_quantized=False, show_progress=show_progress)  # smoothed
     targets = {f"{name}.weight" for name in w8a8_linears(net)}

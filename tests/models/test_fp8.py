@@ -89,4 +89,4 @@ def test_fp8_checkpoint_runs_as_its_dequantized_weights(strategy, activations, t
     assert "q10" in formats
     for g, r in zip(got, ref, strict=True):
         t = r.token_ids[0]
-        assert g.token_ids[0] == t and abs(g.logprobs[0][t].logprob - r.logprobs[0][t].logprob) < 0.05
+        assert g.token_ids[0] == t and abs(g.logprobs[0][t].logprob - r.logprobs[0][t].logprob) < 0.25

@@ -117,7 +117,17 @@ def test_malformed_quantization_config_is_refused_naming_the_field(tmp_path, sto
     base = json.loads((stories / "config.json").read_text())
     bad_weights = {**W8A8_GROUP, "weights": {**W8A8_GROUP["weights"], "strategy": "tensor"}}
     for qc, field in [
-        ({"quant_method": "awq"}, "quantization_config.quant_method"),
+        ({"quant_method": "bitsandbytes"}, "quantization_config.quant_method"),
+        ({"quant_method": "awq", "bits": 3, "group_size": 128}, "quantization_config.bits"),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 100}, "quantization_config.group_size"),
+        (
+            {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+            "quantization_config.version",
+        ),
+        (
+            {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "marlin"},
+            "quantization_config.checkpoint_format",
+        ),
         ({**w8a8_config([]), "format": "pack-quantized"}, "quantization_config.format"),
         ({**w8a8_config([]), "config_groups": {}}, "quantization_config.config_groups"),
         (

@@ -429,6 +429,8 @@ class FusedDecodeLayers:
                     return f"the {m.act} activation"
             if any(not isinstance(lin.method, PackedLinearMethod) for lin in linears):
                 return "a linear layer the kernels do not run"
+            if any(lin.method.perm is not None for lin in linears):
+                return "inputs permuted per layer (GPTQ act-order)"
             if any(lin.reduce_output for lin in linears):
                 return "tensor parallel (sums over the ranks between the layers' halves)"
             if a.num_heads // a.num_kv_heads > 16 or a.head_dim % 16 or a.head_dim > 256:
@@ -585,6 +587,8 @@ class PackedLinearMethod(LinearMethod):
     blocks as loaded, or int8/int4 from --quantization), in place of the plain one. NOTE: ``desc`` holds
     raw addresses of ``packed`` (and the layer's bias), which this method keeps alive."""
 
+    perm = None  # the input's permutation (GPTQ act-order), applied before the kernel
+
     def __init__(self, kernels: CpuKernels, packed: torch.Tensor, desc: KvLin, weight_format: str) -> None:
         self.kernels, self.packed, self.desc, self.weight_format = kernels, packed, desc, weight_format
 
@@ -604,10 +608,13 @@ class PackedLinearMethod(LinearMethod):
             packed = pack_quantized(quantized)
             desc = kernels.linear_desc(packed, layer.bias, quantized.kind, quantized.group)
             method = cls(kernels, packed, desc, f"q{quantized.kind}")
+            method.perm = quantized.perm
         layer.weight = None
         layer.method = method
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         return self.kernels.run_linear(self.desc, x, layer.in_features, layer.out_features)
 
 
@@ -746,10 +753,13 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
         if isinstance(module, Linear):
             key = f"{name}.weight"
             if key in quantized:
-                shards = quantized.pop(key)
-                PackedLinearMethod.install(
-                    kernels, module, QuantizedWeight.cat([shards[i] for i in sorted(shards)])
-                )
+                shards = [s for _, s in sorted(quantized.pop(key).items())]
+                try:
+                    PackedLinearMethod.install(kernels, module, QuantizedWeight.cat(shards))
+                except ValueError as e:  # shards that do not fuse (act-order of their own): run dense
+                    logger.info("%s: %s; runs dequantized", name, e)
+                    module.weight.data.copy_(torch.cat([s.dequantize(module.weight.dtype) for s in shards]))
+                    PackedLinearMethod.install(kernels, module)
             elif module.weight is None or not kernels.can_pack(module.weight):
                 continue
             elif module in w8a8:
