@@ -36,10 +36,21 @@ class Backend:
         return False
 
     def prepare(self, model: torch.nn.Module) -> None:
-        """Apply this backend to a built, loaded model."""
+        """Apply this backend to a built, loaded model: its attention, and the layers that loaded quantized
+        (``model.quantized``: BitNet's ternary ones; a backend with kernels takes them first) on PyTorch
+        ops."""
         for module in model.modules():
             if isinstance(module, Attention):
                 module.impl = self.attention
+        from kvloom.layers.quantization import QuantizedTorchMethod, QuantizedWeight
+
+        for key, shards in getattr(model, "quantized", {}).items():
+            layer = model.get_submodule(key.removesuffix(".weight"))
+            layer.method = QuantizedTorchMethod(
+                QuantizedWeight.cat([s for _, s in sorted(shards.items())]), self.config.dtype
+            )
+            layer.weight = None
+        model.quantized = {}
 
     def describe(self, model: torch.nn.Module) -> str:
         return "PyTorch ops"

@@ -19,7 +19,11 @@ class MLP(nn.Module):
     # Set by a backend (backends/cpu: KernelActMul): act(gate) * up in one pass, or None for an input it
     # does not take (then the PyTorch ops below run).
     fused_act = None
-    ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
+    ACTIVATIONS = {
+        "silu": F.silu,
+        "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
+        "relu2": lambda x: F.relu(x).square(),  # BitNet
+    }
 
     def __init__(self, config: Any, intermediate_size: int | None = None) -> None:
         super().__init__()

@@ -286,3 +286,30 @@ def _make(kind, q, scale, mins, group, rows, cols) -> QuantizedWeight:  # noqa: 
         else torch.from_numpy(np.ascontiguousarray(mins, dtype=np.float32).reshape(rows, g)),
         group,
     )
+
+
+class QuantizedTorchMethod:
+    """A Linear on PyTorch ops from a QuantizedWeight, for a backend without kernels of its own: kind 9 (W8A8,
+    BitNet) quantizes its input per token and multiplies the integer values (exact in fp32 below 2^24),
+    then scales; other kinds multiply the dequantized weight."""
+
+    def __init__(self, w: QuantizedWeight, dtype: torch.dtype) -> None:
+        self.weight_format = f"q{w.kind}"
+        self.w8a8 = w.kind == 9
+        if self.w8a8:
+            self.q, self.scale = w.q.to(torch.float32), w.scale[:, 0].float()
+        else:
+            self.weight = w.dequantize(dtype)
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - Linear
+        if not self.w8a8:
+            return torch.nn.functional.linear(x, self.weight.to(x.device), layer.bias)
+        xq, sx = quantize_activations(x)
+        y = (
+            torch.nn.functional.linear(xq.float(), self.q.to(x.device))
+            * self.scale.to(x.device)
+            * sx[:, None]
+        )
+        if layer.bias is not None:
+            y = y + layer.bias.float()
+        return y.to(x.dtype)

@@ -144,7 +144,8 @@ class Checkpoint:
         else:
             from kvloom.loader.safetensors import iter_safetensors
 
-            tensors = iter_safetensors(self.path, dtype, shard)
+            # BitNet's weights become ternary from their stored values (its loader casts the rest)
+            tensors = iter_safetensors(self.path, None if self.quantization == "bitnet" else dtype, shard)
             if self.quantization is not None:
                 from kvloom.quantization import checkpoint_tensors
 

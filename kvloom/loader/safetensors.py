@@ -30,7 +30,7 @@ def _kept(name: str, t: torch.Tensor) -> bool:
 def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor, or of those ``shard(name)`` slices, (dim, start, length), that part alone (read as
     such: safetensors' get_slice); floating point in ``dtype``, but quantization scales and FP8 weights as
-    stored (``_kept``)."""
+    stored (``_kept``); ``dtype`` None: everything as stored."""
     for f in safetensors_files(folder):
         with safe_open(f, framework="pt") as st:
             for name in st.keys():
@@ -41,4 +41,5 @@ def iter_safetensors(folder: Path, dtype: torch.dtype, shard: Callable) -> Itera
                 else:
                     dim, start, n = part
                     t = view[(slice(None),) * dim + (slice(start, start + n),)]
-                yield name, t.to(dtype) if t.is_floating_point() and not _kept(name, t) else t
+                cast = dtype is not None and t.is_floating_point() and not _kept(name, t)
+                yield name, t.to(dtype) if cast else t

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from kvloom.models.bitnet import BitNetForCausalLM
 from kvloom.models.gemma3 import Gemma3ForCausalLM
 from kvloom.models.llama import LlamaForCausalLM
 from kvloom.models.mistral import MistralForCausalLM
@@ -14,6 +15,7 @@ from kvloom.models.qwen3 import Qwen3ForCausalLM
 from kvloom.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
+    "bitnet": BitNetForCausalLM,
     "gemma3_text": Gemma3ForCausalLM,
     "llama": LlamaForCausalLM,
     "mistral": MistralForCausalLM,

@@ -19,12 +19,17 @@ def quantization_config(hf_config: Any) -> dict | None:
 
 
 def checkpoint_scheme(hf_config: Any) -> str | None:
-    """ "gptq", "awq", "w8a8", "fp8", or None without quantization_config; a config kvloom does not run is a
-    ValueError naming its field."""
+    """The scheme of a folder's quantization_config ("gptq", "awq", "w8a8", "fp8", "bitnet"), or None
+    without one; a config kvloom does not run is a ValueError naming its field."""
     qc = quantization_config(hf_config)
     if qc is None:
         return None
     method = qc.get("quant_method")
+    if method == "bitnet":
+        from kvloom.quantization.bitnet import scheme
+
+        scheme(qc)
+        return method
     if method in ("gptq", "awq"):
         from kvloom.quantization.int4 import scheme
 
@@ -35,7 +40,8 @@ def checkpoint_scheme(hf_config: Any) -> str | None:
 
         return scheme(qc)
     raise ValueError(
-        f"quantization_config.quant_method: {method!r} is not supported (gptq, awq, compressed-tensors are)"
+        f"quantization_config.quant_method: {method!r} is not supported (gptq, awq, compressed-tensors, "
+        "bitnet are)"
     )
 
 
@@ -43,7 +49,13 @@ def checkpoint_tensors(
     scheme: str, hf_config: Any, tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype, keep: bool
 ) -> Iterator[tuple[str, Any]]:
     """A quantized folder's tensors as (name, weight): each quantized layer's parts as one ``X.weight``, a
-    QuantizedWeight where the backend runs it (``keep``), else dequantized to ``dtype``."""
+    QuantizedWeight where the backend runs it (``keep``), else dequantized to ``dtype``. BitNet's ternary
+    weights come as QuantizedWeights always: their int8 activations are part of the model."""
+    if scheme == "bitnet":
+        from kvloom.quantization.bitnet import scheme as bitnet_scheme
+        from kvloom.quantization.bitnet import ternary_tensors
+
+        return ternary_tensors(tensors, bitnet_scheme(quantization_config(hf_config)), dtype)
     if scheme in ("gptq", "awq"):
         from kvloom.quantization.int4 import pair_int4
         from kvloom.quantization.int4 import scheme as int4_scheme

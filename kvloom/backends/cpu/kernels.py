@@ -780,7 +780,7 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
                 module.fused = KernelExperts(kernels, module)
         elif isinstance(module, RMSNorm):
             module.fused = KernelRMSNorm(kernels)
-        elif isinstance(module, MLP):
+        elif isinstance(module, MLP) and module.act in ("silu", "gelu_pytorch_tanh"):
             module.fused_act = KernelActMul(kernels, module.act)
     for module in model.modules():  # after every Linear has its method: the router's is needed
         if isinstance(module, SparseMoeBlock) and KernelMoe.supports(module):

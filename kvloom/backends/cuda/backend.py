@@ -30,7 +30,7 @@ def give_triton_kernels(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.fused = TritonRMSNorm()
-        elif isinstance(module, MLP):
+        elif isinstance(module, MLP) and module.act in ("silu", "gelu_pytorch_tanh"):
             module.fused_act = TritonActMul(module.act)
 
 

@@ -1,0 +1,82 @@
+"""BitNet b1.58: the architecture (sub-norms, relu^2) and its ternary linear layers with int8 activations,
+greedy equal to transformers' own BitNet (online quantization) on a tiny random config; the packed
+BitLinear form reads to the same weights; the CPU kernels run them as kind 9."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitNetConfig
+
+from kvloom import LLM, SamplingParams
+from kvloom.backends.cpu.kernels import load_cpu_kernels
+from kvloom.quantization.bitnet import online, unpack_bitlinear
+
+from .reference import hf_greedy, random_prompts, save_random_model
+from .test_tiny_models import COMMON
+
+ONLINE = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+
+
+def _bitnet_folder(tmp_path, stories):  # noqa: ANN001, ANN202
+    save_random_model(BitNetConfig(**COMMON), tmp_path, stories)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": ONLINE}))
+    return tmp_path
+
+
+def test_bitnet_greedy_equals_transformers(tmp_path, stories):
+    folder = _bitnet_folder(tmp_path, stories)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "AutoBitLinear"
+    prompts = random_prompts(4, [3, 17, 40, 9], 512, seed=1)
+    expected = hf_greedy(hf, prompts, 16)
+    llm = LLM(str(folder), dtype="float32", backend="torch", show_progress=False)
+    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.quant == "q9"
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, logprobs=0), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    # logprobs within 1e-4 of transformers' (without the int8 activations they move by ~0.1)
+    for p, o in zip(prompts, outs, strict=True):
+        out = o.outputs[0]
+        with torch.no_grad():
+            lp = hf(torch.tensor([p + out.token_ids])).logits[0].float().log_softmax(-1)
+        for j, t in enumerate(out.token_ids):
+            assert abs(lp[len(p) - 1 + j, t].item() - out.logprobs[j][t].logprob) < 1e-4
+    if load_cpu_kernels() is None:
+        return
+    # bf16 on the kernels: the same integer products (kind 9) as the PyTorch ops' bf16 run
+    runs = []
+    for backend in ("torch", "auto"):
+        llm = LLM(str(folder), dtype="bfloat16", backend=backend, show_progress=False)
+        assert llm.engine.runner.model.model.layers[0].mlp.down_proj.quant == "q9"
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert sum(a[:4] == b[:4] for a, b in zip(*runs, strict=True)) >= 3
+
+
+def test_bitlinear_packing_reads_to_the_online_weights():
+    """transformers' pack_weights (2 bits per value, quarters of the rows) read back by kvloom."""
+    from transformers.integrations.bitnet import pack_weights
+
+    w = torch.randn(24, 16)
+    qw = online(w)
+    packed = pack_weights(qw.q.to(torch.float32).clone())
+    assert packed.shape == (6, 16) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_bitlinear(packed), qw.q)
+
+
+def test_malformed_bitnet_config_is_refused(tmp_path, stories):
+    from kvloom.engine_args import create_engine_config
+
+    folder = _bitnet_folder(tmp_path, stories)
+    config = json.loads((folder / "config.json").read_text())
+    for qc, field in [
+        ({**ONLINE, "linear_class": "ternarylinear"}, "quantization_config.linear_class"),
+        ({**ONLINE, "linear_class": "bitlinear"}, "quantization_config.quantization_mode"),
+        ({**ONLINE, "use_rms_norm": True}, "quantization_config.use_rms_norm"),
+    ]:
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qc}))
+        with pytest.raises(ValueError, match=field):
+            create_engine_config(str(folder))
