@@ -22,19 +22,30 @@ BF = torch.bfloat16
 
 
 @pytest.mark.parametrize(
-    ("m", "n", "k"), [(1, 960, 576), (3, 49, 64), (5, 577, 100), (33, 128, 1536), (15, 112, 64), (7, 176, 96)]
+    ("m", "n", "k"),
+    [(1, 960, 576), (3, 49, 64), (5, 577, 100), (33, 128, 1536), (15, 112, 64), (7, 176, 96), (300, 80, 64)],
 )
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_fp32_reference(m, n, k, bias):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+def test_linear_matches_fp32_reference(m, n, k, bias, amx):
+    """On AVX-512 (vdpbf16ps) and on AMX tiles (tdpbf16ps: K % 32 == 0, tiles of 16 rows, the last one
+    zero-padded), within bf16 rounding of fp32, and a row's bits the same whatever the batch."""
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
     g = torch.Generator().manual_seed(m * n + k)
     x = torch.randn(2 * m, k, generator=g).to(BF)[::2]  # strided rows, as views of a wider tensor are
     w = torch.randn(n, k, generator=g).to(BF)
     b = torch.randn(n, generator=g).to(BF) if bias else None
-    y = K.linear(x, K.pack_linear_weight(w), b, n)
+    packed = K.pack_linear_weight(w)
+    y = K.linear(x, packed, b, n)
+    one = K.linear(x[-1:], packed, b, n)
+    K.set_amx(True)  # back to the default
     ref = F.linear(x.float(), w.float(), None if b is None else b.float())
     assert y.shape == (m, n) and y.dtype == BF
     # The only error allowed is the final rounding to bf16 (2^-8 relative) plus fp32 summation order.
     assert torch.all((y.float() - ref).abs() <= ref.abs() * 2**-8 + 1e-3)
+    assert torch.equal(one[0], y[-1])
 
 
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -874,7 +874,7 @@ __attribute__((target("amx-tile"))) static void amx_begin(void) {
     amx_config c;
     memset(&c, 0, sizeof c);
     c.palette_id = 1;
-    for (int t = 0; t < 5; t++) c.rows[t] = 16, c.colsb[t] = 64; /* C0, C1; A; B0, B1: 16 x 64 bytes */
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64; /* every tile 16 rows of 64 bytes */
     _tile_loadconfig(&c);
 }
 
@@ -956,6 +956,75 @@ INLINE int64_t lin_scratch_floats(int64_t M, int64_t K) {
     return (sums > w8 ? sums : w8) + 16;
 }
 
+/* The bf16 linear on AMX tiles (tdpbf16ps: 16 x 32 inputs times 32 x 16 weights into 16 x 16 fp32 sums),
+ * taken for every M where AMX is on and K % 32 == 0, so that a row's result does not depend on its batch.
+ * The packed layout is AMX's too: the B tile of block b over inputs 32 kc .. 32 kc + 31 is 16 pairs of 64
+ * bytes, contiguous at wp + b 16 K + kc 512. A tile is 16 rows of x (the last partial one copied into a
+ * zero-padded buffer); tiles 0-2 hold the sums of up to LIN_GROUP (3) blocks, 3 the rows, 4-6 the weights.
+ * The sums run in fp32 in the tile's own order: not the vdpbf16ps kernel's bits, the same for every M. */
+#define AMX_BF16_TILE(NB)                                                                                          \
+    __attribute__((target("amx-tile,amx-bf16"))) static void linear_amx_tile##NB(                                \
+        const bf16 *a, int64_t lda, const bf16 *wp, int64_t K, float *c) {                                        \
+        _tile_zero(0);                                                                                             \
+        if (NB > 1) _tile_zero(1);                                                                                 \
+        if (NB > 2) _tile_zero(2);                                                                                 \
+        for (int64_t kc = 0; kc < K / 32; kc++) {                                                                  \
+            _tile_loadd(3, a + kc * 32, lda * 2);                                                                  \
+            _tile_loadd(4, wp + kc * 512, 64);                                                                     \
+            _tile_dpbf16ps(0, 3, 4);                                                                               \
+            if (NB > 1) {                                                                                          \
+                _tile_loadd(5, wp + 16 * K + kc * 512, 64);                                                        \
+                _tile_dpbf16ps(1, 3, 5);                                                                           \
+            }                                                                                                      \
+            if (NB > 2) {                                                                                          \
+                _tile_loadd(6, wp + 32 * K + kc * 512, 64);                                                        \
+                _tile_dpbf16ps(2, 3, 6);                                                                           \
+            }                                                                                                      \
+        }                                                                                                          \
+        _tile_stored(0, c, LIN_GROUP * 64);                                                                        \
+        if (NB > 1) _tile_stored(1, c + 16, LIN_GROUP * 64);                                                       \
+        if (NB > 2) _tile_stored(2, c + 32, LIN_GROUP * 64);                                                       \
+    }
+AMX_BF16_TILE(1)
+AMX_BF16_TILE(2)
+AMX_BF16_TILE(3)
+
+/* linear_bf16_body's work split (each thread an equal contiguous share of the blocks, in groups of up to
+ * LIN_GROUP; rows in chunks of LIN_MC) with tiles of 16 rows on AMX. Every thread of the team calls it. */
+static void linear_bf16_amx_body(const bf16 *x, int64_t ldx, const bf16 *wp, const bf16 *bias, bf16 *y,
+                                 int64_t ldy, int64_t M, int64_t N, int64_t K) {
+    const int64_t nblocks = (N + 15) / 16;
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t b_lo = nblocks * t / nt, b_hi = nblocks * (t + 1) / nt;
+    const int64_t full = M / 16 * 16;
+    bf16 *pad = NULL;
+    if (M > full && b_lo < b_hi) { /* the last rows, zero-padded to a tile */
+        pad = (bf16 *)calloc(16 * K, sizeof(bf16));
+        for (int64_t m = full; m < M; m++) memcpy(pad + (m - full) * K, x + m * ldx, K * sizeof(bf16));
+    }
+    if (b_lo < b_hi) amx_begin();
+    for (int64_t c0 = 0; c0 < M; c0 += LIN_MC) {
+        const int64_t c1 = M - c0 < LIN_MC ? M : c0 + LIN_MC;
+        for (int64_t b0 = b_lo; b0 < b_hi; b0 += LIN_GROUP) {
+            const int nb = b_hi - b0 < LIN_GROUP ? (int)(b_hi - b0) : LIN_GROUP;
+            const bf16 *w = wp + b0 * 16 * K;
+            for (int64_t m0 = c0; m0 < c1; m0 += 16) {
+                const int mm = c1 - m0 < 16 ? (int)(c1 - m0) : 16;
+                const bf16 *a = m0 + 16 <= M ? x + m0 * ldx : pad;
+                const int64_t lda = m0 + 16 <= M ? ldx : K;
+                float c[16][LIN_GROUP * 16];
+                if (nb == 1) linear_amx_tile1(a, lda, w, K, &c[0][0]);
+                else if (nb == 2) linear_amx_tile2(a, lda, w, K, &c[0][0]);
+                else linear_amx_tile3(a, lda, w, K, &c[0][0]);
+                store_tile(&c[0][0], LIN_GROUP * 16, mm, nb, b0, bias, y, ldy, m0, N);
+            }
+        }
+    }
+    if (b_lo < b_hi) amx_end();
+    free(pad);
+#pragma omp barrier
+}
+
 /* A linear layer as the kernels see it: kind 0 = packed bf16, 4 / 5 / 8 = quantized (w: the item stream above), 9 = W8A8. */
 typedef struct {
     int64_t kind;
@@ -967,7 +1036,9 @@ typedef struct {
 
 static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,
                      int64_t K, float *xsum) {
-    if (L->kind == 0)
+    if (L->kind == 0 && kv_amx && K % 32 == 0 && LIN_GROUP <= 3)
+        linear_bf16_amx_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
+    else if (L->kind == 0)
         linear_bf16_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
     else if (L->kind == 9)
         w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum);

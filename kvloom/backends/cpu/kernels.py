@@ -111,11 +111,13 @@ class CpuKernels:
         lib.kv_set_amx.restype = ctypes.c_int
         self._lib = lib
         self.path = path
-        # W8A8 on AMX where the CPU has it (KVLOOM_AMX=0: VNNI alone)
-        self.amx = self.set_amx("amx_int8" in _cpu_flags() and os.environ.get("KVLOOM_AMX", "1") != "0")
+        # bf16 and W8A8 linears on AMX where the CPU has it (KVLOOM_AMX=0: AVX-512 alone)
+        amx = {"amx_tile", "amx_bf16", "amx_int8"} <= _cpu_flags()
+        self.amx = self.set_amx(amx and os.environ.get("KVLOOM_AMX", "1") != "0")
 
     def set_amx(self, on: bool) -> bool:
-        """Run W8A8 layers (K a multiple of 64) on AMX tiles, or on VNNI alone; the same bits either way.
+        """Run bf16 linears (K a multiple of 32, every M) and W8A8 ones (K a multiple of 64, above 4 rows)
+        on AMX tiles, or on AVX-512 alone (W8A8: the same bits either way; bf16: sums in another order).
         Returns whether AMX is on (it needs the CPU and Linux's permission)."""
         self.amx = bool(self._lib.kv_set_amx(int(on)))
         return self.amx
