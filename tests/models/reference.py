@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -57,3 +58,23 @@ def save_random_model(config, folder: Path, tokenizer_from: Path, seed: int = 0)
         if (tokenizer_from / name).is_file():
             shutil.copy(tokenizer_from / name, folder / name)
     return model
+
+
+def write_folder_like(src: Path, folder: Path, tensors: dict, config: dict) -> None:
+    """A Hugging Face folder with ``src``'s tokenizer files, ``tensors`` as its weights and ``config``."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.name not in ("model.safetensors", "config.json"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def first_outputs(folder: Path, prompts: list[list[int]], params, **kwargs) -> tuple:  # noqa: ANN001
+    """(the LLM, each prompt's first output) of ``folder`` run with ``kwargs``."""
+    from kvloom import LLM
+
+    llm = LLM(str(folder), show_progress=False, **kwargs)
+    return llm, [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-from kvloom import LLM, SamplingParams
+from kvloom import SamplingParams
 from kvloom.backends.cpu.kernels import load_cpu_kernels
 
-from .reference import random_prompts, save_random_model
+from .reference import first_outputs, random_prompts, save_random_model, write_folder_like
 from .test_tiny_models import COMMON
 
 FP8_MAX = 448.0
@@ -36,20 +36,14 @@ def write_fp8(src, fp8, dequantized, strategy: str, activations: dict | None) ->
         else:
             quant[name] = plain[name] = w
     config = json.loads((src / "config.json").read_text())
-    for folder, t in ((fp8, quant), (dequantized, plain)):
-        folder.mkdir()
-        for f in src.iterdir():
-            if f.name not in ("model.safetensors", "config.json"):
-                (folder / f.name).write_bytes(f.read_bytes())
-        save_file(t, folder / "model.safetensors")
     group = {
         "targets": ["Linear"],
         "weights": dict(num_bits=8, type="float", symmetric=True, strategy=strategy, dynamic=False),
         "input_activations": activations,
     }
     qc = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": group}}
-    (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": qc, "ignore": ["lm_head"]}))
-    (dequantized / "config.json").write_text(json.dumps(config))
+    write_folder_like(src, fp8, quant, {**config, "quantization_config": qc, "ignore": ["lm_head"]})
+    write_folder_like(src, dequantized, plain, config)
 
 
 FP8_DYNAMIC = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
@@ -69,8 +63,7 @@ def test_fp8_checkpoint_runs_as_its_dequantized_weights(strategy, activations, t
     params = SamplingParams(temperature=0, max_tokens=10, logprobs=0, ignore_eos=True)
 
     def run(folder, **kw):  # noqa: ANN001, ANN202
-        llm = LLM(str(folder), show_progress=False, **kw)
-        return llm, [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        return first_outputs(folder, prompts, params, **kw)
 
     # fp32 on PyTorch ops: the loader's dequantization is the reference's, bit for bit (TP 2 too)
     _, ref = run(plain, dtype="float32", backend="torch")

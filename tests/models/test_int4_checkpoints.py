@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-from kvloom import LLM, SamplingParams
+from kvloom import SamplingParams
 from kvloom.backends.cpu.kernels import load_cpu_kernels
 from kvloom.engine_args import create_engine_config
 
-from .reference import random_prompts, save_random_model
+from .reference import first_outputs, random_prompts, save_random_model, write_folder_like
 from .test_tiny_models import COMMON
 
 GROUP = 32
@@ -96,13 +96,8 @@ def write_int4(src, out, plain, method: str, act_order: bool = False, v1: bool =
         }
     else:
         qc = {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"}
-    for folder, t, cfg in ((out, quant, {**config, "quantization_config": qc}), (plain, dense, config)):
-        folder.mkdir()
-        for f in src.iterdir():
-            if f.name not in ("model.safetensors", "config.json"):
-                (folder / f.name).write_bytes(f.read_bytes())
-        save_file({k: v.contiguous() for k, v in t.items()}, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps(cfg))
+    write_folder_like(src, out, quant, {**config, "quantization_config": qc})
+    write_folder_like(src, plain, dense, config)
 
 
 CASES = {
@@ -121,8 +116,7 @@ def test_int4_checkpoint_runs_as_its_dequantized_weights(case, tmp_path, stories
     params = SamplingParams(temperature=0, max_tokens=10, logprobs=0, ignore_eos=True)
 
     def run(folder, **kw):  # noqa: ANN001, ANN202
-        llm = LLM(str(folder), show_progress=False, **kw)
-        return llm, [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        return first_outputs(folder, prompts, params, **kw)
 
     # fp32 on PyTorch ops: kvloom's reading of the packed tensors is the test's dequantization, bit for bit
     _, ref = run(plain, dtype="float32", backend="torch")
