@@ -285,6 +285,38 @@ double kv_amx_int8_peak(long iters) {
     }
     return threads * iters * 4 * 16.0 * 16 * 64 * 2 / dt / 1e9;
 }
+/* the bf16 peak on AMX tiles (tdpbf16ps: 16 x 16 x 32 multiply-adds) */
+__attribute__((target("amx-tile,amx-bf16"))) static void amx_bf16_loop(long iters) {
+    struct { unsigned char palette, start, rsv[14]; unsigned short colsb[16]; unsigned char rows[16]; } c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
+    _tile_loadconfig(&c);
+    static __thread unsigned char buf[1024];
+    _tile_loadd(4, buf, 64); _tile_loadd(5, buf, 64); _tile_loadd(6, buf, 64); _tile_loadd(7, buf, 64);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (long it = 0; it < iters; it++) {
+        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+    }
+    _tile_stored(0, buf, 64);
+    _tile_release();
+}
+double kv_amx_bf16_peak(long iters) {
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return 0;
+    double t0 = 0, dt = 0;
+    long threads = 1;
+#pragma omp parallel
+    {
+#pragma omp barrier
+#pragma omp master
+        t0 = omp_get_wtime(), threads = omp_get_num_threads();
+        amx_bf16_loop(iters);
+#pragma omp barrier
+#pragma omp master
+        dt = omp_get_wtime() - t0;
+    }
+    return threads * iters * 4 * 16.0 * 16 * 32 * 2 / dt / 1e9;
+}
 """
 
 
@@ -308,9 +340,9 @@ def c_library(name: str, source: str, flags: list[str]) -> ctypes.CDLL:
 
 
 class PeakRate:
-    """The CPU's bf16 peak in GFLOP/s (and its int8 peak: int8_gops): _PEAK_C on every thread, best of 5
-    reads of about 0.1 s. Read before and after each engine's run, like the matmul speed; None where the
-    CPU lacks AVX-512 BF16."""
+    """The CPU's bf16 peak in GFLOP/s (and its int8 peak: int8_gops), on AMX tiles where the CPU has them,
+    else on AVX-512: _PEAK_C on every thread, best of 5 reads. Read before and after each engine's run,
+    like the matmul speed; None where the CPU lacks AVX-512 BF16."""
 
     def __init__(self, threads: int) -> None:
         import torch
@@ -323,14 +355,22 @@ class PeakRate:
             return
         lib = c_library("bf16_peak", _PEAK_C, ["-O2", "-march=native", "-fopenmp"])
         self.fn, self.int8_fn = lib.kv_bf16_peak, lib.kv_int8_peak
-        self.amx_fn = lib.kv_amx_int8_peak if "amx_int8" in _cpu_flags() else None
-        for fn in (self.fn, self.int8_fn, self.amx_fn):
+        amx = {"amx_tile", "amx_bf16", "amx_int8"} <= _cpu_flags()
+        self.amx_fn = lib.kv_amx_int8_peak if amx else None
+        self.amx_bf16_fn = lib.kv_amx_bf16_peak if amx else None
+        for fn in (self.fn, self.int8_fn, self.amx_fn, self.amx_bf16_fn):
             if fn is not None:
                 fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_long]
                 fn(100_000)
 
     def gflops(self) -> float | None:
-        return None if self.fn is None else max(self.fn(15_000_000) for _ in range(5))
+        """The bf16 peak: AMX's (tdpbf16ps) where the CPU has it (kvloom and oneDNN use it), else
+        vdpbf16ps'."""
+        if self.fn is None:
+            return None
+        if self.amx_bf16_fn is not None:
+            return max(self.amx_bf16_fn(1_000_000) for _ in range(5))
+        return max(self.fn(15_000_000) for _ in range(5))
 
     def int8_gops(self) -> float | None:
         """The int8 peak in GOP/s, as gflops(): AMX's (tdpbusd) where the CPU has it, else vpdpbusd's."""
@@ -551,7 +591,8 @@ def main() -> int:
                 )
         kv = throughput_kv_bytes(ckpt.hf_config, args.num_prompts, args.input_len, args.output_len)
         print(
-            "\nmachine bound: the same linear FLOPs at the bf16 peak (vdpbf16ps on registers, no memory) "
+            "\nmachine bound: the same linear FLOPs at the bf16 peak (AMX tdpbf16ps where the CPU has it, "
+            "else vdpbf16ps; on registers, no memory) "
             f"plus the decode steps' {kv / 1e9:.1f} GB of K/V reads at the read bandwidth (1 GiB bf16 sum), "
             "with nothing else (no norms, no Python, no prefill attention); means of the readings before and "
             "after"
