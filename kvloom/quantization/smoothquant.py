@@ -143,7 +143,8 @@ def smooth(model: torch.nn.Module, tokenizer: Any, max_len: int, alpha: float = 
         worst = max(worst, float((x_max / x_max.median()).max()))
     logger.info(
         "SmoothQuant: %d linear layers smoothed (alpha %.2f) from %d calibration tokens in %.1f s; the "
-        "largest input channel was %.0fx its layer's median",
+        "largest input channel was %.0fx its layer's median (`kvloom quantize` does this once and writes the "
+        "result)",
         len(pairs),
         alpha,
         len(ids),
