@@ -253,8 +253,9 @@ double kv_int8_peak(long iters) { /* the same on vpdpbusd (AVX-512 VNNI): 16 lan
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-/* the same on AMX tiles (tdpbusd: 16 x 16 x 64 multiply-adds), where the CPU has them; 0 where not */
-__attribute__((target("amx-tile,amx-int8"))) static void amx_loop(long iters) {
+/* the same on AMX tiles, where the CPU has them (0 where not): tdpbusd (int8: 16 x 16 x 64 multiply-adds)
+ * or tdpbf16ps (bf16: 16 x 16 x 32) */
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) static void amx_loop(long iters, int int8) {
     struct { unsigned char palette, start, rsv[14]; unsigned short colsb[16]; unsigned char rows[16]; } c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
@@ -263,13 +264,19 @@ __attribute__((target("amx-tile,amx-int8"))) static void amx_loop(long iters) {
     static __thread unsigned char buf[1024];
     _tile_loadd(4, buf, 64); _tile_loadd(5, buf, 64); _tile_loadd(6, buf, 64); _tile_loadd(7, buf, 64);
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (long it = 0; it < iters; it++) {
-        _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
-    }
+    if (int8)
+        for (long it = 0; it < iters; it++) {
+            _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+        }
+    else
+        for (long it = 0; it < iters; it++) {
+            _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+        }
     _tile_stored(0, buf, 64);
     _tile_release();
 }
-double kv_amx_int8_peak(long iters) {
+double kv_amx_peak(long iters, long int8) {
     if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return 0;
     double t0 = 0, dt = 0;
     long threads = 1;
@@ -278,44 +285,12 @@ double kv_amx_int8_peak(long iters) {
 #pragma omp barrier
 #pragma omp master
         t0 = omp_get_wtime(), threads = omp_get_num_threads();
-        amx_loop(iters);
+        amx_loop(iters, (int)int8);
 #pragma omp barrier
 #pragma omp master
         dt = omp_get_wtime() - t0;
     }
-    return threads * iters * 4 * 16.0 * 16 * 64 * 2 / dt / 1e9;
-}
-/* the bf16 peak on AMX tiles (tdpbf16ps: 16 x 16 x 32 multiply-adds) */
-__attribute__((target("amx-tile,amx-bf16"))) static void amx_bf16_loop(long iters) {
-    struct { unsigned char palette, start, rsv[14]; unsigned short colsb[16]; unsigned char rows[16]; } c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64;
-    _tile_loadconfig(&c);
-    static __thread unsigned char buf[1024];
-    _tile_loadd(4, buf, 64); _tile_loadd(5, buf, 64); _tile_loadd(6, buf, 64); _tile_loadd(7, buf, 64);
-    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-    for (long it = 0; it < iters; it++) {
-        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7); _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, buf, 64);
-    _tile_release();
-}
-double kv_amx_bf16_peak(long iters) {
-    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return 0;
-    double t0 = 0, dt = 0;
-    long threads = 1;
-#pragma omp parallel
-    {
-#pragma omp barrier
-#pragma omp master
-        t0 = omp_get_wtime(), threads = omp_get_num_threads();
-        amx_bf16_loop(iters);
-#pragma omp barrier
-#pragma omp master
-        dt = omp_get_wtime() - t0;
-    }
-    return threads * iters * 4 * 16.0 * 16 * 32 * 2 / dt / 1e9;
+    return threads * iters * 4 * 16.0 * 16 * (int8 ? 64 : 32) * 2 / dt / 1e9;
 }
 """
 
@@ -356,20 +331,21 @@ class PeakRate:
         lib = c_library("bf16_peak", _PEAK_C, ["-O2", "-march=native", "-fopenmp"])
         self.fn, self.int8_fn = lib.kv_bf16_peak, lib.kv_int8_peak
         amx = {"amx_tile", "amx_bf16", "amx_int8"} <= _cpu_flags()
-        self.amx_fn = lib.kv_amx_int8_peak if amx else None
-        self.amx_bf16_fn = lib.kv_amx_bf16_peak if amx else None
-        for fn in (self.fn, self.int8_fn, self.amx_fn, self.amx_bf16_fn):
-            if fn is not None:
-                fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_long]
-                fn(100_000)
+        for fn in (self.fn, self.int8_fn):
+            fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_long]
+            fn(1_000_000)
+        self.amx_fn = lib.kv_amx_peak if amx else None
+        if self.amx_fn is not None:
+            self.amx_fn.restype, self.amx_fn.argtypes = ctypes.c_double, [ctypes.c_long, ctypes.c_long]
+            self.amx_fn(100_000, 1)
 
     def gflops(self) -> float | None:
         """The bf16 peak: AMX's (tdpbf16ps) where the CPU has it (kvloom and oneDNN use it), else
         vdpbf16ps'."""
         if self.fn is None:
             return None
-        if self.amx_bf16_fn is not None:
-            return max(self.amx_bf16_fn(1_000_000) for _ in range(5))
+        if self.amx_fn is not None:
+            return max(self.amx_fn(1_000_000, 0) for _ in range(5))
         return max(self.fn(15_000_000) for _ in range(5))
 
     def int8_gops(self) -> float | None:
@@ -377,7 +353,7 @@ class PeakRate:
         if self.fn is None:
             return None
         if self.amx_fn is not None:
-            return max(self.amx_fn(1_000_000) for _ in range(5))
+            return max(self.amx_fn(1_000_000, 1) for _ in range(5))
         return max(self.int8_fn(15_000_000) for _ in range(5))
 
 
