@@ -20,6 +20,7 @@ CPU_QUANTIZATIONS = ("int8", "int4", "w8a8")  # what the CPU kernels quantize a 
 SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
 SPECULATIVE_METHODS = ("ngram", "draft")
 BACKENDS = ("auto", "torch")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2")  # kvloom/layers/kv_cache.py
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None, cli_scale: int | None = None) -> Any:
@@ -66,6 +67,12 @@ class CacheConfig:
         False,
         "CPU: write the whole KV pool at start-up (memory committed up front, as vLLM and llama.cpp do; no "
         "page faults on fresh blocks while running) instead of as steps first use it",
+    )
+    kv_cache_dtype: str = option(
+        "auto",
+        "auto (default: the model's dtype), int8, fp8 (= fp8_e4m3) or fp8_e5m2: one byte per value and an "
+        "fp32 scale per token and head, 1.9x the tokens per GiB and half the bytes decode attention reads",
+        choices=KV_CACHE_DTYPES,
     )
     enable_prefix_caching: bool = option(True, "automatic prefix caching (default: on)")
     gpu_memory_utilization: float = option(
@@ -213,9 +220,11 @@ class EngineConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """One rank's KV bytes per token."""
+        """One rank's KV bytes per token (a one-byte cache: each head's values and their fp32 scale)."""
         c = self.hf_config
-        return 2 * c.num_hidden_layers * self.num_local_kv_heads * self.head_dim * self.dtype.itemsize
+        quantized = self.cache.kv_cache_dtype != "auto"
+        row = self.head_dim + 4 if quantized else self.head_dim * self.dtype.itemsize
+        return 2 * c.num_hidden_layers * self.num_local_kv_heads * row
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

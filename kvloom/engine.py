@@ -16,6 +16,7 @@ from kvloom.core.scheduler import Scheduler
 from kvloom.detokenizer import IncrementalDetokenizer
 from kvloom.engine_args import create_engine_config
 from kvloom.executor.executor import Executor
+from kvloom.layers.kv_cache import kv_cache_density
 from kvloom.logger import init_logger
 from kvloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput, RequestOutputKind
 from kvloom.request import Request, RequestStatus, TokenLogprobs
@@ -112,12 +113,13 @@ class LLMEngine:
             "fixed" if self.threads is None else self.threads.describe(),
         )
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens of every layer (%.1f MiB); max_model_len %d; "
+            "KV cache: %d blocks x %d tokens = %d tokens of every layer (%.1f MiB, %s); max_model_len %d; "
             "largest batch: %d sequences (%d at full max_model_len); token budget %d per step",
             self.runner.num_blocks,
             config.cache.block_size,
             num_tokens,
             self.runner.kv_cache.numel() * self.runner.kv_cache.element_size() / 2**20,
+            kv_cache_density(config),
             config.model.max_model_len,
             min(config.scheduler.max_num_seqs, self.runner.num_blocks),
             min(

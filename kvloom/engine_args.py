@@ -12,6 +12,7 @@ import torch
 from kvloom.config import (
     BACKENDS,
     CPU_QUANTIZATIONS,
+    KV_CACHE_DTYPES,
     QUANTIZATIONS,
     SCHEDULING_POLICIES,
     SPECULATIVE_METHODS,
@@ -168,6 +169,7 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _one_of("scheduling_policy", sched.scheduling_policy, SCHEDULING_POLICIES)
     _one_of("quantization", m.quantization, QUANTIZATIONS)
     _one_of("backend", device.backend, BACKENDS)
+    _one_of("kv_cache_dtype", cache.kv_cache_dtype, KV_CACHE_DTYPES)
     quant = m.quantization
     if checkpoint.quantization in ("gptq", "awq") and parallel.tensor_parallel_size > 1:
         raise ValueError(

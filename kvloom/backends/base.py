@@ -14,6 +14,7 @@ import torch
 
 from kvloom.config import CPU_QUANTIZATIONS, EngineConfig
 from kvloom.layers.attention import TorchAttention
+from kvloom.layers.kv_cache import KVFormat
 from kvloom.models.llama import Attention
 
 
@@ -23,7 +24,7 @@ class Backend:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device.device)
-        self.attention = TorchAttention()
+        self.attention = TorchAttention(KVFormat.of(config.cache.kv_cache_dtype))
         if config.model.quantization in CPU_QUANTIZATIONS:
             raise ValueError(
                 f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "

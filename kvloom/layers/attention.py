@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kvloom.layers.kv_cache import KVFormat
+
 
 @dataclass
 class PrefillSeq:
@@ -141,17 +143,27 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None = None,
+    fmt: KVFormat | None = None,  # a one-byte cache's format (kv_cache.py); None: the cache holds q's dtype
 ) -> torch.Tensor:
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    gather = _gather
+    if fmt is None:
+        write_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:  # attention reads what the cache holds, this step's K/V included
+        kq, vq = fmt.quantize(k), fmt.quantize(v)
+        write_cache(kq, vq, k_cache, v_cache, meta.slot_mapping)
+        k, v = fmt.dequantize(kq, q.dtype), fmt.dequantize(vq, q.dtype)
+
+        def gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+            return fmt.dequantize(_gather(cache, block_ids), q.dtype)
 
     nd = meta.num_decodes
     if nd:
         # [num_kv_heads, num_decodes, max_blocks * block_size, head_dim]
         tables = meta.decode_block_tables
-        kd = _gather(k_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
-        vd = _gather(v_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
+        kd = gather(k_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
+        vd = gather(v_cache, tables.flatten()).view(num_kv_heads, nd, -1, head_dim)
         out[:nd] = _grouped_attention(q[:nd, None], kd, vd, meta.decode_mask(window), scale)[:, 0]
 
     for i, p in enumerate(meta.prefills):
@@ -160,8 +172,8 @@ def paged_attention(
             # The whole context is this step's tokens: read them directly instead of from the cache.
             kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # [num_kv_heads, q_len, head_dim]
         else:
-            kp = _gather(k_cache, p.block_ids)[:, : p.context_len]  # [num_kv_heads, context_len, head_dim]
-            vp = _gather(v_cache, p.block_ids)[:, : p.context_len]
+            kp = gather(k_cache, p.block_ids)[:, : p.context_len]  # [num_kv_heads, context_len, head_dim]
+            vp = gather(v_cache, p.block_ids)[:, : p.context_len]
         mask = meta.prefill_mask(i, window)
         # Slices of query rows keep each score matrix under _MAX_GROUPED_SCORES elements.
         step = max(1, _MAX_GROUPED_SCORES // (q.shape[1] * p.context_len))
@@ -186,9 +198,13 @@ def padded_tables(rows: list[list[int]]) -> np.ndarray:
 
 
 class TorchAttention:
-    """Paged attention on PyTorch ops, the cache in the usual [KVH, num_blocks, block_size, D] layout."""
+    """Paged attention on PyTorch ops, the cache in the usual [KVH, num_blocks, block_size, D] layout (a
+    one-byte cache: [..., D + 4] uint8 rows, kv_cache.py)."""
 
     name = "PyTorch"
+
+    def __init__(self, fmt: KVFormat | None = None) -> None:
+        self.fmt = fmt
 
     def build_metadata(self, inp, group: int, block_size: int, device: torch.device) -> AttentionMetadata:  # noqa: ANN001 - ModelInput
         """KV group ``group``'s metadata."""
@@ -228,10 +244,9 @@ class TorchAttention:
         o = self.paged(q, k, v, kv_cache[0], kv_cache[1], meta, layer.scale, layer.window)
         return o.reshape(qkv.shape[0], layer.q_size)
 
-    @staticmethod
-    def paged(q, k, v, k_cache, v_cache, meta, scale, window):  # noqa: ANN001, ANN205 - paged_attention's
+    def paged(self, q, k, v, k_cache, v_cache, meta, scale, window):  # noqa: ANN001, ANN201 - paged_attention's
         """The step's K/V written, then every row's attention (a subclass's kernels in its place)."""
-        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, window, self.fmt)
 
 
 def output_rows(inp, device: torch.device) -> torch.Tensor | None:  # noqa: ANN001 - ModelInput

@@ -15,6 +15,7 @@ from kvloom.config import EngineConfig
 from kvloom.core.kv_cache_manager import KVLayout, cdiv
 from kvloom.core.scheduler import NewRequestData, SchedulerOutput
 from kvloom.distributed.parallel_state import get_tp
+from kvloom.layers.kv_cache import KVFormat
 from kvloom.layers.sampler import SamplerOutput, SampleRow, SamplingBatch, sample
 from kvloom.logger import init_logger
 from kvloom.models import get_model_class
@@ -161,15 +162,16 @@ class ModelRunner:
         # NOTE: the least over the tensor-parallel ranks: rank 0 schedules for all, and free GPU memory
         # differs between GPUs
         self.num_blocks = self.tp.min(num_kv_blocks(config, self.layout, memory))
+        fmt = KVFormat.of(config.cache.kv_cache_dtype)  # a one-byte cache: rows of D bytes and a scale
         shape = (
             self.layout.group_size,
             2,
             config.num_local_kv_heads,  # head-major: a head's blocks are rows the attention gathers whole
             self.num_blocks,
             config.cache.block_size,
-            config.head_dim,
+            config.head_dim if fmt is None else fmt.row_bytes(config.head_dim),
         )
-        self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype)
+        self.kv_cache = self.backend.allocate_kv_cache(shape, config.dtype if fmt is None else torch.uint8)
         slots = self.kv_cache.unbind(0)
         self.kv_caches = [slots[i] for i in self.layout.layer_slot]  # per layer
         self.backend.capture_graphs(self.model, self.kv_caches, self.layout.layer_group)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kvloom.backends.cpu.kernels import load_cpu_kernels
 from kvloom.layers.attention import AttentionMetadata, _gather, _grouped_attention
+from kvloom.layers.kv_cache import KVFormat
 from kvloom.layers.norm import RMSNorm
 from kvloom.layers.rotary import RotaryEmbedding
 
@@ -140,6 +141,67 @@ def test_decode_attention_matches_reference(heads, kv_heads, d, window, bs):
     vd = _gather(v_cache.float(), tables.flatten()).view(kv_heads, len(lens), -1, d)
     ref = _grouped_attention(q.float()[:, None], kd, vd, meta.decode_mask(window), d**-0.5)[:, 0]
     assert (out.float() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("bs", [16, 32])
+def test_quantized_cache_write_is_bit_exact(name, bs):
+    """A one-byte cache (--kv-cache-dtype): the kernels' bytes and scales are KVFormat.quantize's, bit for
+    bit, over 12 decades of magnitude (FP8 subnormals, rounding up into the normals) and all-zero rows;
+    nothing else is written; the layout helpers invert each other on it."""
+    fmt = KVFormat.of(name)
+    kv_heads, d, tokens, num_blocks = 3, 64, 40, 4
+    g = torch.Generator().manual_seed(bs)
+    mags = torch.logspace(-8, 4, tokens)[:, None, None]
+    k = (torch.randn(tokens, kv_heads, d, generator=g) * mags).to(BF)
+    v = (torch.randn(tokens, kv_heads, d, generator=g) * mags.flip(0)).to(BF)
+    k[3], v[5, 1] = 0, 0
+    slots = torch.randperm(num_blocks * bs, generator=g)[:tokens]
+    k_cache, v_cache = torch.zeros(2, kv_heads, num_blocks, bs, d + 4, dtype=torch.uint8)
+    K.write_cache(k, v, k_cache, v_cache, slots, fmt.kind)
+    k_std, v_std = K.from_kernel_layout(k_cache, v_cache)
+    assert torch.equal(k_std.view(kv_heads, -1, d + 4)[:, slots].transpose(0, 1), fmt.quantize(k))
+    assert torch.equal(v_std.view(kv_heads, -1, d + 4)[:, slots].transpose(0, 1), fmt.quantize(v))
+    written = torch.zeros(kv_heads, num_blocks * bs, dtype=torch.bool)
+    written[:, slots] = True
+    assert not k_std.view(kv_heads, -1, d + 4)[~written].any()
+    again = K.to_kernel_layout(k_std, v_std)
+    assert torch.equal(again[0], k_cache) and torch.equal(again[1], v_cache)
+    # each value within half a step of the scale (int8) / FP8's relative precision of what it stored
+    back = fmt.dequantize(fmt.quantize(k), torch.float32)
+    step = k.float().abs().amax(-1, keepdim=True) / fmt.qmax
+    rel = {1: 0.5 / fmt.qmax * fmt.qmax, 2: 2**-4, 3: 2**-3}[fmt.kind]
+    assert torch.all((back - k.float()).abs() <= rel * torch.maximum(k.float().abs(), step) + 1e-30)
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "window"), [(9, 3, 64, None), (8, 2, 128, 50), (10, 2, 32, None)]
+)
+def test_decode_attention_on_a_quantized_cache(name, heads, kv_heads, d, window):
+    """Attention over a one-byte cache: the fp32 attention of its dequantized K/V (each position's K scale
+    on its score, V scale on its probability), with row tables (prefill rows) and windows."""
+    fmt = KVFormat.of(name)
+    bs, num_blocks = 16, 40
+    g = torch.Generator().manual_seed(heads * d)
+    k_rows = fmt.quantize(torch.randn(kv_heads, num_blocks, bs, d, generator=g) * 3)
+    v_rows = fmt.quantize(torch.randn(kv_heads, num_blocks, bs, d, generator=g))
+    lens = torch.tensor([1, 16, 17, 200, 77, 78])
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[: -(-200 // bs)] for _ in range(5)])
+    row_table = torch.tensor([0, 1, 2, 3, 4, 4])  # the last two rows: one sequence's prefill rows
+    q = torch.randn(len(lens), heads, d, generator=g).to(BF)
+    out = torch.empty_like(q)
+    caches = K.to_kernel_layout(k_rows, v_rows)
+    K.decode_attention(q, *caches, tables, lens, out, d**-0.5, window, row_table=row_table, kv_kind=fmt.kind)
+    k_deq, v_deq = fmt.dequantize(k_rows, torch.float32), fmt.dequantize(v_rows, torch.float32)
+    for row in range(len(lens)):
+        n, lo = int(lens[row]), 0 if window is None else max(0, int(lens[row]) - window)
+        kp = _gather(k_deq, tables[row_table[row]])[:, None, lo:n]
+        vp = _gather(v_deq, tables[row_table[row]])[:, None, lo:n]
+        mask = torch.ones(1, 1, n - lo, dtype=torch.bool)
+        ref = _grouped_attention(q[row : row + 1].float()[None], kp, vp, mask, d**-0.5)[0, 0]
+        # bf16 probabilities (times V's scales) and output: within a few bf16 roundings
+        assert torch.all((out[row].float() - ref).abs() <= 1e-2 + 1e-2 * ref.abs())
 
 
 def test_kernels_off_by_config(stories):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from kvloom.layers.attention import output_rows, padded_tables
+from kvloom.layers.kv_cache import KVFormat
 
 if TYPE_CHECKING:
     from kvloom.backends.cpu.kernels import CpuKernels
@@ -36,8 +37,10 @@ class KernelAttentionMetadata:
 class KernelAttention:
     name = "kvloom CPU kernels"
 
-    def __init__(self, kernels: CpuKernels) -> None:
+    def __init__(self, kernels: CpuKernels, fmt: KVFormat | None = None) -> None:
         self.kernels = kernels
+        self.fmt = fmt  # a one-byte cache's format; None: bf16
+        self.kv_kind = 0 if fmt is None else fmt.kind
 
     @staticmethod
     def supports(
@@ -78,7 +81,7 @@ class KernelAttention:
         kern = self.kernels
         if not layer.standard_qk:  # the family's own q/k handling, then the K/V written
             q, k, v = layer.split_qkv(positions, qkv)
-            kern.write_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
+            kern.write_cache(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, self.kv_kind)
         else:
             if layer.qk_norm:  # normalized in place first (one eps: the fused layers' assumption too)
                 heads, kv_heads = layer.num_heads, layer.num_kv_heads
@@ -95,6 +98,7 @@ class KernelAttention:
                 kv_cache[0],
                 kv_cache[1],
                 meta.slot_mapping,
+                self.kv_kind,
             )
             q = qkv[:, : layer.q_size].view(n, layer.num_heads, layer.head_dim)
         out = torch.empty(n, layer.num_heads, layer.head_dim, dtype=qkv.dtype)
@@ -108,5 +112,6 @@ class KernelAttention:
             layer.scale,
             layer.window,
             row_table=meta.table_index,
+            kv_kind=self.kv_kind,
         )
         return out.view(n, layer.q_size)

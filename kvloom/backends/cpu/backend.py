@@ -20,6 +20,7 @@ from kvloom.backends.base import Backend
 from kvloom.backends.cpu.attention import KernelAttention
 from kvloom.backends.cpu.kernels import CpuKernels, load_cpu_kernels, use_cpu_kernels
 from kvloom.config import EngineConfig
+from kvloom.layers.kv_cache import KVFormat
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.logger import init_logger
 
@@ -55,8 +56,11 @@ class CpuBackend(Backend):
                 self.config.dtype, a.num_heads, a.num_kv_heads, a.head_dim, self.config.cache.block_size
             )
             partial = any(layer.self_attn.rotary.rotary_dim != a.head_dim for layer in model.model.layers)
+            fmt = KVFormat.of(self.config.cache.kv_cache_dtype)
             if ok and not partial:
-                self.attention = KernelAttention(self.kernels)
+                self.attention = KernelAttention(self.kernels, fmt)
+                if model.fused_decode is not None:
+                    model.fused_decode.kv_kind = self.attention.kv_kind
             else:
                 logger.info(
                     "CPU kernels: attention of %d/%d heads x %d, block size %d%s runs on PyTorch ops",
@@ -68,7 +72,7 @@ class CpuBackend(Backend):
                 )
                 from kvloom.layers.attention import TorchAttention
 
-                self.attention = TorchAttention()
+                self.attention = TorchAttention(fmt)
                 model.fused_decode = None
         super().prepare(model)
 

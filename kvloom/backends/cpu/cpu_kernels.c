@@ -290,20 +290,118 @@ void kv_gelu_tanh_mul_bf16(const bf16 *x, int64_t ldx, bf16 *out, int64_t ldo, i
 }
 
 /* ---------------------------------------------------------------------------------------------------
+ * Bytes widened to bf16 dot-product operands, exactly: int8 weights and KV caches, FP8 ones.
+ */
+/* One k pair of a block: 32 int8 (output j's two k at bytes 2j, 2j + 1) -> 32 bf16, exact. */
+INLINE __m512i q8_pairs(const int8_t *p) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
+}
+
+/* One k pair of a block in kind 10: 32 FP8 E4M3 bytes -> 32 bf16, exact (3 mantissa bits fit bf16's 7, its
+ * exponents bf16's). A normal byte s eeee mmm is the bf16 s | (mag << 4) + (120 << 7); a subnormal one
+ * (e = 0) is m 2^-9, from an 8-entry table. NaN (0x7f / 0xff) is not a weight: it comes out as 480. */
+INLINE __m512i fp8_pairs(const uint8_t *p) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7f));
+    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
+    const __m512i sub = _mm512_permutexvar_epi16(
+        mag, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
+                              0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0));
+    const __m512i out = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), normal, sub);
+    return _mm512_or_si512(out, sign);
+}
+
+/* One FP8 E5M2 byte pair group: 32 bytes -> 32 bf16, exact (2 mantissa bits, 5 exponent bits: fp16's top
+ * byte). A normal byte s eeeee mm is the bf16 s | (mag << 5) + (112 << 7); a subnormal one (e = 0) is
+ * m 2^-16. Inf / NaN (e = 31) are never written (values are scaled to at most 57344). */
+INLINE __m512i fp8e5_pairs(const uint8_t *p) {
+    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7f));
+    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 5), _mm512_set1_epi16(112 << 7));
+    const __m512i sub = _mm512_permutexvar_epi16(
+        mag, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                              0x3840, 0x3800, 0x3780, 0));
+    const __m512i out = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(4)), normal, sub);
+    return _mm512_or_si512(out, sign);
+}
+
+/* ---------------------------------------------------------------------------------------------------
  * KV cache layout of the kernels (block_size a multiple of 16), per (KV head, block) of bs * D elements:
  *   K: [D / 2][bs][2]   position p, dim d at ((d / 2) * bs + p) * 2 + d % 2
  *   V: [bs / 2][D][2]   position p, dim d at ((p / 2) * D + d) * 2 + p % 2
  * so that attention runs on vdpbf16ps without horizontal sums: one instruction adds a broadcast pair of
  * query dims times a pair of key dims into the scores of 16 positions, and a broadcast pair of
  * probabilities times two positions' values into 16 output dims. Caches are [KVH, num_blocks, bs, D].
+ *
+ * Quantized caches (--kv-cache-dtype; `kv` below: 0 bf16, 1 int8, 2 FP8 E4M3, 3 FP8 E5M2) keep one byte per
+ * element in the same layout, and after a block's bs * D bytes its positions' scales, bs fp32: a (position,
+ * head)'s K (or V) is scale * q, scale = amax / QMAX (amax over its D values; 1 where they are all 0),
+ * q = round(x / scale) to the nearest int8 / FP8 value. A (head, block) is then bs * (D + 4) bytes: the
+ * cache is [KVH, num_blocks, bs, D + 4] uint8. Widened back to bf16 in registers (exact: int8 and both FP8
+ * kinds fit bf16), K's scale multiplies a position's score, V's its probability.
  */
-INLINE void cache_write_row(bf16 *k_cache, bf16 *v_cache, const bf16 *k, const bf16 *v, int64_t h, int64_t slot,
-                            int64_t num_blocks, int64_t bs, int64_t D) {
-    const int64_t b = slot / bs, p = slot % bs;
-    bf16 *kb = k_cache + (h * num_blocks + b) * bs * D, *vb = v_cache + (h * num_blocks + b) * bs * D;
-    for (int64_t i = 0; i < D / 2; i++) memcpy(kb + (i * bs + p) * 2, k + 2 * i, 2 * sizeof(bf16));
+static const float KV_QMAX[4] = {0.0f, 127.0f, 448.0f, 57344.0f};
+
+INLINE int64_t kv_block_bytes(int kv, int64_t bs, int64_t D) { return kv ? bs * (D + 4) : bs * D * 2; }
+
+/* 32 cache bytes of kind kv (1..3) as bf16 operands */
+INLINE __m512bh kv_widen32(const uint8_t *p, int kv) {
+    return (__m512bh)(kv == 1 ? q8_pairs((const int8_t *)p) : kv == 2 ? fp8_pairs(p) : fp8e5_pairs(p));
+}
+
+/* D bf16 values -> their D bytes of kind kv and the scale: what torch's quantize_kv computes, bit for bit
+ * (x / scale by true division; int8 rounded half to even; FP8 rounded to nearest even, subnormals too). */
+INLINE float kv_quantize_row(const bf16 *x, int64_t D, int kv, uint8_t *q) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + d)));
+    const float qmax = KV_QMAX[kv];
+    float scale = _mm512_reduce_max_ps(m) / qmax;
+    if (!(scale > 0.0f)) scale = 1.0f;
+    const __m512 s = _mm512_set1_ps(scale), top = _mm512_set1_ps(qmax);
+    for (int64_t d = 0; d < D; d += 16) {
+        const __m512 y = _mm512_div_ps(load16(x + d), s);
+        __m512i b;
+        if (kv == 1) {
+            b = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(y, top), _mm512_set1_ps(-qmax)));
+        } else { /* FP8: normals rounded by integer arithmetic on the fp32 bits, subnormals by cvtps (RNE) */
+            const int shift = kv == 2 ? 20 : 21;
+            const __m512 a = _mm512_min_ps(_mm512_abs_ps(y), top);
+            const __m512i bits = _mm512_castps_si512(a), sh = _mm512_set1_epi32(shift);
+            const __m512i odd = _mm512_and_si512(_mm512_srlv_epi32(bits, sh), _mm512_set1_epi32(1));
+            const __m512i up = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32((1 << (shift - 1)) - 1)));
+            const __m512i normal = _mm512_sub_epi32(_mm512_srlv_epi32(up, sh), _mm512_set1_epi32(kv == 2 ? 120 << 3 : 112 << 2));
+            const __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(kv == 2 ? 512.0f : 65536.0f)));
+            const __mmask16 tiny = _mm512_cmp_ps_mask(a, _mm512_set1_ps(kv == 2 ? 0.015625f : 6.103515625e-05f), _CMP_LT_OQ);
+            const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(y), 24), _mm512_set1_epi32(0x80));
+            b = _mm512_or_si512(_mm512_mask_blend_epi32(tiny, normal, sub), sign);
+        }
+        _mm_storeu_si128((__m128i *)(q + d), _mm512_cvtepi32_epi8(b));
+    }
+    return scale;
+}
+
+/* Token `slot`'s K and V of KV head h (D values each) into the cache of kind kv. */
+INLINE void cache_write_row(uint8_t *k_cache, uint8_t *v_cache, const bf16 *k, const bf16 *v, int64_t h, int64_t slot,
+                            int64_t num_blocks, int64_t bs, int64_t D, int kv) {
+    const int64_t b = slot / bs, p = slot % bs, BB = kv_block_bytes(kv, bs, D);
+    uint8_t *kb = k_cache + (h * num_blocks + b) * BB, *vb = v_cache + (h * num_blocks + b) * BB;
+    if (kv) {
+        uint8_t qk[256], qv[256];
+        float *scales_k = (float *)(kb + bs * D), *scales_v = (float *)(vb + bs * D);
+        scales_k[p] = kv_quantize_row(k, D, kv, qk);
+        scales_v[p] = kv_quantize_row(v, D, kv, qv);
+        for (int64_t i = 0; i < D / 2; i++) memcpy(kb + (i * bs + p) * 2, qk + 2 * i, 2);
+        uint8_t *vrow = vb + (p / 2) * D * 2 + (p & 1);
+        for (int64_t d = 0; d < D; d++) vrow[2 * d] = qv[d];
+        return;
+    }
+    for (int64_t i = 0; i < D / 2; i++) memcpy(kb + (i * bs + p) * 4, k + 2 * i, 2 * sizeof(bf16));
     /* V: 16 dims at a time, each widened to a 32-bit lane and stored to the half of the pair that is p's. */
-    bf16 *vrow = vb + (p / 2) * D * 2;
+    bf16 *vrow = (bf16 *)vb + (p / 2) * D * 2;
     const __mmask32 half = (p & 1) ? 0xAAAAAAAAu : 0x55555555u;
     for (int64_t d = 0; d < D; d += 16) {
         __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + d)));
@@ -344,8 +442,8 @@ INLINE void rope_row(bf16 *x, const bf16 *cos, const bf16 *sin, int64_t D) {
 
 static void rope_cache_bf16_body(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *v, int64_t ldv,
                                  const int64_t *positions, const bf16 *cos, const bf16 *sin, int64_t T, int64_t H,
-                                 int64_t KVH, int64_t D, bf16 *k_cache, bf16 *v_cache, const int64_t *slots,
-                                 int64_t num_blocks, int64_t bs, int rope) {
+                                 int64_t KVH, int64_t D, uint8_t *k_cache, uint8_t *v_cache, const int64_t *slots,
+                                 int64_t num_blocks, int64_t bs, int rope, int kv) {
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; t++) {
         if (rope) {
@@ -354,17 +452,18 @@ static void rope_cache_bf16_body(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, con
             for (int64_t h = 0; h < KVH; h++) rope_row(k + t * ldk + h * D, c, s, D);
         }
         for (int64_t h = 0; h < KVH; h++)
-            cache_write_row(k_cache, v_cache, k + t * ldk + h * D, v + t * ldv + h * D, h, slots[t], num_blocks, bs, D);
+            cache_write_row(k_cache, v_cache, k + t * ldk + h * D, v + t * ldv + h * D, h, slots[t], num_blocks, bs, D,
+                            kv);
     }
 }
 
 void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *v, int64_t ldv,
                         const int64_t *positions, const bf16 *cos, const bf16 *sin, int64_t T, int64_t H, int64_t KVH,
-                        int64_t D, bf16 *k_cache, bf16 *v_cache, const int64_t *slots, int64_t num_blocks, int64_t bs,
-                        int rope) {
+                        int64_t D, void *k_cache, void *v_cache, const int64_t *slots, int64_t num_blocks, int64_t bs,
+                        int rope, int64_t kv) {
 #pragma omp parallel if (T > 16)
     rope_cache_bf16_body(q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, k_cache, v_cache, slots,
-                         num_blocks, bs, rope);
+                         num_blocks, bs, rope, (int)kv);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -383,18 +482,23 @@ void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *
 #ifndef ATTN_PF
 #define ATTN_PF 1
 #endif
-INLINE void attn_prefetch(const bf16 *kbase, const bf16 *vbase, const int64_t *table, int64_t p0, int64_t bs,
-                          int64_t D) {
-    const int64_t blk = table[p0 / bs] * bs * D, r = p0 % bs;
-    const char *kp = (const char *)(kbase + blk + r * 2), *vp = (const char *)(vbase + blk + r * D);
-    for (int64_t i = 0; i < D / 2; i++) _mm_prefetch(kp + i * bs * 4, _MM_HINT_T1); /* 16 positions of pair i */
-    for (int64_t i = 0; i < 16 * D * 2; i += 64) _mm_prefetch(vp + i, _MM_HINT_T1);
+INLINE void attn_prefetch(const uint8_t *kbase, const uint8_t *vbase, const int64_t *table, int64_t p0, int64_t bs,
+                          int64_t D, int kv) {
+    const int64_t ES = kv ? 1 : 2, blk = table[p0 / bs] * kv_block_bytes(kv, bs, D), r = p0 % bs;
+    const char *kp = (const char *)(kbase + blk + r * 2 * ES), *vp = (const char *)(vbase + blk + r * D * ES);
+    for (int64_t i = 0; i < D / 2; i++) _mm_prefetch(kp + i * bs * 2 * ES, _MM_HINT_T1); /* 16 positions of pair i */
+    for (int64_t i = 0; i < 16 * D * ES; i += 64) _mm_prefetch(vp + i, _MM_HINT_T1);
+    if (kv) { /* the 16 positions' scales: one line each */
+        _mm_prefetch((const char *)(kbase + blk + bs * D + r * 4), _MM_HINT_T1);
+        _mm_prefetch((const char *)(vbase + blk + bs * D + r * 4), _MM_HINT_T1);
+    }
 }
 
-INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf16 *kbase, const bf16 *vbase,
-                      const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out,
-                      float *scores, int pf) {
+INLINE void attn_item(const int64_t G, const int64_t DC, const int KV, const bf16 *q, const uint8_t *kbase,
+                      const uint8_t *vbase, const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale,
+                      bf16 *out, float *scores, int pf) {
     const int64_t D = DC * 16, KP = D / 2; /* KP: pairs of dims */
+    const int64_t ES = KV ? 1 : 2, BB = kv_block_bytes(KV, bs, D); /* element and (head, block) bytes */
     const int64_t first = lo & ~(int64_t)15, nsub = (ctx - first + 15) / 16, L = nsub * 16;
     const int32_t *qp = (const int32_t *)q; /* head g's pair i at qp[g * KP + i] */
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -402,14 +506,16 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     for (int64_t g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
     for (int64_t sb = 0; sb < nsub; sb++) {
         const int64_t p0 = first + 16 * sb;
-        const bf16 *kb = kbase + table[p0 / bs] * bs * D + p0 % bs * 2; /* pair i of these 16 at kb + i * bs * 2 */
+        const uint8_t *blk = kbase + table[p0 / bs] * BB;
+        const uint8_t *kb = blk + p0 % bs * 2 * ES; /* pair i of these 16 at kb + i * bs * 2 * ES */
         if (pf && sb + ATTN_PF + 1 < nsub) /* the first ATTN_PF + 1 came before the item (attn_prefetch_item) */
-            attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D);
+            attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D, KV);
         __m512 a0[16], a1[16];
         for (int64_t g = 0; g < G; g++) a0[g] = a1[g] = _mm512_setzero_ps();
         for (int64_t i = 0; i < KP; i += 2) {
-            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kb + i * bs * 2);
-            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kb + (i + 1) * bs * 2);
+            const __m512bh k0 = KV ? kv_widen32(kb + i * bs * 2, KV) : (__m512bh)_mm512_loadu_si512(kb + i * bs * 4);
+            const __m512bh k1 =
+                KV ? kv_widen32(kb + (i + 1) * bs * 2, KV) : (__m512bh)_mm512_loadu_si512(kb + (i + 1) * bs * 4);
             for (int64_t g = 0; g < G; g++) {
                 a0[g] = _mm512_dpbf16_ps(a0[g], (__m512bh)_mm512_set1_epi32(qp[g * KP + i]), k0);
                 a1[g] = _mm512_dpbf16_ps(a1[g], (__m512bh)_mm512_set1_epi32(qp[g * KP + i + 1]), k1);
@@ -418,9 +524,13 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
         const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)p0));
         const __mmask16 valid = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((int32_t)lo)) &
                                 _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32((int32_t)ctx));
+        /* the positions' K scales (quantized caches) folded into the softmax scale */
+        const __m512 sc = KV ? _mm512_mul_ps(_mm512_loadu_ps((const float *)(blk + bs * D) + p0 % bs),
+                                             _mm512_set1_ps(scale))
+                             : _mm512_set1_ps(scale);
         for (int64_t g = 0; g < G; g++) {
-            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid,
-                                                _mm512_mul_ps(_mm512_add_ps(a0[g], a1[g]), _mm512_set1_ps(scale)));
+            const __m512 s =
+                _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(_mm512_add_ps(a0[g], a1[g]), sc));
             _mm512_storeu_ps(scores + g * L + 16 * sb, s);
             mx[g] = _mm512_max_ps(mx[g], s);
         }
@@ -433,21 +543,22 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     }
     for (int64_t sb = 0; sb < nsub; sb++) {
         const int64_t p0 = first + 16 * sb;
-        /* the 8 position pairs of these 16 positions: pair j at vb + j * D * 2 */
-        const bf16 *vb = vbase + (table[p0 / bs] * bs + p0 % bs) * D;
-        int32_t pr[16][8]; /* bf16 probability pairs of each head */
+        /* the 8 position pairs of these 16 positions: pair j at vb + j * D * 2 * ES */
+        const uint8_t *blk = vbase + table[p0 / bs] * BB, *vb = blk + p0 % bs * D * ES;
+        int32_t pr[16][8]; /* bf16 probability pairs of each head (times V's scales: quantized caches) */
         for (int64_t g = 0; g < G; g++) {
             const __m512 s = _mm512_loadu_ps(scores + g * L + 16 * sb);
             /* masked positions hold -inf: exp16 clamps its argument, so zero them explicitly */
             const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
                                                  exp16(_mm512_sub_ps(s, mv[g])));
             sum[g] = _mm512_add_ps(sum[g], e);
-            _mm256_storeu_si256((__m256i *)pr[g], (__m256i)_mm512_cvtneps_pbh(e));
+            const __m512 ev = KV ? _mm512_mul_ps(e, _mm512_loadu_ps((const float *)(blk + bs * D) + p0 % bs)) : e;
+            _mm256_storeu_si256((__m256i *)pr[g], (__m256i)_mm512_cvtneps_pbh(ev));
         }
         for (int64_t j = 0; j < 8; j++) {
-            const bf16 *vr = vb + j * D * 2;
+            const uint8_t *vr = vb + j * D * 2 * ES;
             for (int64_t c = 0; c < DC; c++) {
-                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vr + c * 32);
+                const __m512bh vv = KV ? kv_widen32(vr + c * 32, KV) : (__m512bh)_mm512_loadu_si512(vr + c * 64);
                 for (int64_t g = 0; g < G; g++)
                     ov[g][c] = _mm512_dpbf16_ps(ov[g][c], (__m512bh)_mm512_set1_epi32(pr[g][j]), vv);
             }
@@ -459,7 +570,15 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const bf16 *q, const bf
     }
 }
 
-#define ATTN(GG, DD) attn_item(GG, DD, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf)
+#define ATTN(GG, DD, KV) attn_item(GG, DD, KV, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf)
+/* Constant (G, D, kind) for the common shapes, so that the compiler keeps everything in registers. */
+#define ATTN_KINDS(GG, DD)                                                                                         \
+    do {                                                                                                           \
+        if (kv == 0) ATTN(GG, DD, 0);                                                                              \
+        else if (kv == 1) ATTN(GG, DD, 1);                                                                         \
+        else if (kv == 2) ATTN(GG, DD, 2);                                                                         \
+        else ATTN(GG, DD, 3);                                                                                      \
+    } while (0)
 
 /* The first position a row with `ctx` positions attends to (sliding window: the last `window` of them). */
 INLINE int64_t attn_lo(int64_t ctx, int64_t window) { return window > 0 && ctx > window ? ctx - window : 0; }
@@ -478,15 +597,19 @@ INLINE int attn_cold(const int64_t *row_table, int64_t row) {
 }
 
 /* The first ATTN_PF + 1 pieces of an item, and the piece its new K/V go to when the item writes them. */
-INLINE void attn_prefetch_item(const bf16 *k_cache, const bf16 *v_cache, const int64_t *tables,
+INLINE void attn_prefetch_item(const uint8_t *k_cache, const uint8_t *v_cache, const int64_t *tables,
                                const int64_t *row_table, int64_t max_blocks, const int64_t *ctx_lens, int64_t item,
-                               int64_t KVH, int64_t D, int64_t num_blocks, int64_t bs, int64_t window, int writes) {
+                               int64_t KVH, int64_t D, int64_t num_blocks, int64_t bs, int64_t window, int writes,
+                               int kv) {
     const int64_t row = item / KVH, kvh = item % KVH, ctx = ctx_lens[row];
     const int64_t first = attn_lo(ctx, window) & ~(int64_t)15;
     const int64_t *table = tables + (row_table ? row_table[row] : row) * max_blocks;
-    const bf16 *kbase = k_cache + kvh * num_blocks * bs * D, *vbase = v_cache + kvh * num_blocks * bs * D;
-    for (int64_t p = first; p < ctx && p <= first + 16 * ATTN_PF; p += 16) attn_prefetch(kbase, vbase, table, p, bs, D);
-    if (writes && ctx - 1 > first + 16 * ATTN_PF) attn_prefetch(kbase, vbase, table, (ctx - 1) & ~(int64_t)15, bs, D);
+    const int64_t head = kvh * num_blocks * kv_block_bytes(kv, bs, D);
+    const uint8_t *kbase = k_cache + head, *vbase = v_cache + head;
+    for (int64_t p = first; p < ctx && p <= first + 16 * ATTN_PF; p += 16)
+        attn_prefetch(kbase, vbase, table, p, bs, D, kv);
+    if (writes && ctx - 1 > first + 16 * ATTN_PF)
+        attn_prefetch(kbase, vbase, table, (ctx - 1) & ~(int64_t)15, bs, D, kv);
 }
 
 /* This step's K/V rows to write before attending (decode steps: every row its own sequence, so a work item
@@ -502,11 +625,11 @@ typedef struct {
     const bf16 *cos, *sin; /* NULL: no rotary */
 } attn_write;
 
-static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf16 *v_cache,
+static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, uint8_t *k_cache, uint8_t *v_cache,
                               const int64_t *tables, const int64_t *row_table, int64_t max_blocks,
                               const int64_t *ctx_lens, bf16 *out,
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
-                              int64_t block_size, float scale, int64_t window, const attn_write *wr) {
+                              int64_t block_size, float scale, int64_t window, const attn_write *wr, int kv) {
     const int64_t G = H / KVH, DC = D / 16;
     /* Each thread takes a contiguous range of items of about equal cost (an item goes to the thread whose
      * share holds the middle of its cost), so that it knows its next item and fetches it ahead. */
@@ -531,10 +654,10 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
     for (int64_t item = i0; item < i1; item++) {
         if (item == i0 && attn_cold(row_table, item / KVH))
             attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item, KVH, D, num_blocks,
-                               block_size, window, wr != 0);
+                               block_size, window, wr != 0, kv);
         if (item + 1 < i1 && attn_cold(row_table, (item + 1) / KVH))
             attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item + 1, KVH, D,
-                               num_blocks, block_size, window, wr != 0);
+                               num_blocks, block_size, window, wr != 0, kv);
         const int64_t seq = item / KVH, kvh = item % KVH;
         const int64_t ctx = ctx_lens[seq];
         const int pf = attn_cold(row_table, seq);
@@ -542,8 +665,8 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
         const int64_t *table = tables + (row_table ? row_table[seq] : seq) * max_blocks;
         bf16 *qp = q + seq * ld_q + kvh * G * D;
         bf16 *op = out + seq * ld_o + kvh * G * D;
-        const bf16 *kbase = k_cache + kvh * num_blocks * block_size * D;
-        const bf16 *vbase = v_cache + kvh * num_blocks * block_size * D;
+        const int64_t head = kvh * num_blocks * kv_block_bytes(kv, block_size, D);
+        const uint8_t *kbase = k_cache + head, *vbase = v_cache + head;
         if (wr) {
             bf16 *kr = wr->k + seq * wr->ldk + kvh * D;
             if (wr->cos) {
@@ -552,30 +675,30 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, bf16 *k_cache, bf1
                 rope_row(kr, c, s, D);
             }
             cache_write_row(k_cache, v_cache, kr, wr->v + seq * wr->ldv + kvh * D, kvh, wr->slots[seq], num_blocks,
-                            block_size, D);
+                            block_size, D, kv);
         }
-        /* Constant (G, D) for the common shapes, so that the compiler keeps everything in registers. */
-        if (DC == 4 && G == 1) ATTN(1, 4);
-        else if (DC == 4 && G == 2) ATTN(2, 4);
-        else if (DC == 4 && G == 3) ATTN(3, 4);
-        else if (DC == 4 && G == 4) ATTN(4, 4);
-        else if (DC == 8 && G == 1) ATTN(1, 8);
-        else if (DC == 8 && G == 2) ATTN(2, 8);
-        else if (DC == 8 && G == 4) ATTN(4, 8);
-        else if (DC == 8 && G == 8) ATTN(8, 8);
-        else attn_item(G, DC, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf);
+        if (DC == 4 && G == 1) ATTN_KINDS(1, 4);
+        else if (DC == 4 && G == 2) ATTN_KINDS(2, 4);
+        else if (DC == 4 && G == 3) ATTN_KINDS(3, 4);
+        else if (DC == 4 && G == 4) ATTN_KINDS(4, 4);
+        else if (DC == 8 && G == 1) ATTN_KINDS(1, 8);
+        else if (DC == 8 && G == 2) ATTN_KINDS(2, 8);
+        else if (DC == 8 && G == 4) ATTN_KINDS(4, 8);
+        else if (DC == 8 && G == 8) ATTN_KINDS(8, 8);
+        else attn_item(G, DC, kv, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf);
     }
     free(scores);
 #pragma omp barrier
 }
 
-void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const bf16 *k_cache, const bf16 *v_cache,
+void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const void *k_cache, const void *v_cache,
                               const int64_t *tables, const int64_t *row_table, int64_t max_blocks, const int64_t *ctx_lens, bf16 *out,
                               int64_t ld_o, int64_t S, int64_t H, int64_t KVH, int64_t D, int64_t num_blocks,
-                              int64_t block_size, float scale, int64_t window) {
+                              int64_t block_size, float scale, int64_t window, int64_t kv) {
 #pragma omp parallel
-    decode_attention_bf16_body((bf16 *)q, ld_q, (bf16 *)k_cache, (bf16 *)v_cache, tables, row_table, max_blocks,
-                               ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window, NULL);
+    decode_attention_bf16_body((bf16 *)q, ld_q, (uint8_t *)k_cache, (uint8_t *)v_cache, tables, row_table,
+                               max_blocks, ctx_lens, out, ld_o, S, H, KVH, D, num_blocks, block_size, scale, window,
+                               NULL, (int)kv);
 }
 
 /* ---------------------------------------------------------------------------------------------------
@@ -623,28 +746,6 @@ INLINE void q4_pairs4(const uint8_t *p, __m512i w[4]) {
     w[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), nib, one28, 0xEA);
     w[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 8), nib, one28, 0xEA);
     w[3] = _mm512_or_si512(_mm512_srli_epi16(v, 12), one28);
-}
-
-/* One k pair of a block: 32 int8 (output j's two k at bytes 2j, 2j + 1) -> 32 bf16, exact. */
-INLINE __m512i q8_pairs(const int8_t *p) {
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
-    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
-}
-
-/* One k pair of a block in kind 10: 32 FP8 E4M3 bytes -> 32 bf16, exact (3 mantissa bits fit bf16's 7, its
- * exponents bf16's). A normal byte s eeee mmm is the bf16 s | (mag << 4) + (120 << 7); a subnormal one
- * (e = 0) is m 2^-9, from an 8-entry table. NaN (0x7f / 0xff) is not a weight: it comes out as 480. */
-INLINE __m512i fp8_pairs(const uint8_t *p) {
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7f));
-    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
-    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-    const __m512i sub = _mm512_permutexvar_epi16(
-        mag, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
-                              0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0));
-    const __m512i out = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), normal, sub);
-    return _mm512_or_si512(out, sign);
 }
 
 /* Pairs 4c .. 4c + 3 of a group of GS inputs of block b, as bf16 dot-product operands (gq: the group's q). */
@@ -1263,7 +1364,7 @@ static uint64_t kv_t0;
 typedef struct {
     const bf16 *norm_in, *norm_post;
     const kv_lin *qkv, *o, *gu, *down;
-    bf16 *k_cache, *v_cache;
+    uint8_t *k_cache, *v_cache;
     float eps, scale;
     int64_t window;
     const bf16 *norm_q, *norm_k;          /* per-head q/k norms before the rotary (Qwen3, Gemma 3); NULL: none */
@@ -1281,8 +1382,9 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
                            const int64_t *const *slots_g, const int64_t *const *tables_g, const int64_t *row_table,
                            const int64_t *max_blocks_g, const int64_t *ctx_lens, int64_t num_blocks,
                            int64_t block_size, bf16 *x, bf16 *qkv, bf16 *a, bf16 *gu, bf16 *act,
-                           const int64_t *out_rows, int64_t n_out) {
+                           const int64_t *out_rows, int64_t n_out, int64_t kv_kind) {
     const int64_t W = (H + 2 * KVH) * D;
+    const int kv = (int)kv_kind; /* the cache's kind: 0 bf16, 1 int8, 2 FP8 E4M3, 3 FP8 E5M2 */
     int64_t kmax = E > I ? (E > H * D ? E : H * D) : (I > H * D ? I : H * D), rows = S_all, NE = 1, MI = 16, K = 1;
     for (int64_t l = 0; l < L; l++) /* the mixture-of-experts layers' sizes, for their scratch */
         if (layers[l].router) {
@@ -1323,7 +1425,7 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
         KV_PHASE(1);
         if (row_table) /* rows of one sequence read each other's K/V: all are written first */
             rope_cache_bf16_body(qkv, W, qkv + H * D, W, qkv + (H + KVH) * D, W, positions, ly->cos, ly->sin, S_all,
-                                 H, KVH, D, ly->k_cache, ly->v_cache, slots, num_blocks, block_size, ly->cos != 0);
+                                 H, KVH, D, ly->k_cache, ly->v_cache, slots, num_blocks, block_size, ly->cos != 0, kv);
         if (prune) {
 #pragma omp single
             for (int64_t i = 0; i < n_out; i++) { /* ascending, and out_rows[i] >= i: no source is overwritten */
@@ -1337,7 +1439,7 @@ void kv_decode_layers_bf16(const kv_layer *layers, int64_t L, bf16 *h, bf16 *res
         KV_PHASE(2);
         decode_attention_bf16_body(qkv, W, ly->k_cache, ly->v_cache, tables, rows_table, max_blocks_g[ly->group],
                                    rows_ctx, a, H * D, S, H, KVH, D, num_blocks, block_size, ly->scale, ly->window,
-                                   rows_table ? NULL : &write);
+                                   rows_table ? NULL : &write, kv);
         KV_PHASE(3);
         lin_body(ly->o, a, H * D, h, E, S, E, H * D, xsum);
         if (ly->norm_attn) rms_norm_bf16_body(h, E, NULL, 0, ly->norm_attn, h, E, S, E, ly->eps);

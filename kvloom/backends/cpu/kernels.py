@@ -52,13 +52,15 @@ _SIGNATURES = {
     "kv_moe_experts_bf16": [_P, _P, _P, _I, _P, _I, _P, _I, _I, _I, _P, _P],
     # router, gate/up and down descriptors, x, ldx, T, E, I, experts, k, renormalize, 6 buffers (y last)
     "kv_moe_layer_bf16": [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, *[_P] * 6],
-    # q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, caches, slots, num_blocks, block_size, rope
-    "kv_rope_cache_bf16": [_P, _I] * 3 + [_P] * 3 + [_I] * 4 + [_P] * 3 + [_I, _I, ctypes.c_int],
+    # q, ldq, k, ldk, v, ldv, positions, cos, sin, T, H, KVH, D, caches, slots, num_blocks, block_size, rope,
+    # the cache's kind (0 bf16, 1 int8, 2 FP8 E4M3, 3 FP8 E5M2: KVFormat.kind)
+    "kv_rope_cache_bf16": [_P, _I] * 3 + [_P] * 3 + [_I] * 4 + [_P] * 3 + [_I, _I, ctypes.c_int, _I],
     "kv_argmax_bf16": [_P, _I, _I, _I, _P],
-    "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I],
+    "kv_decode_attention_bf16": [_P, _I, _P, _P, _P, _P, _I, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I, _I],
     # layers, L, h, residual, S, E, I, H, KVH, D, positions, slots per group, tables per group, row table,
-    # table widths per group, context lengths, num_blocks, block_size, 5 scratch buffers, out rows, n_out
-    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _I, *[_P] * 6, _I],
+    # table widths per group, context lengths, num_blocks, block_size, 5 scratch buffers, out rows, n_out,
+    # the cache's kind
+    "kv_decode_layers_bf16": [_P, _I, _P, _P, *[_I] * 6, *[_P] * 6, _I, _I, *[_P] * 6, _I, _I],
     "kv_head_norm_bf16": [_P, _I, _I, _I, _I, _I, _P, _P, _F],
 }
 
@@ -226,24 +228,19 @@ class CpuKernels:
 
     # -- rotary + KV cache write -----------------------------------------------------------------------
     # The kernels keep the KV cache in a layout of their own (cpu_kernels.c, "KV cache layout"): within each
-    # block, K as [D / 2, block_size, 2] and V as [block_size / 2, D, 2]. The pool's shape is unchanged;
-    # only the kernels write and read it (the CPU backend picks this layout where KernelAttention.supports
-    # the model).
+    # block, K as [D / 2, block_size, 2] and V as [block_size / 2, D, 2]; a one-byte cache (uint8,
+    # [..., D + 4] rows in the reference's layout) the same in bytes, then the block's fp32 scales. The
+    # pool's shape is unchanged; only the kernels write and read it (the CPU backend picks this layout
+    # where KernelAttention.supports the model).
     @staticmethod
     def to_kernel_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[KVH, num_blocks, block_size, D] caches in the usual layout -> the same in the kernels' layout."""
-        kvh, nb, bs, d = k_cache.shape
-        k = k_cache.view(kvh, nb, bs, d // 2, 2).permute(0, 1, 3, 2, 4).contiguous().view(kvh, nb, bs, d)
-        v = v_cache.view(kvh, nb, bs // 2, 2, d).permute(0, 1, 2, 4, 3).contiguous().view(kvh, nb, bs, d)
-        return k, v
+        return _relayout(k_cache, True, False), _relayout(v_cache, False, False)
 
     @staticmethod
     def from_kernel_layout(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The inverse of to_kernel_layout."""
-        kvh, nb, bs, d = k_cache.shape
-        k = k_cache.view(kvh, nb, d // 2, bs, 2).permute(0, 1, 3, 2, 4).contiguous().view(kvh, nb, bs, d)
-        v = v_cache.view(kvh, nb, bs // 2, d, 2).permute(0, 1, 2, 4, 3).contiguous().view(kvh, nb, bs, d)
-        return k, v
+        return _relayout(k_cache, True, True), _relayout(v_cache, False, True)
 
     def rope_and_cache(
         self,
@@ -257,6 +254,7 @@ class CpuKernels:
         k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D], the kernels' layout
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_kind: int = 0,  # the cache's format: 0 bf16, else KVFormat.kind (kvloom/layers/kv_cache.py)
     ) -> None:
         t, ld = qkv.shape
         base = qkv.data_ptr()
@@ -283,6 +281,7 @@ class CpuKernels:
             k_cache.shape[1],
             k_cache.shape[2],
             int(cos is not None),
+            kv_kind,
         )
 
     def write_cache(
@@ -292,6 +291,7 @@ class CpuKernels:
         k_cache: torch.Tensor,  # [KVH, num_blocks, block_size, D], the kernels' layout
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_kind: int = 0,
     ) -> None:
         """Write K/V rows to their slots, k already rotated (layers with their own q/k handling: OLMoE)."""
         t, kvh, d = k.shape
@@ -319,6 +319,7 @@ class CpuKernels:
             k_cache.shape[1],
             k_cache.shape[2],
             0,
+            kv_kind,
         )
 
     # -- decode attention ------------------------------------------------------------------------------
@@ -333,6 +334,7 @@ class CpuKernels:
         scale: float,
         window: int | None,
         row_table: torch.Tensor | None = None,  # [num_rows] int64: row i reads block_tables[row_table[i]]
+        kv_kind: int = 0,
     ) -> None:
         """One query row per entry of context_lens, attending positions [0, context_len) of its table (the
         last `window` of them): decodes, and prefill rows too once their K/V are in the cache."""
@@ -359,6 +361,7 @@ class CpuKernels:
             block_size,
             scale,
             window or 0,
+            kv_kind,
         )
 
 
@@ -406,6 +409,7 @@ class FusedDecodeLayers:
             spec.cos, spec.sin = _ptr(a.rotary.cos), _ptr(a.rotary.sin)
             spec.group = -1  # set from each step's metadata
         self._caches = None  # data_ptr of the first layer's cache the array holds
+        self.kv_kind = 0  # the cache's format (KVFormat.kind; 0: bf16), the backend's attention's
 
     @staticmethod
     def unsupported(model) -> str | None:  # noqa: ANN001
@@ -511,8 +515,35 @@ class FusedDecodeLayers:
             _ptr(act),
             None if out_rows is None else _ptr(out_rows),
             n_out,
+            self.kv_kind,
         )
         return h[:n_out], residual[:n_out]
+
+
+def _relayout(cache: torch.Tensor, is_k: bool, inverse: bool) -> torch.Tensor:
+    """A K or V cache [KVH, num_blocks, bs, W] from the usual layout to the kernels' (``inverse``: back)."""
+    kvh, nb, bs, w = cache.shape
+    if cache.dtype != torch.uint8:
+        return _permute(cache, is_k, inverse)
+    d = w - 4  # a one-byte cache: the values' bytes relaid, the block's scales after them
+    if inverse:
+        flat = cache.reshape(kvh, nb, bs * w)
+        data = _permute(flat[..., : bs * d].reshape(kvh, nb, bs, d), is_k, True)
+        return torch.cat([data, flat[..., bs * d :].reshape(kvh, nb, bs, 4)], dim=-1)
+    data = _permute(cache[..., :d], is_k, False).reshape(kvh, nb, bs * d)
+    return torch.cat([data, cache[..., d:].reshape(kvh, nb, bs * 4)], dim=-1).view(kvh, nb, bs, w)
+
+
+def _permute(cache: torch.Tensor, is_k: bool, inverse: bool) -> torch.Tensor:
+    """K: [bs, D / 2, 2] <-> [D / 2, bs, 2] per block;  V: [bs / 2, 2, D] <-> [bs / 2, D, 2]."""
+    kvh, nb, bs, d = cache.shape
+    if is_k:
+        shape = (kvh, nb, d // 2, bs, 2) if inverse else (kvh, nb, bs, d // 2, 2)
+        perm = (0, 1, 3, 2, 4)
+    else:
+        shape = (kvh, nb, bs // 2, d, 2) if inverse else (kvh, nb, bs // 2, 2, d)
+        perm = (0, 1, 2, 4, 3)
+    return cache.reshape(shape).permute(perm).contiguous().view(kvh, nb, bs, d)
 
 
 @functools.cache

@@ -51,7 +51,13 @@ class CudaBackend(Backend):
             logger.info("CUDA: paged attention on PyTorch ops (Triton does not import: %s)", e)
             return
         self.triton = True
-        if TritonAttention.supports(config.cache.block_size, config.head_dim):
+        if self.attention.fmt is not None:
+            logger.info(
+                "CUDA: --kv-cache-dtype %s: paged attention on PyTorch ops (the Triton kernels read caches "
+                "in the model's dtype)",
+                config.cache.kv_cache_dtype,
+            )
+        elif TritonAttention.supports(config.cache.block_size, config.head_dim):
             self.attention = TritonAttention()
             self.use_graphs = not config.device.enforce_eager and self.device.type == "cuda"
         else:
