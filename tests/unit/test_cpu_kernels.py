@@ -204,6 +204,29 @@ def test_decode_attention_on_a_quantized_cache(name, heads, kv_heads, d, window)
         assert torch.all((out[row].float() - ref).abs() <= 1e-2 + 1e-2 * ref.abs())
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "fp8_e5m2"])
+def test_every_cache_byte_widens_exactly(name):
+    """Attention over one position returns its V row: all 256 bytes of each format (but FP8's NaN and
+    infinities) widened to bf16 exactly, as torch reads them (scale 1, probability 1)."""
+    fmt = KVFormat.of(name)
+    d, bs = 64, 16
+    v_rows = torch.zeros(1, 4, bs, d + 4, dtype=torch.uint8)
+    v_rows[0, :, 0, :d] = torch.arange(256, dtype=torch.uint8).view(4, d)
+    v_rows[..., d:] = torch.tensor([1.0]).view(torch.uint8)  # every scale 1.0
+    k_rows = v_rows.clone()
+    q = torch.ones(4, 1, d, dtype=BF)
+    out = torch.empty_like(q)
+    caches = K.to_kernel_layout(k_rows, v_rows)
+    tables = torch.arange(4).view(4, 1)
+    K.decode_attention(
+        q, *caches, tables, torch.ones(4, dtype=torch.long), out, 0.125, None, kv_kind=fmt.kind
+    )
+    expected = v_rows[0, :, 0, :d].contiguous().view(fmt.dtype).float().flatten()
+    finite = expected.isfinite()
+    assert finite.sum() >= 248
+    assert torch.equal(out.float().flatten()[finite], expected[finite])
+
+
 def test_kernels_off_by_config(stories):
     from kvloom import LLM
 

@@ -299,34 +299,35 @@ INLINE __m512i q8_pairs(const int8_t *p) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); /* lanes 0-15 from lo, 16-31 from hi */
 }
 
-/* One k pair of a block in kind 10: 32 FP8 E4M3 bytes -> 32 bf16, exact (3 mantissa bits fit bf16's 7, its
- * exponents bf16's). A normal byte s eeee mmm is the bf16 s | (mag << 4) + (120 << 7); a subnormal one
- * (e = 0) is m 2^-9, from an 8-entry table. NaN (0x7f / 0xff) is not a weight: it comes out as 480. */
-INLINE __m512i fp8_pairs(const uint8_t *p) {
+/* 32 FP8 bytes with M mantissa bits (E4M3: 3, E5M2: 2) -> 32 bf16, exact (their mantissas fit bf16's 7,
+ * their exponents bf16's). A normal byte s e..e m..m is the bf16 s | (mag << (7 - M)) + (bias << 7), bias
+ * 127 - the format's (E4M3: 120, E5M2: 112); a subnormal one (e = 0: mag < 2^M) comes from `sub`, the
+ * table of its 2^M values (index 0: zero). */
+INLINE __m512i fp8_widen(const uint8_t *p, const int M, const int bias, const __m512i sub_table) {
     const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
     const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7f));
     const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
-    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 4), _mm512_set1_epi16(120 << 7));
-    const __m512i sub = _mm512_permutexvar_epi16(
-        mag, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
-                              0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0));
-    const __m512i out = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(8)), normal, sub);
+    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 7 - M), _mm512_set1_epi16(bias << 7));
+    const __m512i sub = _mm512_permutexvar_epi16(mag, sub_table);
+    const __m512i out =
+        _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(1 << M)), normal, sub);
     return _mm512_or_si512(out, sign);
 }
 
-/* One FP8 E5M2 byte pair group: 32 bytes -> 32 bf16, exact (2 mantissa bits, 5 exponent bits: fp16's top
- * byte). A normal byte s eeeee mm is the bf16 s | (mag << 5) + (112 << 7); a subnormal one (e = 0) is
- * m 2^-16. Inf / NaN (e = 31) are never written (values are scaled to at most 57344). */
+/* One k pair of a block in kind 10: FP8 E4M3 (subnormals m 2^-9). NaN (0x7f / 0xff) is not a weight: it
+ * comes out as 480. */
+INLINE __m512i fp8_pairs(const uint8_t *p) {
+    return fp8_widen(p, 3, 120,
+                     _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x3C60,
+                                      0x3C40, 0x3C20, 0x3C00, 0x3BC0, 0x3B80, 0x3B00, 0));
+}
+
+/* FP8 E5M2 (fp16's top byte; subnormals m 2^-16). Inf / NaN (e = 31) are never written: KV values are scaled
+ * to at most 57344. */
 INLINE __m512i fp8e5_pairs(const uint8_t *p) {
-    const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i mag = _mm512_and_si512(v, _mm512_set1_epi16(0x7f));
-    const __m512i sign = _mm512_slli_epi16(_mm512_and_si512(v, _mm512_set1_epi16(0x80)), 8);
-    const __m512i normal = _mm512_add_epi16(_mm512_slli_epi16(mag, 5), _mm512_set1_epi16(112 << 7));
-    const __m512i sub = _mm512_permutexvar_epi16(
-        mag, _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                              0x3840, 0x3800, 0x3780, 0));
-    const __m512i out = _mm512_mask_blend_epi16(_mm512_cmplt_epu16_mask(mag, _mm512_set1_epi16(4)), normal, sub);
-    return _mm512_or_si512(out, sign);
+    return fp8_widen(p, 2, 112,
+                     _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                      0x3840, 0x3800, 0x3780, 0));
 }
 
 /* ---------------------------------------------------------------------------------------------------
