@@ -119,7 +119,12 @@ def test_write_cache_and_layout_round_trip(bs):
     [(9, 3, 64, None), (8, 2, 128, None), (9, 3, 64, 20), (10, 2, 32, None), (4, 4, 64, 33)],
 )  # (10, 2, 32): the generic path; (4, 4, 64, 33): one head per KV head, a window not a multiple of 16
 @pytest.mark.parametrize("bs", [16, 32])
-def test_decode_attention_matches_reference(heads, kv_heads, d, window, bs):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+def test_decode_attention_matches_reference(heads, kv_heads, d, window, bs, amx):
+    """On AVX-512 (vdpbf16ps) and on AMX tiles (tdpbf16ps over the same layout: D % 32 == 0)."""
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
     g = torch.Generator().manual_seed(heads * d)
     num_blocks = 40
     k_cache = torch.randn(kv_heads, num_blocks, bs, d, generator=g).to(BF)
@@ -129,6 +134,7 @@ def test_decode_attention_matches_reference(heads, kv_heads, d, window, bs):
     q = torch.randn(len(lens), heads, d, generator=g).to(BF)
     out = torch.empty_like(q)
     K.decode_attention(q, *K.to_kernel_layout(k_cache, v_cache), tables, lens, out, d**-0.5, window)
+    K.set_amx(True)  # back to the default
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(1, dtype=torch.long),
         num_decodes=len(lens),
@@ -236,10 +242,14 @@ def test_kernels_off_by_config(stories):
     assert on.engine.runner.model.lm_head.weight is None  # packed in place, no second copy
 
 
-def test_prefill_rows_attend_causally_through_row_tables():
+@pytest.mark.parametrize(("d", "amx"), [(64, False), (64, True), (128, True)])
+def test_prefill_rows_attend_causally_through_row_tables(d, amx):
     """A chunk of 20 query rows at positions 30..49 of one sequence plus one decode of another, each row a
     query over the paged cache (row_table picks the sequence's blocks): causal attention per row."""
-    heads, kv_heads, d, bs = 9, 3, 64, 16
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
+    heads, kv_heads, bs = 9, 3, 16
     g = torch.Generator().manual_seed(7)
     k_cache = torch.randn(kv_heads, 12, bs, d, generator=g).to(BF)
     v_cache = torch.randn(kv_heads, 12, bs, d, generator=g).to(BF)
@@ -251,6 +261,7 @@ def test_prefill_rows_attend_causally_through_row_tables():
     K.decode_attention(
         q, *K.to_kernel_layout(k_cache, v_cache), tables, lens, out, d**-0.5, None, row_table=row_table
     )
+    K.set_amx(True)
     for row in range(21):
         seq, n = int(row_table[row]), int(lens[row])
         kp = _gather(k_cache.float(), tables[seq])[:, None, :n]

@@ -468,6 +468,41 @@ void kv_rope_cache_bf16(bf16 *q, int64_t ldq, bf16 *k, int64_t ldk, const bf16 *
 }
 
 /* ---------------------------------------------------------------------------------------------------
+ * AMX (Intel Sapphire Rapids on): the tile state, asked of Linux once per process (kv_set_amx), used by the
+ * bf16 and W8A8 linears and by attention. Each kernel loads its tile configuration when it starts and
+ * releases the tiles when it ends.
+ */
+static int kv_amx = 0;
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+/* on != 0: use AMX for W8A8 when the kernel may (the process asks Linux for the tile state once). Returns
+ * whether AMX is on. */
+int kv_set_amx(int64_t on) {
+    static int permitted = -1;
+    if (on && permitted < 0) permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    kv_amx = on && permitted > 0;
+    return kv_amx;
+}
+
+__attribute__((target("amx-tile"))) static void amx_begin(void) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64; /* every tile 16 rows of 64 bytes */
+    _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
+
+/* ---------------------------------------------------------------------------------------------------
  * Attention of single query rows over the paged cache (layout above), read in place: decodes, and prefill
  * rows once their K/V are in the cache (row r attends positions [0, ctx_lens[r]) of its sequence, the
  * last `window` of them when window > 0). q, out: [rows, H, D], rows ld_q / ld_o apart; tables
@@ -571,6 +606,101 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const int KV, const bf1
     }
 }
 
+/* attn_item on AMX tiles (bf16 caches, D % 32 == 0): scores of 16 positions = Q [G x 32 dims] x K^T tiles,
+ * accumulated over D / 32 (tdpbf16ps reads the K layout as it is: pair row i of 16 positions is a B row),
+ * kept in `scores` as above; then each 16 positions' bf16 probabilities (`probs`: [G][L]) times their V
+ * tile (8 position pairs x 16 dims, the V layout as it is) into output tiles of [G x 16 dims], up to 4 at a
+ * time (D = 128: two passes over the probabilities). Tiles (attn_amx_config): 0, 5, 6, 7 outputs (0 the
+ * scores first), 1 Q, 2 K, 3 P, 4 V. Every sum is over the same bf16 products as attn_item's, in fp32. */
+__attribute__((target("amx-tile"))) static void attn_amx_config(int64_t G) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    const int rows[8] = {(int)G, (int)G, 16, (int)G, 8, (int)G, (int)G, (int)G};
+    const int colsb[8] = {64, 64, 64, 32, 64, 64, 64, 64};
+    for (int t = 0; t < 8; t++) c.rows[t] = rows[t], c.colsb[t] = colsb[t];
+    _tile_loadconfig(&c);
+}
+
+__attribute__((target("amx-tile,amx-bf16"))) static void attn_item_amx(
+    const int64_t G, const int64_t D, const bf16 *q, const uint8_t *kbase, const uint8_t *vbase,
+    const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out, float *scores, bf16 *probs,
+    int pf) {
+    const int64_t BB = bs * D * 2, DC = D / 16;
+    const int64_t first = lo & ~(int64_t)15, nsub = (ctx - first + 15) / 16, L = nsub * 16;
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    __m512 mx[16];
+    for (int64_t g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
+    for (int64_t sb = 0; sb < nsub; sb++) {
+        const int64_t p0 = first + 16 * sb;
+        const bf16 *kb = (const bf16 *)(kbase + table[p0 / bs] * BB) + p0 % bs * 2;
+        if (pf && sb + ATTN_PF + 1 < nsub) attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D, 0);
+        _tile_zero(0);
+        for (int64_t k = 0; k < D / 32; k++) {
+            _tile_loadd(1, q + 32 * k, D * 2);
+            _tile_loadd(2, kb + 16 * k * bs * 2, bs * 4);
+            _tile_dpbf16ps(0, 1, 2);
+        }
+        _tile_stored(0, scores + 16 * sb, L * 4);
+        const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)p0));
+        const __mmask16 valid = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((int32_t)lo)) &
+                                _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32((int32_t)ctx));
+        for (int64_t g = 0; g < G; g++) {
+            float *sg = scores + g * L + 16 * sb;
+            const __m512 s =
+                _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(_mm512_loadu_ps(sg), _mm512_set1_ps(scale)));
+            _mm512_storeu_ps(sg, s);
+            mx[g] = _mm512_max_ps(mx[g], s);
+        }
+    }
+    __m512 mv[16], sum[16];
+    for (int64_t g = 0; g < G; g++) mv[g] = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g])), sum[g] = _mm512_setzero_ps();
+    float acc[16 * 64];
+    for (int64_t c0 = 0; c0 < DC; c0 += 4) { /* output dims 16 c0 .. 16 c0 + 63 */
+        _tile_zero(0);
+        _tile_zero(5);
+        _tile_zero(6);
+        _tile_zero(7);
+        for (int64_t sb = 0; sb < nsub; sb++) {
+            const int64_t p0 = first + 16 * sb;
+            if (c0 == 0)
+                for (int64_t g = 0; g < G; g++) {
+                    const __m512 s = _mm512_loadu_ps(scores + g * L + 16 * sb);
+                    const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                                         exp16(_mm512_sub_ps(s, mv[g])));
+                    sum[g] = _mm512_add_ps(sum[g], e);
+                    _mm256_storeu_si256((__m256i *)(probs + g * L + 16 * sb), (__m256i)_mm512_cvtneps_pbh(e));
+                }
+            const bf16 *vb = (const bf16 *)(vbase + table[p0 / bs] * BB) + p0 % bs * D + c0 * 32;
+            _tile_loadd(3, probs + 16 * sb, L * 2);
+            _tile_loadd(4, vb, D * 4);
+            _tile_dpbf16ps(0, 3, 4);
+            if (c0 + 1 < DC) {
+                _tile_loadd(4, vb + 32, D * 4);
+                _tile_dpbf16ps(5, 3, 4);
+            }
+            if (c0 + 2 < DC) {
+                _tile_loadd(4, vb + 64, D * 4);
+                _tile_dpbf16ps(6, 3, 4);
+            }
+            if (c0 + 3 < DC) {
+                _tile_loadd(4, vb + 96, D * 4);
+                _tile_dpbf16ps(7, 3, 4);
+            }
+        }
+        _tile_stored(0, acc, 256);
+        _tile_stored(5, acc + 16, 256);
+        _tile_stored(6, acc + 32, 256);
+        _tile_stored(7, acc + 48, 256);
+        const int64_t nc = DC - c0 < 4 ? DC - c0 : 4;
+        for (int64_t g = 0; g < G; g++) {
+            const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[g]));
+            for (int64_t c = 0; c < nc; c++)
+                store16(out + g * D + (c0 + c) * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + g * 64 + c * 16), inv));
+        }
+    }
+}
+
 #define ATTN(GG, DD, KV) attn_item(GG, DD, KV, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf)
 /* Constant (G, D, kind) for the common shapes, so that the compiler keeps everything in registers. */
 #define ATTN_KINDS(GG, DD)                                                                                         \
@@ -651,7 +781,11 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, uint8_t *k_cache, 
     }
     if (i0 < 0) i0 = i1;
     /* a head's scores start on a cache line (L = 16 nsub); sizes whole lines, as aligned_alloc wants */
-    float *scores = (float *)aligned_alloc(64, sizeof(float) * G * ((longest + 31) & ~(int64_t)15));
+    const int64_t Lmax = (longest + 31) & ~(int64_t)15;
+    float *scores = (float *)aligned_alloc(64, sizeof(float) * G * Lmax);
+    const int amx = kv_amx && kv == 0 && D % 32 == 0; /* bf16 caches on AMX tiles (attn_item_amx) */
+    bf16 *probs = amx ? (bf16 *)malloc(sizeof(bf16) * G * Lmax) : NULL;
+    if (amx) attn_amx_config(G);
     for (int64_t item = i0; item < i1; item++) {
         if (item == i0 && attn_cold(row_table, item / KVH))
             attn_prefetch_item(k_cache, v_cache, tables, row_table, max_blocks, ctx_lens, item, KVH, D, num_blocks,
@@ -678,7 +812,8 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, uint8_t *k_cache, 
             cache_write_row(k_cache, v_cache, kr, wr->v + seq * wr->ldv + kvh * D, kvh, wr->slots[seq], num_blocks,
                             block_size, D, kv);
         }
-        if (DC == 4 && G == 1) ATTN_KINDS(1, 4);
+        if (amx) attn_item_amx(G, D, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, probs, pf);
+        else if (DC == 4 && G == 1) ATTN_KINDS(1, 4);
         else if (DC == 4 && G == 2) ATTN_KINDS(2, 4);
         else if (DC == 4 && G == 3) ATTN_KINDS(3, 4);
         else if (DC == 4 && G == 4) ATTN_KINDS(4, 4);
@@ -688,7 +823,9 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, uint8_t *k_cache, 
         else if (DC == 8 && G == 8) ATTN_KINDS(8, 8);
         else attn_item(G, DC, kv, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, pf);
     }
+    if (amx) amx_end();
     free(scores);
+    free(probs);
 #pragma omp barrier
 }
 
@@ -952,35 +1089,6 @@ INLINE void w8a8_tile(int MM, const uint8_t *u, int64_t K, const int8_t *wq, __m
  * tile of block b over inputs 64 kc .. 64 kc + 63 is 16 rows (quads) of 64 bytes, 128 bytes apart from
  * offset kc 2048 + 64 b. Rows go in tiles of 16 (u is padded with zero rows to a multiple of 16). The same
  * exact integer sums as the VNNI tile, so the same bits. Needs K % 64 == 0; taken above 4 rows. */
-static int kv_amx = 0;
-
-typedef struct {
-    uint8_t palette_id, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} amx_config;
-
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-/* on != 0: use AMX for W8A8 when the kernel may (the process asks Linux for the tile state once). Returns
- * whether AMX is on. */
-int kv_set_amx(int64_t on) {
-    static int permitted = -1;
-    if (on && permitted < 0) permitted = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    kv_amx = on && permitted > 0;
-    return kv_amx;
-}
-
-__attribute__((target("amx-tile"))) static void amx_begin(void) {
-    amx_config c;
-    memset(&c, 0, sizeof c);
-    c.palette_id = 1;
-    for (int t = 0; t < 8; t++) c.rows[t] = 16, c.colsb[t] = 64; /* every tile 16 rows of 64 bytes */
-    _tile_loadconfig(&c);
-}
-
-__attribute__((target("amx-tile"))) static void amx_end(void) { _tile_release(); }
 
 /* 16 rows of u (K bytes apart) times an item's two blocks: c [16][32] int32. */
 __attribute__((target("amx-tile,amx-int8"))) static void w8a8_tile_amx(const uint8_t *u, int64_t K,
