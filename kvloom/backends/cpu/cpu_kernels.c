@@ -1106,6 +1106,34 @@ __attribute__((target("amx-tile,amx-int8"))) static void w8a8_tile_amx(const uin
     _tile_stored(1, c + 16, 128);
 }
 
+/* 32 rows of u (two A tiles) times the item's two blocks: four sums tiles, each A and B tile loaded once per
+ * 64 inputs for two tdpbusd (the 16-row tile above loads three tiles for two). c [32][32] int32. */
+__attribute__((target("amx-tile,amx-int8"))) static void w8a8_tile_amx32(const uint8_t *u, int64_t K,
+                                                                          const int8_t *wq, int32_t *c) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t kc = 0; kc < K / 64; kc++) {
+        _tile_loadd(4, u + kc * 64, K);
+        _tile_loadd(5, u + 16 * K + kc * 64, K);
+        _tile_loadd(6, wq + kc * 2048, 128);
+        _tile_loadd(7, wq + kc * 2048 + 64, 128);
+        _tile_dpbusd(0, 4, 6);
+        _tile_dpbusd(1, 4, 7);
+        _tile_dpbusd(2, 5, 6);
+        _tile_dpbusd(3, 5, 7);
+    }
+    _tile_stored(0, c, 128);
+    _tile_stored(1, c + 16, 128);
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+#ifndef W8_AMX_BLOCK
+#define W8_AMX_BLOCK 256 /* rows (a multiple of 32) */
+#endif
+
 /* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
 static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t ldy,
                       int64_t M, int64_t N, int64_t K, float *scratch) {
@@ -1121,17 +1149,25 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
             memset(u + m * K, 0, K); /* AMX's padding rows */
     }
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ib = w8a8_item_bytes(K);
-    const int step = amx ? 16 : W8_ROWS;
+    const int step = amx ? 32 : W8_ROWS;
+    /* Each thread takes an equal contiguous share of the items. On AMX, rows go in blocks of W8_AMX_BLOCK that
+     * every item of the share multiplies in turn: the block's u stays in L2 (all of u did not: 2048 rows of
+     * the down projection are 3 MB, read again for every item), and the share's weights too. */
+    const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t i0 = nitems * tid / nt, i1 = nitems * (tid + 1) / nt, RB = amx ? W8_AMX_BLOCK : M;
     if (amx) amx_begin();
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < nitems; it++) {
+    for (int64_t r0 = 0; r0 < M; r0 += RB)
+    for (int64_t it = i0; it < i1; it++) {
         const int8_t *wq = (const int8_t *)(w + it * ib);
         const float *sw = (const float *)(w + it * ib + K * 32);
         const int32_t *wsum = (const int32_t *)(sw + QGROUP * 16);
-        for (int64_t m0 = 0; m0 < M; m0 += step) {
-            const int mm = M - m0 < step ? (int)(M - m0) : step;
-            int32_t c[16][QGROUP * 16]; /* the tile's sums, rows of 32 outputs */
-            if (amx) {
+        const int64_t r1 = r0 + RB < M ? r0 + RB : M;
+        for (int64_t m0 = r0; m0 < r1; m0 += step) {
+            const int mm = r1 - m0 < step ? (int)(r1 - m0) : step;
+            int32_t c[32][QGROUP * 16]; /* the tile's sums, rows of 32 outputs */
+            if (amx && mm > 16) {
+                w8a8_tile_amx32(u + m0 * K, K, wq, &c[0][0]);
+            } else if (amx) {
                 w8a8_tile_amx(u + m0 * K, K, wq, &c[0][0]);
             } else {
                 __m512i acc[W8_ROWS][QGROUP];
@@ -1145,19 +1181,25 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
                 for (int i = 0; i < mm; i++)
                     for (int b = 0; b < QGROUP; b++) _mm512_storeu_si512(&c[i][b * 16], acc[i][b]);
             }
-            float out[16][QGROUP][16];
+            /* sums -> (sum - 128 wsum) * scale_w * scale_x (+ bias) -> bf16, straight to y */
             for (int b = 0; b < QGROUP; b++) {
+                const int64_t n0 = (it * QGROUP + b) * 16;
+                if (n0 >= N) continue; /* a padding block */
                 const __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512(wsum + b * 16), 7); /* 128 wsum */
                 const __m512 s = _mm512_loadu_ps(sw + b * 16);
+                const __mmask16 keep = N - n0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (N - n0)) - 1u);
+                const __m512 bv = bias ? load16_mask(bias + n0, keep) : _mm512_setzero_ps();
                 for (int i = 0; i < mm; i++) {
                     const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(&c[i][b * 16]), corr));
-                    _mm512_storeu_ps(out[i][b], _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_set1_ps(sx[m0 + i])));
+                    __m512 o = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_set1_ps(sx[m0 + i]));
+                    if (bias) o = _mm512_add_ps(o, bv);
+                    store16_mask(y + (m0 + i) * ldy + n0, o, keep);
                 }
             }
-            store_tile(&out[0][0][0], QGROUP * 16, mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
         }
     }
     if (amx) amx_end();
+#pragma omp barrier
 }
 
 /* Floats of scratch a linear of M rows and K inputs needs: group sums (groups >= 16) or W8A8's sx and u. */
