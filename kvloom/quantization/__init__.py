@@ -5,10 +5,36 @@ weights kvloom runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+
+
+def gather_parts(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    split: Callable[[str, torch.Tensor], tuple[str, str] | None],
+    need: set[str],
+) -> Iterator[tuple[str, torch.Tensor | dict[str, torch.Tensor]]]:
+    """A checkpoint's tensors as they stream in, with the parts of each quantized layer held together:
+    ``split`` maps a tensor to (its layer's base name, its part) or None; once a base has every part of
+    ``need``, it comes as (base, {part: tensor}); the other tensors come as they are. A base still missing
+    parts when the stream ends is a ValueError naming what it lacks."""
+    waiting: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors:
+        key = split(name, t)
+        if key is None:
+            yield name, t
+            continue
+        base, part = key
+        parts = waiting.setdefault(base, {})
+        parts[part] = t
+        if need <= parts.keys():
+            del waiting[base]
+            yield base, parts
+    if waiting:
+        base, parts = next(iter(waiting.items()))
+        raise ValueError(f"model: {base} has no {', '.join(sorted(need - parts.keys()))}")
 
 
 def quantization_config(hf_config: Any) -> dict | None:

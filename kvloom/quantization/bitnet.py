@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kvloom.layers.quantization import QuantizedWeight
+from kvloom.quantization import gather_parts
 
 TERNARY = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -57,24 +58,24 @@ def ternary_tensors(
 ) -> Iterator[tuple[str, Any]]:
     """The checkpoint's tensors (as stored) with each BitLinear's weight (and weight_scale) as one kind-9
     weight, made from the stored values; the other floating-point tensors in ``dtype``."""
-    waiting: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors:
+
+    def split(name: str, t: torch.Tensor) -> tuple[str, str] | None:
         base, _, part = name.rpartition(".")
-        if base.rpartition(".")[2] not in TERNARY or part not in ("weight", "weight_scale"):
-            yield name, t.to(dtype) if t.is_floating_point() else t
-            continue
-        if params["mode"] == "online":
+        ternary = base.rpartition(".")[2] in TERNARY and part in ("weight", "weight_scale")
+        return (base, part) if ternary and params["mode"] != "online" else None
+
+    for name, t in gather_parts(tensors, split, {"weight", "weight_scale"}):
+        if isinstance(t, dict):
+            w, scale = t["weight"], t["weight_scale"].float()
+            if params["linear_class"] == "bitlinear":
+                yield f"{name}.weight", _ternary(unpack_bitlinear(w), 1.0 / scale)
+            else:
+                yield f"{name}.weight", _ternary(w.float().round(), scale)
+        elif (
+            params["mode"] == "online"
+            and name.rpartition(".")[0].rpartition(".")[2] in TERNARY
+            and (name.endswith(".weight"))
+        ):
             yield name, online(t.float())
-            continue
-        parts = waiting.setdefault(base, {})
-        parts[part] = t
-        if len(parts) < 2:
-            continue
-        del waiting[base]
-        w, scale = parts["weight"], parts["weight_scale"].float()
-        if params["linear_class"] == "bitlinear":
-            yield f"{base}.weight", _ternary(unpack_bitlinear(w), 1.0 / scale)
         else:
-            yield f"{base}.weight", _ternary(w.float().round(), scale)
-    if waiting:
-        raise ValueError(f"model: {next(iter(waiting))} has no weight_scale")
+            yield name, t.to(dtype) if t.is_floating_point() else t

@@ -21,6 +21,7 @@ import torch
 
 from kvloom.layers.quantization import QuantizedWeight
 from kvloom.logger import init_logger
+from kvloom.quantization import gather_parts
 
 logger = init_logger(__name__)
 
@@ -103,34 +104,29 @@ def pair_scales(
     ``X.weight_scale`` (per output channel, or one per tensor) as one ``X.weight``: a QuantizedWeight (kind
     9 or 10) where the backend runs them, else dequantized to ``dtype``. FP8 activation scales
     (``X.input_scale``) are dropped: activations run in bf16."""
-    waiting: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors:
-        if name.endswith(".input_scale"):
+
+    def split(name: str, t: torch.Tensor) -> tuple[str, str] | None:
+        if name.endswith(".weight_scale"):
+            return name.removesuffix(".weight_scale"), "weight_scale"
+        if name.endswith(".weight") and t.dtype in (torch.int8, torch.float8_e4m3fn):
+            return name.removesuffix(".weight"), "weight"
+        return None
+
+    for name, t in gather_parts(tensors, split, {"weight", "weight_scale"}):
+        if not isinstance(t, dict):
+            if not name.endswith(".input_scale"):
+                yield name, t
             continue
-        quantized = t.dtype in (torch.int8, torch.float8_e4m3fn)
-        if name.endswith(".weight_scale") or (name.endswith(".weight") and quantized):
-            base = name.removesuffix("_scale")
-            parts = waiting.setdefault(base, {})
-            parts["scale" if name.endswith("_scale") else "q"] = t
-            if len(parts) < 2:
-                continue
-            del waiting[base]
-            q, scale = parts["q"], parts["scale"].float().reshape(-1, 1)
-            if scale.shape[0] == 1:  # one per tensor
-                scale = scale.expand(q.shape[0], 1).contiguous()
-            if scale.shape[0] != q.shape[0]:
-                raise ValueError(f"model: {base}_scale has {scale.shape[0]} rows for {q.shape[0]} outputs")
-            if q.dtype == torch.int8:
-                qw = QuantizedWeight(9, q, scale, None, q.shape[1])
-            else:
-                qw = QuantizedWeight(10, q.view(torch.uint8), scale, None, q.shape[1])
-            yield base, qw if keep_quantized else qw.dequantize(dtype)
+        q, scale = t["weight"], t["weight_scale"].float().reshape(-1, 1)
+        if scale.shape[0] == 1:  # one per tensor
+            scale = scale.expand(q.shape[0], 1).contiguous()
+        if scale.shape[0] != q.shape[0]:
+            raise ValueError(f"model: {name}.weight_scale has {scale.shape[0]} rows for {q.shape[0]} outputs")
+        if q.dtype == torch.int8:
+            qw = QuantizedWeight(9, q, scale, None, q.shape[1])
         else:
-            yield name, t
-    if waiting:
-        name = next(iter(waiting))
-        missing = "weight_scale" if "q" in waiting[name] else "quantized weight"
-        raise ValueError(f"model: {name} has no {missing}")
+            qw = QuantizedWeight(10, q.view(torch.uint8), scale, None, q.shape[1])
+        yield f"{name}.weight", qw if keep_quantized else qw.dequantize(dtype)
 
 
 def write_w8a8(

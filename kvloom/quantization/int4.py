@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from kvloom.layers.quantization import QuantizedWeight
+from kvloom.quantization import gather_parts
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # output 8c + AWQ_ORDER[j] is value j of word c
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -123,22 +124,17 @@ def pair_int4(
     ``X.weight``: kind 4 where the backend runs it, else dequantized (the format's arithmetic) to
     ``dtype``."""
     need = {"qweight", "qzeros", "scales"} | ({"g_idx"} if params["method"] == "gptq" else set())
-    waiting: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in tensors:
+
+    def split(name: str, t: torch.Tensor) -> tuple[str, str] | None:
         base, _, part = name.rpartition(".")
-        if part not in PARTS:
+        return (base, part) if part in PARTS else None
+
+    for name, t in gather_parts(tensors, split, need):
+        if not isinstance(t, dict):
             yield name, t
             continue
-        parts = waiting.setdefault(base, {})
-        parts[part] = t
-        if not need <= parts.keys():
-            continue
-        del waiting[base]
-        q, zeros, scales, g_idx = read(params, parts)
+        q, zeros, scales, g_idx = read(params, t)
         if keep_quantized:
-            yield f"{base}.weight", to_kind4(q, zeros, scales, g_idx)
+            yield f"{name}.weight", to_kind4(q, zeros, scales, g_idx)
         else:
-            yield f"{base}.weight", dequantize(q, zeros, scales, g_idx).to(dtype)
-    if waiting:
-        base, parts = next(iter(waiting.items()))
-        raise ValueError(f"model: {base} has no {', '.join(sorted(need - parts.keys()))}")
+            yield f"{name}.weight", dequantize(q, zeros, scales, g_idx).to(dtype)

@@ -182,3 +182,20 @@ def test_fp8_kernel_widens_every_byte_exactly(m, group):
         eye = torch.eye(k)[rows].to(BF)
         got = K.run_linear(K.linear_desc(packed, None, 10, group), eye, k, n)
         assert torch.equal(got[:, 0], w[0, rows].to(BF))
+
+
+def test_gather_parts_holds_a_layers_parts_together_and_names_what_is_missing():
+    from kvloom.quantization import gather_parts
+
+    t = torch.zeros(1)
+
+    def split(name, _t):
+        base, _, part = name.rpartition(".")
+        return (base, part) if part in ("qweight", "scales") else None
+
+    stream = [("a.qweight", t), ("norm.weight", t), ("b.scales", t), ("a.scales", t), ("b.qweight", t)]
+    out = list(gather_parts(iter(stream), split, {"qweight", "scales"}))
+    assert [name for name, _ in out] == ["norm.weight", "a", "b"]
+    assert set(out[1][1]) == {"qweight", "scales"}
+    with pytest.raises(ValueError, match="model: c has no scales"):
+        list(gather_parts(iter([("c.qweight", t)]), split, {"qweight", "scales"}))
