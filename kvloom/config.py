@@ -263,7 +263,13 @@ def add_cli_args(parser: argparse.ArgumentParser, defaults: dict[str, Any] | Non
                     help=f"{meta['help']}" + ("" if "default" in meta["help"] else f" (default: {default})"),
                 )
                 continue
-            kind = float if meta["cli_scale"] else (int if f.type.startswith("int") else str)
+            kind = (
+                float
+                if meta["cli_scale"] or f.type.startswith("float")
+                else int
+                if f.type.startswith("int")
+                else str
+            )
             g.add_argument(
                 *flags,
                 dest=f.name,

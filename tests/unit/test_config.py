@@ -41,6 +41,9 @@ def test_every_option_is_a_flag_and_a_keyword_argument():
     assert kwargs["enable_prefix_caching"] is False and kwargs["backend"] == "torch"
     assert kwargs["scheduling_policy"] == "fair" and kwargs["speculative_method"] == "ngram"
     assert kwargs["num_threads"] == 3
+    args = p.parse_args(["--gpu-memory-utilization", "0.8", "--kv-cache-dtype", "int8"])
+    assert kwargs_from_cli(args)["gpu_memory_utilization"] == 0.8  # a float, not the string
+    assert kwargs_from_cli(args)["kv_cache_dtype"] == "int8"
     assert kwargs_from_cli(p.parse_args(["--enable-prefix-caching"]))["enable_prefix_caching"] is True
     with pytest.raises(SystemExit):
         p.parse_args(["--scheduling-policy", "random"])
