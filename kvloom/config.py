@@ -45,6 +45,12 @@ class ModelConfig:
         "32), w8a8 (int8 weights per output channel and int8 activations per token, on the CPU's VNNI)",
         choices=QUANTIZATIONS,
     )
+    llm_int8_threshold: float | None = option(
+        None,
+        "W8A8 (--quantization w8a8 or a W8A8 checkpoint): LLM.int8's decomposition: input features "
+        "whose magnitude exceeds this in any token of a step run in fp32 (from the int8 weights), the rest "
+        "in int8; replaces SmoothQuant at start-up (off by default; LLM.int8 uses 6.0)",
+    )
     seed: int | None = option(
         0, "sampling seed of requests without their own (default: a new one each run, logged; LLM(): 0)"
     )

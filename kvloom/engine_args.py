@@ -178,6 +178,14 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
         )
     if checkpoint.quantization is not None and quant == checkpoint.quantization:
         quant = "auto"  # quantized that way already: run as written (no second calibration)
+    if m.llm_int8_threshold is not None:
+        if not m.llm_int8_threshold > 0:
+            raise ValueError(f"llm_int8_threshold must be > 0, got {m.llm_int8_threshold!r}")
+        if quant != "w8a8" and checkpoint.quantization != "w8a8":
+            raise ValueError(
+                "llm_int8_threshold: LLM.int8's decomposition applies to W8A8 layers: use --quantization "
+                f"w8a8 or a W8A8 checkpoint (this run: quantization {m.quantization!r})"
+            )
     resolved_dtype = resolve_dtype(
         "bfloat16" if (quant in CPU_QUANTIZATIONS or checkpoint.quantization) and dtype == "auto" else dtype,
         hf_config,

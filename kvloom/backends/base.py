@@ -25,6 +25,11 @@ class Backend:
         self.config = config
         self.device = torch.device(config.device.device)
         self.attention = TorchAttention(KVFormat.of(config.cache.kv_cache_dtype))
+        if config.model.llm_int8_threshold is not None:
+            raise ValueError(
+                "llm_int8_threshold: LLM.int8's decomposition runs in kvloom's CPU kernels (x86-64 with "
+                "AVX-512 BF16 and VNNI, a C compiler, --backend auto); they are not available here"
+            )
         if config.model.quantization in CPU_QUANTIZATIONS:
             raise ValueError(
                 f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "

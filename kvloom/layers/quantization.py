@@ -162,12 +162,24 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x * inv[:, None]).to(torch.int8), amax / c
 
 
-def w8a8_reference(x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def w8a8_reference(
+    x: torch.Tensor, w: QuantizedWeight, bias: torch.Tensor | None = None, outlier: float | None = None
+) -> torch.Tensor:
     """y = bf16(float(xq @ q.T) * scale_w * scale_x + bias): the kernels' W8A8 result, on PyTorch ops (exact
-    integer sums in int64)."""
-    xq, sx = quantize_activations(x)
+    integer sums in int64). ``outlier``: LLM.int8's decomposition, as the kernels do it: the columns whose
+    magnitude exceeds it in any row are left out of xq and added in fp32, column by column in ascending
+    order, as x[:, c] q[:, c] (exact products) times scale_w."""
+    cols = [] if outlier is None else (x.float().abs().amax(0) > outlier).nonzero()[:, 0].tolist()
+    xin = x.clone()
+    xin[:, cols] = 0
+    xq, sx = quantize_activations(xin)
     acc = (xq.long() @ w.q.long().T).to(torch.int32).float()
     y = acc * w.scale[:, 0] * sx[:, None]
+    if cols:
+        extra = torch.zeros_like(y)
+        for c in cols:
+            extra = extra + x[:, c : c + 1].float() * w.q[:, c].float()[None, :]
+        y = y + extra * w.scale[:, 0]
     if bias is not None:
         y = y + bias.float()
     return y.to(torch.bfloat16)

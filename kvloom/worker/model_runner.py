@@ -120,7 +120,7 @@ def load_model(config: EngineConfig, keep_quantized: bool, show_progress: bool =
         leave=False,
     )
     model.load_weights(weights)
-    if config.model.quantization == "w8a8":
+    if config.model.quantization == "w8a8" and config.model.llm_int8_threshold is None:
         from kvloom.quantization.smoothquant import smooth
 
         smooth(model, ckpt.load_tokenizer(), config.model.max_model_len)

@@ -157,6 +157,40 @@ def test_w8a8_kernel_equals_its_integer_reference(m, n, k, bias, amx):
     assert (y.float() - exact).norm() <= 0.05 * exact.norm() + 1e-3
 
 
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 96, 64), (7, 72, 100), (40, 64, 576), (70, 96, 128)])
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_llm_int8_decomposition_equals_its_reference(m, n, k, amx):
+    """LLM.int8 (a threshold in the descriptor): columns above it in any row leave the int8 product and come
+    back in fp32 from the int8 weights; the kernel gives the reference's bits, and with outliers far above
+    the rest it is much closer to the exact product than plain W8A8. No column above it: plain W8A8's bits."""
+    from kvloom.layers.quantization import quantize_w8a8, w8a8_reference
+
+    if K is None:
+        pytest.skip("CPU kernels need x86-64 with AVX-512 BF16 and a compiler")
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
+    g = torch.Generator().manual_seed(m + n + k)
+    w = torch.randn(n, k, generator=g)
+    qw = quantize_w8a8(w)
+    x = torch.randn(m, k, generator=g).to(BF)
+    x[:, [5, k // 2, k - 3]] *= 60  # three outlier features
+    x[-1, 7] = -30  # and one in a single row
+    b = torch.randn(n, generator=g).to(BF)
+    packed = pack_quantized(qw)
+    desc = K.linear_desc(packed, b, 9, k)
+    plain = K.run_linear(desc, x, k, n)
+    desc.outlier = 6.0
+    y = K.run_linear(desc, x, k, n)
+    desc.outlier = 1000.0  # above every value: nothing decomposed
+    y_high = K.run_linear(desc, x, k, n)
+    K.set_amx(True)
+    assert torch.equal(y, w8a8_reference(x, qw, b, 6.0))
+    assert torch.equal(y_high, plain) and torch.equal(plain, w8a8_reference(x, qw, b))
+    exact = F.linear(x.float(), qw.dequantize(torch.float32), b.float())
+    assert (y.float() - exact).norm() < 0.3 * (plain.float() - exact).norm()
+
+
 @pytest.mark.parametrize(("m", "group"), [(1, 128), (3, 128), (5, 32), (33, 128)])  # 5, 33: the panel path
 def test_fp8_kernel_widens_every_byte_exactly(m, group):
     """Kind 10 (FP8 E4M3 weights, bf16 activations): every byte but NaN, subnormals and negatives included,

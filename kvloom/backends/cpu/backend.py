@@ -50,7 +50,9 @@ class CpuBackend(Backend):
 
     def prepare(self, model: torch.nn.Module) -> None:
         if self.kernels is not None:
-            use_cpu_kernels(model, self.kernels, self.config.model.quantization)
+            use_cpu_kernels(
+                model, self.kernels, self.config.model.quantization, self.config.model.llm_int8_threshold
+            )
             a = model.model.layers[0].self_attn
             ok = KernelAttention.supports(
                 self.config.dtype, a.num_heads, a.num_kv_heads, a.head_dim, self.config.cache.block_size

@@ -1134,20 +1134,63 @@ __attribute__((target("amx-tile,amx-int8"))) static void w8a8_tile_amx32(const u
 #define W8_AMX_BLOCK 256 /* rows (a multiple of 32) */
 #endif
 
+/* LLM.int8's decomposition (outlier > 0): the input columns whose magnitude exceeds `outlier` in any row of the
+ * step are left out of the int8 product (zeros in u, and in each row's amax) and added in fp32 from the int8
+ * weights: y = (sums * scale_w) * scale_x + (sum over those columns c, ascending, of x[m, c] q[n, c]) * scale_w.
+ * Shared between the team's threads for one call: */
+static float *w8_colmax;  /* [threads][K] each thread's column maxima */
+static int64_t *w8_cols;  /* the outlier columns, ascending */
+static int64_t w8_ncols;
+
 /* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
 static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t ldy,
-                      int64_t M, int64_t N, int64_t K, float *scratch) {
+                      int64_t M, int64_t N, int64_t K, float *scratch, float outlier) {
     const int amx = kv_amx && K % 64 == 0 && M > 4; /* a few rows: VNNI streams the weights faster */
     const int64_t rows = amx ? (M + 15) / 16 * 16 : M;
     float *sx = scratch;
     uint8_t *u = (uint8_t *)(scratch + M);
+    const int64_t nthreads = omp_get_num_threads(), me = omp_get_thread_num();
+    int64_t ncols = 0;
+    bf16 *xrow = NULL; /* a row with the outlier columns zeroed */
+    if (outlier > 0) {
+#pragma omp single
+        {
+            w8_colmax = (float *)calloc(nthreads * K, sizeof(float));
+            w8_cols = (int64_t *)malloc(sizeof(int64_t) * K);
+        }
+        float *mine = w8_colmax + me * K;
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t k = 0; k < K; k++) {
+                const float a = fabsf(b2f(x[m * ldx + k]));
+                if (a > mine[k]) mine[k] = a;
+            }
+#pragma omp single
+        {
+            w8_ncols = 0;
+            for (int64_t k = 0; k < K; k++) {
+                float a = 0.0f;
+                for (int64_t t = 0; t < nthreads; t++) a = fmaxf(a, w8_colmax[t * K + k]);
+                if (a > outlier) w8_cols[w8_ncols++] = k;
+            }
+        }
+        ncols = w8_ncols;
+        if (ncols) xrow = (bf16 *)malloc(sizeof(bf16) * K);
+    }
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < rows; m++) {
-        if (m < M)
+        if (m < M && ncols) {
+            memcpy(xrow, x + m * ldx, sizeof(bf16) * K);
+            for (int64_t j = 0; j < ncols; j++) xrow[w8_cols[j]] = 0;
+            w8a8_quantize_row(xrow, K, u + m * K, sx + m);
+        } else if (m < M) {
             w8a8_quantize_row(x + m * ldx, K, u + m * K, sx + m);
-        else
+        } else {
             memset(u + m * K, 0, K); /* AMX's padding rows */
+        }
     }
+    /* the outlier columns' weights of the item being done, as fp32: [ncols][32 outputs] */
+    float *qcols = ncols ? (float *)malloc(sizeof(float) * ncols * QGROUP * 16) : NULL;
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ib = w8a8_item_bytes(K);
     const int step = amx ? 32 : W8_ROWS;
     /* Each thread takes an equal contiguous share of the items. On AMX, rows go in blocks of W8_AMX_BLOCK that
@@ -1162,6 +1205,11 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
         const float *sw = (const float *)(w + it * ib + K * 32);
         const int32_t *wsum = (const int32_t *)(sw + QGROUP * 16);
         const int64_t r1 = r0 + RB < M ? r0 + RB : M;
+        for (int64_t j = 0; j < ncols; j++) { /* input c of output n: quad c / 4 (128 bytes each), byte c % 4 */
+            const int64_t c = w8_cols[j];
+            for (int64_t n = 0; n < QGROUP * 16; n++)
+                qcols[j * QGROUP * 16 + n] = (float)wq[(c / 4) * 128 + (n / 16) * 64 + (n % 16) * 4 + c % 4];
+        }
         for (int64_t m0 = r0; m0 < r1; m0 += step) {
             const int mm = r1 - m0 < step ? (int)(r1 - m0) : step;
             int32_t c[32][QGROUP * 16]; /* the tile's sums, rows of 32 outputs */
@@ -1192,6 +1240,14 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
                 for (int i = 0; i < mm; i++) {
                     const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(&c[i][b * 16]), corr));
                     __m512 o = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_set1_ps(sx[m0 + i]));
+                    if (ncols) { /* the outlier columns in fp32 (x q is exact: no rounding before the sum) */
+                        const bf16 *xr = x + (m0 + i) * ldx;
+                        __m512 extra = _mm512_setzero_ps();
+                        for (int64_t j = 0; j < ncols; j++)
+                            extra = _mm512_add_ps(extra, _mm512_mul_ps(_mm512_set1_ps(b2f(xr[w8_cols[j]])),
+                                                                       _mm512_loadu_ps(qcols + j * QGROUP * 16 + b * 16)));
+                        o = _mm512_add_ps(o, _mm512_mul_ps(extra, s));
+                    }
                     if (bias) o = _mm512_add_ps(o, bv);
                     store16_mask(y + (m0 + i) * ldy + n0, o, keep);
                 }
@@ -1199,7 +1255,16 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
         }
     }
     if (amx) amx_end();
+    free(qcols);
+    free(xrow);
 #pragma omp barrier
+    if (outlier > 0) {
+#pragma omp single
+        {
+            free(w8_colmax);
+            free(w8_cols);
+        }
+    }
 }
 
 /* Floats of scratch a linear of M rows and K inputs needs: group sums (groups >= 16) or W8A8's sx and u. */
@@ -1284,6 +1349,7 @@ typedef struct {
     int64_t has_min;
     int64_t group;
     const bf16 *bias;
+    float outlier; /* W8A8: LLM.int8's threshold (0: none): w8a8_body */
 } kv_lin;
 
 static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,
@@ -1293,7 +1359,7 @@ static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64
     else if (L->kind == 0)
         linear_bf16_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
     else if (L->kind == 9)
-        w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum);
+        w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum, L->outlier);
     else
         qlinear_bf16_body((int)L->kind, x, ldx, (const uint8_t *)L->w, (int)L->has_min, L->group, L->bias, y, ldy, M,
                           N, K, xsum);

@@ -39,7 +39,7 @@ class KvLin(ctypes.Structure):
     """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 8 = quantized, 9 =
     W8A8)."""
 
-    _fields_ = [("kind", _I), ("w", _P), ("has_min", _I), ("group", _I), ("bias", _P)]
+    _fields_ = [("kind", _I), ("w", _P), ("has_min", _I), ("group", _I), ("bias", _P), ("outlier", _F)]
 
 
 _SIGNATURES = {
@@ -771,14 +771,20 @@ class KernelActMul:
         return self.kernels.act_mul(gate_up, self.act) if self.kernels.act_mul_ok(gate_up) else None
 
 
-def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: str = "auto") -> None:
+def use_cpu_kernels(
+    model: torch.nn.Module,
+    kernels: CpuKernels,
+    quantization: str = "auto",
+    llm_int8_threshold: float | None = None,
+) -> None:
     """Run a built, loaded model on the kernels: give every linear layer a PackedLinearMethod (in place of
     its plain weight), point the norms, attention and MLP blocks at the kernels, and, where the model's
     shapes allow, run all-decode steps as one call per step (FusedDecodeLayers). Weights loaded
     quantized (``model.quantized``: GGUF blocks) run quantized; quantization int8/int4 quantizes the others
     (round to nearest, groups of 32; the output layer gets int8 under int4, as llama.cpp keeps it at 6 bits),
     w8a8 the attention's and dense MLPs' layers to int8 per output channel with int8 activations (the rest
-    stays bf16: smoothquant.w8a8_linears).
+    stays bf16: smoothquant.w8a8_linears). ``llm_int8_threshold``: LLM.int8's decomposition in every W8A8
+    layer (input columns above it in any row of a step run in fp32 from the int8 weights).
     """
     quantized = getattr(model, "quantized", {})
     w8a8 = set(w8a8_linears(model).values()) if quantization == "w8a8" else set()
@@ -818,6 +824,11 @@ def use_cpu_kernels(model: torch.nn.Module, kernels: CpuKernels, quantization: s
     for module in model.modules():  # after every Linear has its method: the router's is needed
         if isinstance(module, SparseMoeBlock) and KernelMoe.supports(module):
             module.fused = KernelMoe(kernels, module)
+    if llm_int8_threshold:  # the fused layers point at these descriptors: they see it too
+        for module in model.modules():
+            if isinstance(module, Linear) and isinstance(module.method, PackedLinearMethod):
+                if module.method.desc.kind == 9:
+                    module.method.desc.outlier = llm_int8_threshold
     reason = FusedDecodeLayers.unsupported(model)
     if reason is None:
         model.fused_decode = FusedDecodeLayers(kernels, model)
