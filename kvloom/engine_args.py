@@ -171,11 +171,14 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
     _one_of("backend", device.backend, BACKENDS)
     _one_of("kv_cache_dtype", cache.kv_cache_dtype, KV_CACHE_DTYPES)
     quant = m.quantization
-    if checkpoint.quantization in ("gptq", "awq") and parallel.tensor_parallel_size > 1:
-        raise ValueError(
-            f"tensor_parallel_size: {checkpoint.quantization} checkpoints run on one rank so far (their "
-            "packed tensors are not sliced per rank)"
-        )
+    if checkpoint.quantization == "gptq" and parallel.tensor_parallel_size > 1:
+        from kvloom.quantization import quantization_config
+
+        if quantization_config(hf_config).get("desc_act"):
+            raise ValueError(
+                "tensor_parallel_size: GPTQ act-order (desc_act) checkpoints run on one rank (their groups "
+                "are spread over all inputs, so layers split by inputs cannot be sliced)"
+            )
     if checkpoint.quantization is not None and quant == checkpoint.quantization:
         quant = "auto"  # quantized that way already: run as written (no second calibration)
     if m.llm_int8_threshold is not None:

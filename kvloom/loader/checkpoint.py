@@ -144,6 +144,11 @@ class Checkpoint:
         else:
             from kvloom.loader.safetensors import iter_safetensors
 
+            if self.quantization in ("gptq", "awq"):  # a rank's part of each packed tensor
+                from kvloom.quantization import quantization_config
+                from kvloom.quantization.int4 import rank_slicer, scheme
+
+                shard = rank_slicer(scheme(quantization_config(self.hf_config)), shard)
             # BitNet's weights become ternary from their stored values (its loader casts the rest)
             tensors = iter_safetensors(self.path, None if self.quantization == "bitnet" else dtype, shard)
             if self.quantization is not None:

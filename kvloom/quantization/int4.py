@@ -15,7 +15,7 @@ Formats (each packs eight 4-bit values into an int32, value j in bits 4j .. 4j +
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,14 +42,69 @@ def scheme(qc: dict) -> dict:
             raise ValueError(
                 f"quantization_config.checkpoint_format: {fmt!r} is not supported (gptq, gptq_v2)"
             )
-        return {"method": "gptq", "group": group, "zero_offset": 1 if fmt == "gptq" else 0}
+        return {
+            "method": "gptq",
+            "group": group,
+            "zero_offset": 1 if fmt == "gptq" else 0,
+            "act_order": bool(qc.get("desc_act", False)),
+        }
     version = str(qc.get("version", "gemm")).lower()
     if version != "gemm":
         raise ValueError(f"quantization_config.version: {qc.get('version')!r} is not supported (gemm is)")
     if qc.get("zero_point", True) is not True:
         zp = qc.get("zero_point")
         raise ValueError(f"quantization_config.zero_point: {zp!r} is not supported (true is)")
-    return {"method": "awq", "group": group, "zero_offset": 0}
+    return {"method": "awq", "group": group, "zero_offset": 0, "act_order": False}
+
+
+def rank_slicer(params: dict, shard: Callable) -> Callable:
+    """The tensor-parallel slicer of a GPTQ / AWQ folder's tensors: from the model's slice of ``X.weight``
+    (dim 0: outputs, a column-parallel layer; dim 1: inputs, a row-parallel one), the matching part of X's
+    qweight, qzeros, scales and g_idx, in their packing. A split that cuts a packed word or a group is a
+    ValueError naming tensor_parallel_size; so is GPTQ act-order split by inputs (its groups are spread over
+    all of them)."""
+    gptq, group = params["method"] == "gptq", params["group"]
+
+    def slicer(name: str) -> tuple[int, int, int] | None:
+        base, _, part = name.rpartition(".")
+        if part not in PARTS:
+            return shard(name)
+        s = shard(f"{base}.weight")
+        if s is None:
+            return None
+        dim, start, n = s
+        if dim == 0:  # outputs: a column of every tensor but g_idx, eight to a word where packed by outputs
+            if part == "g_idx":
+                return None
+            if part == "qzeros" or (part == "qweight" and not gptq):
+                _whole(start, n, 8, name, "eight outputs to a word")
+                return 1, start // 8, n // 8
+            return 1, start, n
+        if gptq and params["act_order"]:
+            raise ValueError(
+                f"tensor_parallel_size: {name} is GPTQ act-order (desc_act), whose groups are spread over "
+                "all inputs: a layer split by inputs cannot take its part of them; run it on one rank"
+            )
+        if part == "g_idx":
+            return 0, start, n
+        if part == "qweight":
+            if gptq:
+                _whole(start, n, 8, name, "eight inputs to a word")
+                return 0, start // 8, n // 8
+            return 0, start, n
+        if group <= 0:
+            raise ValueError(f"tensor_parallel_size: {name} has one group over all inputs (group_size -1)")
+        _whole(start, n, group, name, f"groups of {group} inputs")
+        return 0, start // group, n // group
+
+    return slicer
+
+
+def _whole(start: int, n: int, unit: int, name: str, what: str) -> None:
+    if start % unit or n % unit:
+        raise ValueError(
+            f"tensor_parallel_size: this rank's part of {name} ({n} from {start}) cuts its {what}"
+        )
 
 
 def unpack(packed: torch.Tensor, dim: int) -> torch.Tensor:
@@ -84,7 +139,8 @@ def read(params: dict, parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ..
         g_idx = None
     k = q.shape[1]
     group = params["group"] if params["group"] > 0 else k
-    g_idx = torch.arange(k) // group if g_idx is None else g_idx.long()
+    # a rank's inputs of a row-parallel layer: its g_idx counts from its first group
+    g_idx = torch.arange(k) // group if g_idx is None else g_idx.long() - g_idx.min().long()
     if zeros.shape != scales.shape or scales.shape[1] != k // group or g_idx.shape != (k,):
         raise ValueError(
             f"model: {params['method']} tensors of shapes q {tuple(q.shape)}, zeros {tuple(zeros.shape)}, "

@@ -140,8 +140,30 @@ def test_int4_checkpoint_runs_as_its_dequantized_weights(case, tmp_path, stories
         assert g.token_ids[0] == t and abs(g.logprobs[0][t].logprob - r.logprobs[0][t].logprob) < 0.25
 
 
-def test_int4_checkpoints_refuse_tensor_parallel(tmp_path, stories):
+@pytest.mark.parametrize("case", ["awq", "gptq-v2"])
+def test_int4_checkpoints_under_tensor_parallel(case, tmp_path, stories):
+    """Each rank reads its part of the packed tensors (outputs of q/k/v and gate/up: columns, eight to a
+    word where packed by outputs; inputs of o and down: rows, whole groups): TP 2 gives TP 1's tokens from
+    the same folder (fp32; the sums of o and down over the ranks in another order)."""
     save_random_model(LlamaConfig(**COMMON), tmp_path / "src", stories)
-    write_int4(tmp_path / "src", tmp_path / "q", tmp_path / "plain", "awq")
-    with pytest.raises(ValueError, match="tensor_parallel_size: awq"):
+    write_int4(tmp_path / "src", tmp_path / "q", tmp_path / "plain", **CASES[case])
+    prompts = random_prompts(3, [5, 30, 12], 512, seed=2)
+    params = SamplingParams(temperature=0, max_tokens=10, logprobs=0, ignore_eos=True)
+    _, ref = first_outputs(tmp_path / "plain", prompts, params, dtype="float32", backend="torch")
+    llm, got = first_outputs(
+        tmp_path / "q", prompts, params, dtype="float32", backend="torch", tensor_parallel_size=2
+    )
+    llm.engine.shutdown()
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    for g, r in zip(got, ref, strict=True):
+        assert all(
+            abs(a[t].logprob - b[t].logprob) < 1e-4
+            for a, b, t in zip(g.logprobs, r.logprobs, r.token_ids, strict=True)
+        )
+
+
+def test_gptq_act_order_refuses_tensor_parallel(tmp_path, stories):
+    save_random_model(LlamaConfig(**COMMON), tmp_path / "src", stories)
+    write_int4(tmp_path / "src", tmp_path / "q", tmp_path / "plain", **CASES["gptq-v1-act-order"])
+    with pytest.raises(ValueError, match="tensor_parallel_size: GPTQ act-order"):
         create_engine_config(str(tmp_path / "q"), tensor_parallel_size=2)
