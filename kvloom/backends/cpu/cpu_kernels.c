@@ -1380,12 +1380,12 @@ void kv_lin_forward(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_
 static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *xs, int64_t ldx,
                              const int64_t *counts, int64_t n_experts, bf16 *out, int64_t ldo, int64_t E,
                              int64_t I, bf16 *gu_buf, bf16 *act, float *xsum) {
-    int quantized = 1, most = 0;
+    int quantized = 1, most = 0; /* group-quantized (kinds 4, 5, 8, 10): the items of all experts in one loop */
     for (int64_t e = 0; e < n_experts; e++) {
-        quantized &= gu[e].kind != 0 && down[e].kind != 0;
+        quantized &= gu[e].kind != 0 && gu[e].kind != 9 && down[e].kind != 0 && down[e].kind != 9;
         if (counts[e] > most) most = (int)counts[e];
     }
-    if (!quantized) { /* bf16 experts: one call per matrix (linear_bf16_body splits by output blocks) */
+    if (!quantized) { /* bf16 and W8A8 experts: one call per matrix (each splits its work between the threads) */
         int64_t start = 0;
         for (int64_t e = 0; e < n_experts; e++) {
             const int64_t n = counts[e];

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from kvloom.backends.cpu.attention import KernelAttentionMetadata
 from kvloom.backends.cpu.build import _build, _cpu_flags, _unsupported, wait_for_prebuild
+from kvloom.config import CPU_QUANTIZATIONS
 from kvloom.layers.linear import Linear, LinearMethod
 from kvloom.layers.mlp import MLP
 from kvloom.layers.moe import FusedExperts, SparseMoeBlock
@@ -809,8 +810,14 @@ def use_cpu_kernels(
             else:
                 PackedLinearMethod.install(kernels, module)
         elif isinstance(module, FusedExperts):
-            # each expert's matrices on the kernels: its GGUF blocks, else its weights packed (bf16)
+            # each expert's matrices on the kernels: its GGUF blocks, else its weights packed (bf16), or
+            # quantized as --quantization says (int8 / int4 round to nearest, w8a8 per output channel)
             def install(lin: Linear, qw: QuantizedWeight | None) -> None:
+                if qw is None and kernels.can_pack(lin.weight) and quantization in CPU_QUANTIZATIONS:
+                    if quantization == "w8a8":
+                        qw = quantize_w8a8(lin.weight.data)
+                    else:
+                        qw = quantize_rtn(lin.weight.data, 4 if quantization == "int4" else 8)
                 if qw is not None or kernels.can_pack(lin.weight):
                     PackedLinearMethod.install(kernels, lin, qw)
 
