@@ -226,11 +226,14 @@ class EngineConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """One rank's KV bytes per token (a one-byte cache: each head's values and their fp32 scale)."""
-        c = self.hf_config
-        quantized = self.cache.kv_cache_dtype != "auto"
-        row = self.head_dim + 4 if quantized else self.head_dim * self.dtype.itemsize
-        return 2 * c.num_hidden_layers * self.num_local_kv_heads * row
+        """One rank's KV bytes per token, in the cache's format (``kv_cache_dtype``)."""
+        return self.kv_bytes_per_token_as(one_byte=self.cache.kv_cache_dtype != "auto")
+
+    def kv_bytes_per_token_as(self, one_byte: bool) -> int:
+        """One rank's KV bytes per token in the model's dtype, or in a one-byte format (each head's values
+        and their fp32 scale)."""
+        row = self.head_dim + 4 if one_byte else self.head_dim * self.dtype.itemsize
+        return 2 * self.hf_config.num_hidden_layers * self.num_local_kv_heads * row
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -77,8 +77,7 @@ def kv_cache_density(config) -> str:  # noqa: ANN001 - EngineConfig
     fmt = KVFormat.of(config.cache.kv_cache_dtype)
     if fmt is None:
         return f"{dtype}: {per_gib} tokens per GiB"
-    c = config.hf_config
-    plain = 2 * c.num_hidden_layers * config.num_local_kv_heads * config.head_dim * config.dtype.itemsize
+    plain = config.kv_bytes_per_token_as(one_byte=False)
     return (
         f"{fmt.name} with a scale per token and head: {per_gib} tokens per GiB, "
         f"{plain / config.kv_bytes_per_token:.2f}x {dtype}'s {(1 << 30) // plain}"

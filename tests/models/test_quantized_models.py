@@ -79,6 +79,18 @@ def test_smollm2_q4_1_native_perplexity_within_one_percent_of_bf16():
     assert abs(ppl_native / ppl_dense - 1) < 0.01, (ppl_native, ppl_dense)
 
 
+def _one_call_matches_the_layer(block, hidden: int) -> None:  # noqa: ANN001 - SparseMoeBlock
+    """The MoE block's one kernel call (router, top-k, experts) against the same block on PyTorch ops (the
+    experts' own kernels), on 37 random rows."""
+    x = torch.randn(37, hidden, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    one_call = block(x).float()
+    block.fused, fused = None, block.fused
+    ref = block(x).float()
+    block.fused = fused
+    assert (one_call - ref).abs().max() <= 0.02 * ref.abs().max()
+    assert (one_call == ref).float().mean() > 0.9  # most values bit-equal (softmax's exp may differ by ulps)
+
+
 def _native_vs_dequantized(path, expect: set[str]) -> None:
     """The file's blocks on the kernels against its own dequantized bf16 run: perplexity of tests/data
     within 1%, and the same greedy text (24 tokens) on several prompts. NOTE: not "most": the reference
@@ -149,13 +161,7 @@ def test_moe_gguf_experts_run_their_blocks(tmp_path, qtype):
     # router, top-k and experts in one call against the same layer on PyTorch ops (the experts' kernels)
     block = native.engine.runner.model.model.layers[0].mlp
     assert isinstance(block.fused, KernelMoe)
-    x = torch.randn(37, shapes["hidden_size"], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    one_call = block(x).float()
-    block.fused, fused = None, block.fused
-    ref = block(x).float()
-    block.fused = fused
-    assert (one_call - ref).abs().max() <= 0.02 * ref.abs().max()
-    assert (one_call == ref).float().mean() > 0.9  # most values bit-equal (softmax's exp may differ by ulps)
+    _one_call_matches_the_layer(block, shapes["hidden_size"])
     got = _scored(native, seqs)
     del native
     dense = LLM(str(path), dtype="bfloat16", quantization="none", show_progress=False)
@@ -225,13 +231,7 @@ def test_quantization_reaches_the_experts(tmp_path, stories, quantization, kind)
     block = llm.engine.runner.model.model.layers[0].mlp
     assert {lin.quant for pair in block.experts.linears for lin in pair} == {kind}
     assert isinstance(block.fused, KernelMoe)
-    x = torch.randn(37, shapes["hidden_size"], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    one_call = block(x).float()
-    block.fused, fused = None, block.fused
-    ref = block(x).float()
-    block.fused = fused
-    assert (one_call - ref).abs().max() <= 0.02 * ref.abs().max()
-    assert (one_call == ref).float().mean() > 0.9  # most values bit-equal (softmax's exp may differ by ulps)
+    _one_call_matches_the_layer(block, shapes["hidden_size"])
     got = _scored(llm, seqs)
     bf16 = _scored(LLM(str(tmp_path), dtype="bfloat16", quantization="none", show_progress=False), seqs)
     # measured on this random model (logprobs around -7; the dense layers quantized too, tokens routed to

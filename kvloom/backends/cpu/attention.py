@@ -39,8 +39,7 @@ class KernelAttention:
 
     def __init__(self, kernels: CpuKernels, fmt: KVFormat | None = None) -> None:
         self.kernels = kernels
-        self.fmt = fmt  # a one-byte cache's format; None: bf16
-        self.kv_kind = 0 if fmt is None else fmt.kind
+        self.kv_kind = 0 if fmt is None else fmt.kind  # the cache's format for the kernels (0: bf16)
 
     @staticmethod
     def supports(
