@@ -189,6 +189,11 @@ def create_engine_config(model: str | os.PathLike | None = None, **kwargs: Any) 
                 "llm_int8_threshold: LLM.int8's decomposition applies to W8A8 layers: use --quantization "
                 f"w8a8 or a W8A8 checkpoint (this run: quantization {m.quantization!r})"
             )
+        if m.batch_invariant:
+            raise ValueError(
+                "batch_invariant: LLM.int8's outlier columns are chosen from all rows of a step, so no row's "
+                "result can be independent of its batch: drop llm_int8_threshold or batch_invariant"
+            )
     resolved_dtype = resolve_dtype(
         "bfloat16" if (quant in CPU_QUANTIZATIONS or checkpoint.quantization) and dtype == "auto" else dtype,
         hf_config,

@@ -103,7 +103,7 @@ def _weights() -> dict[str, QuantizedWeight]:
         "mixed-4-5",
     ],
 )
-@pytest.mark.parametrize("m", [1, 3, 5, 33])  # 5 and 33 take the expanded-panel path
+@pytest.mark.parametrize("m", [1, 3, 5, 33])  # 5 and 33: the expanded panel (AVX-512) or AMX tiles
 def test_quantized_linear_matches_dequantized(name, m):
     qw = _weights()[name]
     kinds = {"q3k": 4, "q2k": 4, "q5k": 5, "q5_0": 5, "mixed-4-5": 5}
@@ -113,13 +113,47 @@ def test_quantized_linear_matches_dequantized(name, m):
     x = torch.randn(m, k, generator=g).to(BF)
     bias = torch.randn(n, generator=g).to(BF)
     packed = pack_quantized(qw)
-    y = K.run_linear(K.linear_desc(packed, bias, qw.kind, qw.group), x, k, n)
+    desc = K.linear_desc(packed, bias, qw.kind, qw.group)
     ref = F.linear(x.float(), qw.dequantize(), bias.float())
-    assert y.shape == (m, n)
-    assert torch.all((y.float() - ref).abs() <= ref.abs() * 2**-8 + 2e-3 * ref.abs().max())
-    # The same row gives the same bits whatever else is in the batch (both kernel paths).
-    one = K.run_linear(K.linear_desc(packed, bias, qw.kind, qw.group), x[-1:], k, n)
-    assert torch.equal(one[0], y[-1])
+    try:
+        for invariant in (False, True):
+            K.set_batch_invariant(invariant)
+            y = K.run_linear(desc, x, k, n)
+            assert y.shape == (m, n)
+            assert torch.all((y.float() - ref).abs() <= ref.abs() * 2**-8 + 2e-3 * ref.abs().max())
+            # A row's bits do not depend on the other rows of its call: with batch invariance whatever
+            # the batch; without (AMX above 4 rows), among calls of more than 4 rows.
+            if invariant or m <= 4 or not K.amx:
+                one = K.run_linear(desc, x[-1:], k, n)
+            else:
+                one = K.run_linear(desc, torch.cat([x[:1].repeat(4, 1), x[-1:]]), k, n)[-1:]
+            assert torch.equal(one[0], y[-1])
+    finally:
+        K.set_batch_invariant(False)
+
+
+@needs_kernels
+def test_batch_invariance_switch_keeps_quantized_rows_on_one_path():
+    """With AMX, steps above 4 rows take the tiles (other bits than AVX-512); set_batch_invariant(True)
+    keeps every row on AVX-512. Enough outputs (4096) that the two paths' fp32 sums round to different
+    bf16 somewhere, so the comparison can tell the paths apart."""
+    qw = from_gguf(T.Q4_K, _random_blocks(T.Q4_K, 256, 1024, seed=3), 256, 1024)
+    packed = pack_quantized(qw)
+    desc = K.linear_desc(packed, None, qw.kind, qw.group)
+    x = torch.randn(16, 1024, generator=torch.Generator().manual_seed(3)).to(BF)
+    try:
+        K.set_batch_invariant(True)
+        alone = torch.cat([K.run_linear(desc, x[i : i + 1], 1024, 256) for i in range(16)])
+        assert torch.equal(K.run_linear(desc, x, 1024, 256), alone)
+        K.set_batch_invariant(False)
+        batched = K.run_linear(desc, x, 1024, 256)
+        assert torch.equal(batched[11:], K.run_linear(desc, x[11:], 1024, 256))  # 5 rows: tiles too
+        if K.amx:
+            assert not torch.equal(batched, alone)
+        else:
+            assert torch.equal(batched, alone)
+    finally:
+        K.set_batch_invariant(False)
 
 
 @pytest.mark.parametrize(

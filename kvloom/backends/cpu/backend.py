@@ -50,6 +50,7 @@ class CpuBackend(Backend):
 
     def prepare(self, model: torch.nn.Module) -> None:
         if self.kernels is not None:
+            self.kernels.set_batch_invariant(self.config.model.batch_invariant)
             use_cpu_kernels(
                 model, self.kernels, self.config.model.quantization, self.config.model.llm_int8_threshold
             )

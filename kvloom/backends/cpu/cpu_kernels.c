@@ -492,6 +492,12 @@ int kv_set_amx(int64_t on) {
     return kv_amx;
 }
 
+/* Quantized layers above 4 rows on AMX (kv_q_invariant = 0, the default), or every row on the AVX-512 path
+ * so that a row's bits do not depend on its batch (kv_set_batch_invariant; qlinear_amx_body says why). */
+static int kv_q_invariant = 0;
+
+void kv_set_batch_invariant(int64_t on) { kv_q_invariant = on != 0; }
+
 __attribute__((target("amx-tile"))) static void amx_begin(void) {
     amx_config c;
     memset(&c, 0, sizeof c);
@@ -974,6 +980,18 @@ INLINE void q_xsum_row(const bf16 *x, int64_t GS, int64_t K, float *xsum) {
     }
 }
 
+/* Group g of an item expanded to bf16 pairs in the panel layout: [2 blocks][K / 2][32], pairs of group g at
+ * g GS / 2. Block b's pairs of a group are then AMX B-tile rows, 64 bytes apart. */
+INLINE void q_expand_group(int kind, const uint8_t *item, int has_min, int64_t GS, int64_t K, int64_t g, bf16 *pbuf) {
+    const uint8_t *gq = item + g * q_group_bytes(kind, GS, has_min);
+    for (int64_t c = 0; c < GS / 8; c++)
+        for (int b = 0; b < QGROUP; b++) {
+            __m512i v[4];
+            qpairs4(kind, gq, GS, c, b, v);
+            for (int j = 0; j < 4; j++) _mm512_storeu_si512(pbuf + (b * (K / 2) + g * GS / 2 + 4 * c + j) * 32, v[j]);
+        }
+}
+
 /* Work item `it` (32 outputs) of a quantized linear for M rows; pbuf: QGROUP * 16 * K bf16 when M > 4. */
 static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
                          const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float *xsum,
@@ -982,14 +1000,7 @@ static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w,
     const int panel = M > 4;
     const uint8_t *item = w + it * item_bytes;
     if (panel)
-        for (int64_t g = 0; g < ngroups; g++)
-            for (int64_t c = 0; c < GS / 8; c++)
-                for (int b = 0; b < QGROUP; b++) {
-                    __m512i v[4];
-                    qpairs4(kind, item + g * q_group_bytes(kind, GS, has_min), GS, c, b, v);
-                    for (int j = 0; j < 4; j++)
-                        _mm512_storeu_si512(pbuf + (b * (K / 2) + g * GS / 2 + 4 * c + j) * 32, v[j]);
-                }
+        for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, GS, K, g, pbuf);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
         const bf16 *xt = x + m0 * ldx;
@@ -1021,6 +1032,112 @@ static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w,
     }
 }
 
+/* The quantized linear above 4 rows on AMX (where AMX is on and GS is 16 or a multiple of 32). Per (16-row
+ * tile, item, group): the group's
+ * sums x . (128 + q) of each block on tdpbf16ps (k steps of KT = min(GS, 32) inputs, fp32 in the tile's own
+ * order) into tiles 0 and 1, stored, then y += sums * scale (+ min * group sum of x) in fp32 as
+ * qlinear_tile applies them: the same products, summed in another order than the AVX-512 path. Up to 16
+ * rows, each group is expanded to bf16 pairs just before its tiles read it (the weights stream once); above,
+ * the item is expanded into the panel once per chunk of LIN_MC rows and every row tile reads it from L2.
+ * Tiles (amx_q_config): 0, 1 sums (R rows), 4 x (R rows of KT inputs), 6, 7 weights (KT / 2 pairs); R =
+ * min(M, 16) so that up to 16 rows need no padding. */
+__attribute__((target("amx-tile"))) static void amx_q_config(int64_t R, int64_t KT) {
+    amx_config c;
+    memset(&c, 0, sizeof c);
+    c.palette_id = 1;
+    c.rows[0] = c.rows[1] = c.rows[4] = (uint8_t)R;
+    c.colsb[0] = c.colsb[1] = 64, c.colsb[4] = (uint16_t)(KT * 2);
+    c.rows[6] = c.rows[7] = (uint8_t)(KT / 2);
+    c.colsb[6] = c.colsb[7] = 64;
+    _tile_loadconfig(&c);
+}
+
+/* NOTE: the AMX sums are not the AVX-512 path's bits (tdpbf16ps rounds inside in its own way; no order of
+ * vdpbf16ps steps reproduces it), so a row's result depends on whether its step had more than 4 rows. Up
+ * to 4 rows the AVX-512 path stays: there AMX would first store the expanded weights for the tiles to load,
+ * which measured 2.3x slower than expanding them in registers (Q4_K 8192 x 2048, one row), and decode is
+ * most of a GGUF model's use. kv_set_batch_invariant(1) (--batch-invariant) keeps every row on AVX-512.
+ * Rows m0 .. m0 + mm - 1 (a: their x, lda elements apart; R rows as configured) of item `it`, whose panel
+ * holds group g expanded (`expand`: expand each group here first). yacc: [16][32] fp32 scratch. */
+__attribute__((target("amx-tile,amx-bf16"))) static void qlinear_rows_amx(
+    int kind, const bf16 *a, int64_t lda, const uint8_t *item, int has_min, int64_t GS, int64_t K, const float *xsum,
+    int64_t mm, int expand, bf16 *pbuf, float yacc[16][32]) {
+    const int64_t ngroups = K / GS, gbytes = q_group_bytes(kind, GS, has_min), qbytes = q_bytes(kind, GS);
+    const int64_t KT = GS < 32 ? GS : 32;
+    float sums[16][32];
+    for (int64_t i = 0; i < mm; i++)
+        for (int b = 0; b < QGROUP; b++) _mm512_storeu_ps(yacc[i] + 16 * b, _mm512_setzero_ps());
+    for (int64_t g = 0; g < ngroups; g++) {
+        const uint8_t *gq = item + g * gbytes;
+        if (expand) {
+            for (int64_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)gq + QPF_AHEAD + off, _MM_HINT_T0);
+            q_expand_group(kind, item, has_min, GS, K, g, pbuf);
+        }
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t k0 = g * GS; k0 < (g + 1) * GS; k0 += KT) {
+            _tile_loadd(4, a + k0, lda * 2);
+            _tile_loadd(6, pbuf + k0 * 16, 64);
+            _tile_loadd(7, pbuf + (K / 2 + k0 / 2) * 32, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        _tile_stored(0, &sums[0][0], 128);
+        _tile_stored(1, &sums[0][16], 128);
+        const float *scale = (const float *)(gq + qbytes), *mins = scale + QGROUP * 16;
+        for (int b = 0; b < QGROUP; b++) {
+            const __m512 s = _mm512_loadu_ps(scale + b * 16);
+            const __m512 mn = has_min ? _mm512_loadu_ps(mins + b * 16) : _mm512_setzero_ps();
+            for (int64_t i = 0; i < mm; i++) {
+                __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(sums[i] + 16 * b), s, _mm512_loadu_ps(yacc[i] + 16 * b));
+                if (has_min) y = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[i * ngroups + g]), y);
+                _mm512_storeu_ps(yacc[i] + 16 * b, y);
+            }
+        }
+    }
+}
+
+/* Each thread an equal contiguous share of the items; every thread of the team calls it (ends with a barrier). */
+static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
+                             const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
+                             const float *xsum) {
+    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ngroups = K / GS;
+    const int64_t item_bytes = ngroups * q_group_bytes(kind, GS, has_min);
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t lo = nitems * t / nt, hi = nitems * (t + 1) / nt;
+    const int64_t R = M < 16 ? M : 16, full = M / 16 * 16;
+    if (lo < hi) {
+        bf16 *pbuf = (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K);
+        bf16 *pad = NULL; /* above 16 rows, the last partial tile's rows, zero-padded to 16 */
+        if (M > 16 && M > full) {
+            pad = (bf16 *)calloc(16 * K, sizeof(bf16));
+            for (int64_t m = full; m < M; m++) memcpy(pad + (m - full) * K, x + m * ldx, K * sizeof(bf16));
+        }
+        float yacc[16][32];
+        amx_q_config(R, GS < 32 ? GS : 32);
+        for (int64_t c0 = 0; c0 < M; c0 += LIN_MC) {
+            const int64_t c1 = M - c0 < LIN_MC ? M : c0 + LIN_MC;
+            for (int64_t it = lo; it < hi; it++) {
+                const uint8_t *item = w + it * item_bytes;
+                const int expand = M <= 16;
+                if (!expand)
+                    for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, GS, K, g, pbuf);
+                for (int64_t m0 = c0; m0 < c1; m0 += 16) {
+                    const int64_t mm = c1 - m0 < 16 ? c1 - m0 : 16;
+                    const int padded = M > 16 && m0 + 16 > M;
+                    qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, GS, K,
+                                     xsum + m0 * ngroups, mm, expand, pbuf, yacc);
+                    store_tile(&yacc[0][0], QGROUP * 16, (int)mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
+                }
+            }
+        }
+        amx_end();
+        free(pad);
+        free(pbuf);
+    }
+#pragma omp barrier
+}
+
 static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
                               const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *xsum) {
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
@@ -1028,6 +1145,10 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
     if (has_min) {
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) q_xsum_row(x + m * ldx, GS, K, xsum + m * (K / GS));
+    }
+    if (kv_amx && !kv_q_invariant && M > 4 && (GS == 16 || GS % 32 == 0)) {
+        qlinear_amx_body(kind, x, ldx, w, has_min, GS, bias, y, ldy, M, N, K, xsum);
+        return;
     }
     bf16 *pbuf = M > 4 ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K) : NULL;
 #pragma omp for schedule(static)

@@ -46,6 +46,7 @@ class KvLin(ctypes.Structure):
 _SIGNATURES = {
     "kv_lin_forward": [ctypes.POINTER(KvLin), _P, _I, _P, _I, _I, _I, _I],
     "kv_set_amx": [_I],
+    "kv_set_batch_invariant": [_I],
     "kv_rms_norm_bf16": [_P, _I, _P, _I, _P, _P, _I, _I, _I, _F],
     "kv_silu_mul_bf16": [_P, _I, _P, _I, _I, _I],
     "kv_gelu_tanh_mul_bf16": [_P, _I, _P, _I, _I, _I],
@@ -124,6 +125,13 @@ class CpuKernels:
         Returns whether AMX is on (it needs the CPU and Linux's permission)."""
         self.amx = bool(self._lib.kv_set_amx(int(on)))
         return self.amx
+
+    def set_batch_invariant(self, on: bool) -> None:
+        """Quantized (GGUF, int4/int8) linears: with AMX on, steps of more than 4 rows run on AMX tiles,
+        3-4x faster than AVX-512 but not its bits, so a row's result depends on its step's size (as in
+        llama.cpp and vLLM). On: every row on AVX-512, the same bits whatever the batch. Process-wide: the
+        shared object's setting (the engine sets it from --batch-invariant when it starts)."""
+        self._lib.kv_set_batch_invariant(int(on))
 
     # -- linear on packed weights -----------------------------------------------------------------------
     @staticmethod
