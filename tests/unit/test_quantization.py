@@ -133,6 +133,32 @@ def test_quantized_linear_matches_dequantized(name, m):
 
 
 @needs_kernels
+@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_XS, T.Q4_0, "mixed"])
+@pytest.mark.parametrize("m", [1, 7])
+def test_two_level_scales_give_the_same_bits(qtype, m):
+    """K-quant scales stored as a d per 256 inputs times int8 codes: the kernel rebuilds the same fp32
+    scales and mins, so every output bit equals the one-level layout's, in fewer bytes. Q4_0's own fp16
+    scale per group of 32 has no such d: it keeps the one-level layout."""
+    n, k = 72, 512
+    if qtype == "mixed":  # fused q/k/v of Q4_K (with mins) and Q6_K (groups of 16): kind 8, group 16
+        qw = QuantizedWeight.cat(
+            [from_gguf(T.Q4_K, _random_blocks(T.Q4_K, 40, k), 40, k), from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 32, k), 32, k)]
+        )
+    else:
+        qw = from_gguf(qtype, _random_blocks(qtype, n, k), n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(BF)
+    one, two = pack_quantized(qw, two_levels=False), pack_quantized(qw)
+    assert not one[2] and two[2] == (qtype != T.Q4_0)
+    if two[2]:
+        assert two[0].numel() < one[0].numel()
+    y1 = K.run_linear(K.linear_desc(one, None, qw.kind, qw.group), x, k, qw.shape[0])
+    y2 = K.run_linear(K.linear_desc(two, None, qw.kind, qw.group), x, k, qw.shape[0])
+    assert torch.equal(y1, y2)
+    ref = F.linear(x.float(), qw.dequantize())
+    assert torch.all((y2.float() - ref).abs() <= ref.abs() * 2**-8 + 2e-3 * ref.abs().max())
+
+
+@needs_kernels
 def test_batch_invariance_switch_keeps_quantized_rows_on_one_path():
     """With AMX, steps above 4 rows take the tiles (other bits than AVX-512); set_batch_invariant(True)
     keeps every row on AVX-512. Enough outputs (4096) that the two paths' fp32 sums round to different

@@ -881,6 +881,50 @@ INLINE int64_t q_group_bytes(int kind, int64_t GS, int has_min) {
     return q_bytes(kind, GS) + (has_min ? 2 : 1) * QGROUP * 64;
 }
 
+/* Two-level scales (`sub`: K-quant files, whose group scales are a super-block's fp16 d times small integers):
+ * per span of QSPAN inputs, [d: 2 blocks x 16 fp32][dm: the same, when has_min][codes: QSPAN / GS groups x 32
+ * int8][min codes: the same, when has_min], then the q of its groups in order. scale = d code, min = dm code:
+ * exact products, the same fp32 values as the one-level layout, in 1 byte a group and output instead of 4. */
+#define QSPAN 256
+
+INLINE int64_t q_span_head(int64_t GS, int has_min) { return (has_min ? 2 : 1) * (QGROUP * 64 + QSPAN / GS * QGROUP * 16); }
+
+INLINE int64_t q_span_bytes(int kind, int64_t GS, int has_min) { return q_span_head(GS, has_min) + QSPAN / GS * q_bytes(kind, GS); }
+
+INLINE int64_t q_item_bytes(int kind, int64_t GS, int64_t K, int has_min, int sub) {
+    return sub ? K / QSPAN * q_span_bytes(kind, GS, has_min) : K / GS * q_group_bytes(kind, GS, has_min);
+}
+
+/* The q of group g of an item. */
+INLINE const uint8_t *q_group_q(int kind, const uint8_t *item, int has_min, int sub, int64_t GS, int64_t g) {
+    if (!sub) return item + g * q_group_bytes(kind, GS, has_min);
+    const int64_t gps = QSPAN / GS;
+    return item + g / gps * q_span_bytes(kind, GS, has_min) + q_span_head(GS, has_min) + g % gps * q_bytes(kind, GS);
+}
+
+INLINE __m512 i8_to_ps(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+
+/* Block b's scales and mins of group g (gq: its q); kinds 4 and 5 take min - 128 scale (see above). */
+INLINE void q_group_scales(int kind, const uint8_t *item, const uint8_t *gq, int has_min, int sub, int64_t GS,
+                           int64_t g, int b, __m512 *s, __m512 *mn) {
+    *mn = _mm512_setzero_ps();
+    if (!sub) {
+        const float *scale = (const float *)(gq + q_bytes(kind, GS));
+        *s = _mm512_loadu_ps(scale + b * 16);
+        if (has_min) *mn = _mm512_loadu_ps(scale + QGROUP * 16 + b * 16);
+        return;
+    }
+    const int64_t gps = QSPAN / GS, j = g % gps;
+    const uint8_t *span = item + g / gps * q_span_bytes(kind, GS, has_min);
+    const float *d = (const float *)span;
+    const int8_t *code = (const int8_t *)(span + (has_min ? 2 : 1) * QGROUP * 64) + j * 32 + b * 16;
+    *s = _mm512_mul_ps(_mm512_loadu_ps(d + b * 16), i8_to_ps(code));
+    if (has_min) {
+        const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(d + 32 + b * 16), i8_to_ps(code + gps * 32));
+        *mn = kind == 4 || kind == 5 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
+    }
+}
+
 /* Four k pairs of one 16-output block: 64 bytes, nibble i of each 16-bit lane = pair 4c + i, each
  * turned into the bf16 of 128 + q by (v >> 4i) & 15 | 0x4300 (one vpternlogd: 0xEA = (a & b) | c). */
 INLINE void q4_pairs4(const uint8_t *p, __m512i w[4]) {
@@ -911,15 +955,15 @@ INLINE void qpairs4(int kind, const uint8_t *gq, int64_t GS, int64_t c, int b, _
 
 /* One work item (32 outputs) times MM rows of x. `item`: the item's first group; pbuf: the item expanded
  * to bf16 pairs ([2 blocks][K / 2][32]) when `panel`. */
-INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x, int64_t ldx, const uint8_t *item,
-                         const bf16 *pbuf, const float *xsum, int64_t K, int64_t GS, float out[4][QGROUP][16]) {
-    const int64_t ngroups = K / GS, gbytes = q_group_bytes(kind, GS, has_min);
-    const int64_t qbytes = q_bytes(kind, GS);
+INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, int sub, const bf16 *x, int64_t ldx,
+                         const uint8_t *item, const bf16 *pbuf, const float *xsum, int64_t K, int64_t GS,
+                         float out[4][QGROUP][16]) {
+    const int64_t ngroups = K / GS, gbytes = q_item_bytes(kind, GS, K, has_min, sub) / ngroups;
     __m512 y[4][QGROUP];
     for (int i = 0; i < MM; i++)
         for (int b = 0; b < QGROUP; b++) y[i][b] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ngroups; g++) {
-        const uint8_t *gq = item + g * gbytes;
+        const uint8_t *gq = q_group_q(kind, item, has_min, sub, GS, g);
         if (!panel) /* the hardware prefetcher alone reaches about half the bandwidth here */
             for (int64_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)gq + QPF_AHEAD + off, _MM_HINT_T0);
         __m512 acc[4][QGROUP], acc2[4][QGROUP]; /* even and odd k pairs: two dependency chains */
@@ -947,12 +991,11 @@ INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x
                 }
             }
         }
-        const float *scale = (const float *)(gq + qbytes), *mins = scale + QGROUP * 16;
         for (int b = 0; b < QGROUP; b++) {
-            const __m512 s = _mm512_loadu_ps(scale + b * 16);
+            __m512 s, mn;
+            q_group_scales(kind, item, gq, has_min, sub, GS, g, b, &s, &mn);
             for (int i = 0; i < MM; i++) y[i][b] = _mm512_fmadd_ps(_mm512_add_ps(acc[i][b], acc2[i][b]), s, y[i][b]);
             if (has_min) {
-                const __m512 mn = _mm512_loadu_ps(mins + b * 16);
                 for (int i = 0; i < MM; i++)
                     y[i][b] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[i * ngroups + g]), y[i][b]);
             }
@@ -969,7 +1012,7 @@ INLINE void qlinear_tile(int MM, int kind, int panel, int has_min, const bf16 *x
     case 3: QTILE(3, KIND, PANEL, HAS_MIN); break;                                                      \
     default: QTILE(4, KIND, PANEL, HAS_MIN); break;                                                     \
     }
-#define QTILE(MM, KIND, PANEL, HAS_MIN) qlinear_tile(MM, KIND, PANEL, HAS_MIN, xt, ldx, item, pbuf, xs, K, GS, acc)
+#define QTILE(MM, KIND, PANEL, HAS_MIN) qlinear_tile(MM, KIND, PANEL, HAS_MIN, sub, xt, ldx, item, pbuf, xs, K, GS, acc)
 
 /* The group sums of row x (K inputs, groups of GS) for the min terms: xsum[g]. */
 INLINE void q_xsum_row(const bf16 *x, int64_t GS, int64_t K, float *xsum) {
@@ -982,8 +1025,9 @@ INLINE void q_xsum_row(const bf16 *x, int64_t GS, int64_t K, float *xsum) {
 
 /* Group g of an item expanded to bf16 pairs in the panel layout: [2 blocks][K / 2][32], pairs of group g at
  * g GS / 2. Block b's pairs of a group are then AMX B-tile rows, 64 bytes apart. */
-INLINE void q_expand_group(int kind, const uint8_t *item, int has_min, int64_t GS, int64_t K, int64_t g, bf16 *pbuf) {
-    const uint8_t *gq = item + g * q_group_bytes(kind, GS, has_min);
+INLINE void q_expand_group(int kind, const uint8_t *item, int has_min, int sub, int64_t GS, int64_t K, int64_t g,
+                           bf16 *pbuf) {
+    const uint8_t *gq = q_group_q(kind, item, has_min, sub, GS, g);
     for (int64_t c = 0; c < GS / 8; c++)
         for (int b = 0; b < QGROUP; b++) {
             __m512i v[4];
@@ -993,14 +1037,14 @@ INLINE void q_expand_group(int kind, const uint8_t *item, int has_min, int64_t G
 }
 
 /* Work item `it` (32 outputs) of a quantized linear for M rows; pbuf: QGROUP * 16 * K bf16 when M > 4. */
-static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
+static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int sub, int64_t GS,
                          const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float *xsum,
                          int64_t it, bf16 *pbuf) {
-    const int64_t ngroups = K / GS, item_bytes = ngroups * q_group_bytes(kind, GS, has_min);
+    const int64_t ngroups = K / GS, item_bytes = q_item_bytes(kind, GS, K, has_min, sub);
     const int panel = M > 4;
     const uint8_t *item = w + it * item_bytes;
     if (panel)
-        for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, GS, K, g, pbuf);
+        for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mm = M - m0 < 4 ? (int)(M - m0) : 4;
         const bf16 *xt = x + m0 * ldx;
@@ -1060,18 +1104,18 @@ __attribute__((target("amx-tile"))) static void amx_q_config(int64_t R, int64_t 
  * Rows m0 .. m0 + mm - 1 (a: their x, lda elements apart; R rows as configured) of item `it`, whose panel
  * holds group g expanded (`expand`: expand each group here first). yacc: [16][32] fp32 scratch. */
 __attribute__((target("amx-tile,amx-bf16"))) static void qlinear_rows_amx(
-    int kind, const bf16 *a, int64_t lda, const uint8_t *item, int has_min, int64_t GS, int64_t K, const float *xsum,
-    int64_t mm, int expand, bf16 *pbuf, float yacc[16][32]) {
-    const int64_t ngroups = K / GS, gbytes = q_group_bytes(kind, GS, has_min), qbytes = q_bytes(kind, GS);
+    int kind, const bf16 *a, int64_t lda, const uint8_t *item, int has_min, int sub, int64_t GS, int64_t K,
+    const float *xsum, int64_t mm, int expand, bf16 *pbuf, float yacc[16][32]) {
+    const int64_t ngroups = K / GS, gbytes = q_item_bytes(kind, GS, K, has_min, sub) / ngroups;
     const int64_t KT = GS < 32 ? GS : 32;
     float sums[16][32];
     for (int64_t i = 0; i < mm; i++)
         for (int b = 0; b < QGROUP; b++) _mm512_storeu_ps(yacc[i] + 16 * b, _mm512_setzero_ps());
     for (int64_t g = 0; g < ngroups; g++) {
-        const uint8_t *gq = item + g * gbytes;
+        const uint8_t *gq = q_group_q(kind, item, has_min, sub, GS, g);
         if (expand) {
             for (int64_t off = 0; off < gbytes; off += 64) _mm_prefetch((const char *)gq + QPF_AHEAD + off, _MM_HINT_T0);
-            q_expand_group(kind, item, has_min, GS, K, g, pbuf);
+            q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
         }
         _tile_zero(0);
         _tile_zero(1);
@@ -1084,10 +1128,9 @@ __attribute__((target("amx-tile,amx-bf16"))) static void qlinear_rows_amx(
         }
         _tile_stored(0, &sums[0][0], 128);
         _tile_stored(1, &sums[0][16], 128);
-        const float *scale = (const float *)(gq + qbytes), *mins = scale + QGROUP * 16;
         for (int b = 0; b < QGROUP; b++) {
-            const __m512 s = _mm512_loadu_ps(scale + b * 16);
-            const __m512 mn = has_min ? _mm512_loadu_ps(mins + b * 16) : _mm512_setzero_ps();
+            __m512 s, mn;
+            q_group_scales(kind, item, gq, has_min, sub, GS, g, b, &s, &mn);
             for (int64_t i = 0; i < mm; i++) {
                 __m512 y = _mm512_fmadd_ps(_mm512_loadu_ps(sums[i] + 16 * b), s, _mm512_loadu_ps(yacc[i] + 16 * b));
                 if (has_min) y = _mm512_fmadd_ps(mn, _mm512_set1_ps(xsum[i * ngroups + g]), y);
@@ -1098,11 +1141,11 @@ __attribute__((target("amx-tile,amx-bf16"))) static void qlinear_rows_amx(
 }
 
 /* Each thread an equal contiguous share of the items; every thread of the team calls it (ends with a barrier). */
-static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
+static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int sub, int64_t GS,
                              const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                              const float *xsum) {
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ngroups = K / GS;
-    const int64_t item_bytes = ngroups * q_group_bytes(kind, GS, has_min);
+    const int64_t item_bytes = q_item_bytes(kind, GS, K, has_min, sub);
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t lo = nitems * t / nt, hi = nitems * (t + 1) / nt;
     const int64_t R = M < 16 ? M : 16, full = M / 16 * 16;
@@ -1121,11 +1164,11 @@ static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t
                 const uint8_t *item = w + it * item_bytes;
                 const int expand = M <= 16;
                 if (!expand)
-                    for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, GS, K, g, pbuf);
+                    for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
                 for (int64_t m0 = c0; m0 < c1; m0 += 16) {
                     const int64_t mm = c1 - m0 < 16 ? c1 - m0 : 16;
                     const int padded = M > 16 && m0 + 16 > M;
-                    qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, GS, K,
+                    qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, sub, GS, K,
                                      xsum + m0 * ngroups, mm, expand, pbuf, yacc);
                     store_tile(&yacc[0][0], QGROUP * 16, (int)mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
                 }
@@ -1138,7 +1181,7 @@ static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t
 #pragma omp barrier
 }
 
-static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int64_t GS,
+static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int sub, int64_t GS,
                               const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, float *xsum) {
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
     /* per-row group sums of x, for the min terms (every thread needs all of them) */
@@ -1147,13 +1190,13 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
         for (int64_t m = 0; m < M; m++) q_xsum_row(x + m * ldx, GS, K, xsum + m * (K / GS));
     }
     if (kv_amx && !kv_q_invariant && M > 4 && (GS == 16 || GS % 32 == 0)) {
-        qlinear_amx_body(kind, x, ldx, w, has_min, GS, bias, y, ldy, M, N, K, xsum);
+        qlinear_amx_body(kind, x, ldx, w, has_min, sub, GS, bias, y, ldy, M, N, K, xsum);
         return;
     }
     bf16 *pbuf = M > 4 ? (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K) : NULL;
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < nitems; it++)
-        qlinear_item(kind, x, ldx, w, has_min, GS, bias, y, ldy, M, N, K, xsum, it, pbuf);
+        qlinear_item(kind, x, ldx, w, has_min, sub, GS, bias, y, ldy, M, N, K, xsum, it, pbuf);
     free(pbuf);
 }
 
@@ -1471,6 +1514,7 @@ typedef struct {
     int64_t group;
     const bf16 *bias;
     float outlier; /* W8A8: LLM.int8's threshold (0: none): w8a8_body */
+    int64_t sub;   /* kinds 4 / 5 / 8: two-level scales (QSPAN) */
 } kv_lin;
 
 static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,
@@ -1482,7 +1526,7 @@ static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64
     else if (L->kind == 9)
         w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum, L->outlier);
     else
-        qlinear_bf16_body((int)L->kind, x, ldx, (const uint8_t *)L->w, (int)L->has_min, L->group, L->bias, y, ldy, M,
+        qlinear_bf16_body((int)L->kind, x, ldx, (const uint8_t *)L->w, (int)L->has_min, (int)L->sub, L->group, L->bias, y, ldy, M,
                           N, K, xsum);
 }
 
@@ -1548,7 +1592,7 @@ static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *x
             int64_t e = 0;
             while (units[e + 1] <= u) e++;
             qlinear_item((int)L[e].kind, in + starts[e] * ldi, ldi, (const uint8_t *)L[e].w, (int)L[e].has_min,
-                         L[e].group, L[e].bias, o + starts[e] * ldout, ldout, counts[e], N, K,
+                         (int)L[e].sub, L[e].group, L[e].bias, o + starts[e] * ldout, ldout, counts[e], N, K,
                          xsum + starts[e] * (K / 16), u - units[e], pbuf);
         }
         if (!pass) silu_mul_bf16_body(gu_buf, 2 * I, act, I, R, I);

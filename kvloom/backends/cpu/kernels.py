@@ -40,7 +40,15 @@ class KvLin(ctypes.Structure):
     """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 8 = quantized, 9 =
     W8A8)."""
 
-    _fields_ = [("kind", _I), ("w", _P), ("has_min", _I), ("group", _I), ("bias", _P), ("outlier", _F)]
+    _fields_ = [
+        ("kind", _I),
+        ("w", _P),
+        ("has_min", _I),
+        ("group", _I),
+        ("bias", _P),
+        ("outlier", _F),
+        ("sub", _I),
+    ]
 
 
 _SIGNATURES = {
@@ -151,12 +159,13 @@ class CpuKernels:
     def linear_desc(
         packed: torch.Tensor | tuple, bias: torch.Tensor | None, kind: int = 0, group: int = 0
     ) -> KvLin:
-        """The C descriptor of a packed layer: a packed bf16 weight, or (bytes, has_min) of a quantized one
-        (pack_quantized). NOTE: it holds raw addresses; the caller keeps the tensors alive."""
+        """The C descriptor of a packed layer: a packed bf16 weight, or (bytes, has_min, two-level scales)
+        of a quantized one (pack_quantized). NOTE: it holds raw addresses; the caller keeps the tensors
+        alive."""
         if kind == 0:
             return KvLin(0, _ptr(packed), 0, 0, _ptr(bias))
-        buf, has_min = packed
-        return KvLin(kind, _ptr(buf), int(has_min), group, _ptr(bias))
+        buf, has_min, sub = packed
+        return KvLin(kind, _ptr(buf), int(has_min), group, _ptr(bias), sub=int(sub))
 
     def run_linear(self, desc: KvLin, x: torch.Tensor, in_features: int, out_features: int) -> torch.Tensor:
         """x [M, K] bf16 (rows may be strided) through a packed layer -> [M, out_features] bf16."""
@@ -585,12 +594,50 @@ def pack_w8a8(w: QuantizedWeight) -> torch.Tensor:
     return torch.cat(parts, dim=1).contiguous()
 
 
-def pack_quantized(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
+SPAN = 256  # inputs per span of two-level scales (cpu_kernels.c, QSPAN): a K-quant super-block
+
+
+def two_level(t: torch.Tensor, groups_per_span: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """[N, g] fp32 group scales -> (d [N, g / groups_per_span] fp32, codes [N, g] int8) with d * code equal
+    to every scale exactly in fp32, or None where some span has no such d. K-quant files hold exactly that
+    (an fp16 d per super-block times 4-8-bit sub-scales); the search finds a d whatever the file's format
+    called it: for each span still open, d = max |scale| / c for c = 127, 126, ... down to 1, kept where
+    every code is an integer in -128..127 that gives the scale back (Q6_K's sub-scales reach -128, and its
+    d may be negative: then d = -max / c)."""
+    n, g = t.shape
+    spans = t.float().reshape(n * g // groups_per_span, groups_per_span)
+    amax = spans.abs().amax(1)
+    d = torch.zeros_like(amax)
+    codes = torch.zeros(spans.shape, dtype=torch.int8)
+    open_ = (amax > 0).nonzero()[:, 0]  # all-zero spans: d 0, codes 0
+    probe = open_[:64]
+    for c in range(128, 0, -1):
+        if open_.numel() == 0:
+            break
+        if c == 120 and probe.numel() and bool(torch.isin(probe, open_).all()):
+            return None  # the first spans fit no large code: scales of their own (Q4_0, Q8_0, int4)
+        dc = amax[open_] / torch.full_like(amax[open_], float(c))  # NOTE: tensor / tensor: a true division
+        q = torch.round(spans[open_] / dc[:, None])
+        exact = (q * dc[:, None] == spans[open_]).all(1)
+        flip = exact & ~((q >= -128) & (q <= 127)).all(1)  # a negative d (Q6_K's): codes -q
+        ok = exact & (~flip | (q >= -127).all(1) & (q <= 128).all(1))
+        sign = torch.where(flip, -1.0, 1.0)
+        d[open_[ok]] = (dc * sign)[ok]
+        codes[open_[ok]] = (q * sign[:, None])[ok].to(torch.int8)
+        open_ = open_[~ok]
+    if open_.numel():
+        return None
+    return d.view(n, g // groups_per_span), codes.view(n, g)
+
+
+def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.Tensor, bool, bool]:
     """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
     group of inputs, its q, scales and mins together, so a thread reads one sequential stream (kind 9:
-    pack_w8a8). Returns (bytes, has_min)."""
+    pack_w8a8). Where the scales and mins factor exactly into a d per span of 256 inputs times int8 codes
+    (K-quant files: two_level), they are stored so (1 byte a group instead of 4) unless ``two_levels`` is
+    False; the kernel computes the same fp32 values either way. Returns (bytes, has_min, two-level)."""
     if w.kind == 9:
-        return pack_w8a8(w), False
+        return pack_w8a8(w), False, False
     n, k = w.q.shape
     pad = -n % 32
     g = k // w.group
@@ -612,16 +659,31 @@ def pack_quantized(w: QuantizedWeight) -> tuple[torch.Tensor, bool]:
         if w.kind == 5:  # the fifth bits: pair 4c + i of a block as one 32-bit mask, bit l = lane l
             high = ((q >> 4) & 1).numpy().astype(np.uint8)
             parts.append(torch.from_numpy(np.packbits(high, axis=-1, bitorder="little")))  # 4 bytes each
-        # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
-        mins = (0.0 if mins is None else mins) - 128.0 * w.scale
     else:
         parts.append(q)
     parts = [p.reshape(items, g, -1).view(torch.uint8) for p in parts]
+    has_min = w.min is not None or w.kind in (4, 5)
+    raw_min = w.min if w.min is not None or not has_min else torch.zeros_like(w.scale)
+    gps = SPAN // w.group if w.group <= SPAN and SPAN % w.group == 0 else 0
+    factors = None
+    if two_levels and w.kind in (4, 5, 8) and gps and k % SPAN == 0:
+        factors = [two_level(t, gps) for t in ((w.scale, raw_min) if has_min else (w.scale,))]
+        factors = None if None in factors else factors
+    if factors is not None:  # per span: d, dm [items, spans, 32] fp32; codes [items, spans, gps x 32] int8
+        spans = k // SPAN
+        head = [rows(dd).view(items, 32, spans).transpose(1, 2).contiguous().view(torch.uint8) for dd, _ in factors]
+        head += [rows(cc).view(items, 32, g).transpose(1, 2).reshape(items, spans, gps * 32).view(torch.uint8)
+                 for _, cc in factors]
+        body = torch.cat(parts, dim=2).reshape(items, spans, -1)
+        return torch.cat([*head, body], dim=2).contiguous(), has_min, True
+    if w.kind in (4, 5):
+        # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
+        mins = (0.0 if mins is None else mins) - 128.0 * w.scale
     for t in (w.scale, mins):
         if t is not None:  # [N, g] -> [items, g, blocks x 16]
             t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
             parts.append(t.view(torch.uint8))
-    return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), mins is not None
+    return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), has_min, False
 
 
 class PackedLinearMethod(LinearMethod):
