@@ -2,17 +2,17 @@
 dense checkpoints (``--quantization``). A backend's linear method runs them without expanding them to
 bf16 (kvloom/backends/cpu: pack_quantized, the kernels' layout).
 
-Every format here is one of four kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
+Every format here is one of these kinds, with w = scale * q + min per group of ``group`` consecutive inputs:
 - kind 4: q in 0..15: Q4_0, Q4_1, Q4_K, int4 (group 32); Q3_K (q + 4, group 16), Q2_K (0..3, group 16);
 - kind 5: q in 0..31: Q5_0 (the min is -16 scale), Q5_1 and Q5_K (group 32), stored in the kernels as
   kind 4's nibbles and a plane of fifth bits: 5 bits a weight, as in the file;
+- kind 6: q in 0..63: Q6_K (the min is -32 scale, group 16), kind 5's planes and one of sixth bits;
 - kind 8: q in -128..127: Q8_0, IQ4_NL and IQ4_XS (their 16 non-linear levels, -127..113), int8 (group 32);
-  Q6_K (q - 32, group 16);
 - kind 9: W8A8 (``--quantization w8a8``): kind 8's q in -127..127 with one scale per output channel (group
   = the input size), run with int8 activations (a scale per token, computed as they come);
 - kind 10: FP8 E4M3 (compressed-tensors FP8 checkpoints): q holds the bytes, w = scale * fp8(q), one scale
   per output channel or per tensor (group = the input size); the kernels widen it to bf16 exactly.
-Q6_K and the IQ4 formats take 8 bits a weight here (their files: 4.25-6.5), still half of bf16.
+The IQ4 formats take 8 bits a weight here (their files: 4.25-4.5), still half of bf16.
 Scales and mins are fp32: GGUF's fp16 d, m times the blocks' integer sub-scales convert to them exactly,
 so a backend computes with the file's exact weights.
 """
@@ -47,8 +47,8 @@ _IQ4_LEVELS = np.array(
 
 @dataclass
 class QuantizedWeight:
-    kind: int  # 4, 5, 8, 9 or 10
-    q: torch.Tensor  # [N, K] uint8 (kinds 4, 5 and 10: FP8 bytes) or int8 (kinds 8 and 9)
+    kind: int  # 4, 5, 6, 8, 9 or 10
+    q: torch.Tensor  # [N, K] uint8 (kinds 4, 5, 6 and 10: FP8 bytes) or int8 (kinds 8 and 9)
     scale: torch.Tensor  # [N, K // group] float32
     min: torch.Tensor | None  # [N, K // group] float32, or None (symmetric)
     group: int
@@ -71,8 +71,8 @@ class QuantizedWeight:
         return w.to(dtype)
 
     def as_kind(self, kind: int, group: int) -> QuantizedWeight:
-        """The same weights as a wider kind (4 -> 5 -> 8) with a smaller or equal group (exact: 0..15 and
-        0..31 fit both wider kinds)."""
+        """The same weights as a wider kind (4 -> 5 -> 6 -> 8) with a smaller or equal group (exact: 0..15,
+        0..31 and 0..63 fit every wider kind)."""
         rep = self.group // group
         mins = None if self.min is None else self.min.repeat_interleave(rep, dim=1)
         q = self.q.to(torch.int8) if kind == 8 and self.kind != 8 else self.q
@@ -220,9 +220,9 @@ def from_gguf(qtype: T, data: np.ndarray, rows: int, cols: int) -> QuantizedWeig
         ql = (ql & 15).reshape(nb, 2, 128)
         qh = b[:, 128:192].reshape(nb, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
         qh = (qh & 3).reshape(nb, 2, 128)
-        q = ((ql | (qh << 4)).astype(np.int8) - np.int8(32)).reshape(nb, 256)
+        q = (ql | (qh << 4)).reshape(nb, 256)  # the file's q + 32
         scale = _f16(b[:, 208:210]) * np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)
-        return _make(8, q, scale, None, 16, rows, cols)
+        return _make(6, q, scale, -32 * scale, 16, rows, cols)
     if qtype == T.Q5_0 or qtype == T.Q5_1:
         has_min = qtype == T.Q5_1
         b = raw.reshape(-1, 24 if has_min else 22)

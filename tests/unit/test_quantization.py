@@ -140,7 +140,7 @@ def test_two_level_scales_give_the_same_bits(qtype, m):
     scales and mins, so every output bit equals the one-level layout's, in fewer bytes. Q4_0's own fp16
     scale per group of 32 has no such d: it keeps the one-level layout."""
     n, k = 72, 512
-    if qtype == "mixed":  # fused q/k/v of Q4_K (with mins) and Q6_K (groups of 16): kind 8, group 16
+    if qtype == "mixed":  # fused q/k/v of Q4_K (with mins) and Q6_K (groups of 16): kind 6, group 16
         qw = QuantizedWeight.cat(
             [from_gguf(T.Q4_K, _random_blocks(T.Q4_K, 40, k), 40, k), from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 32, k), 32, k)]
         )

@@ -863,6 +863,7 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const void *k_cache, 
  *                  which takes the 128 back out.
  *          kind 5: kind 4's nibbles (the low 4 bits), then [GS / 8 chunks][2 blocks][4] uint32: the fifth bits
  *                  of pairs 4c .. 4c + 3, bit l = lane l: 16 added to 0x4300 | nibble under that mask
+ *          kind 6: kind 5's, then the sixth bits the same way (32 added): 0..63, Q6_K in 6 bits a weight
  *          kind 8: [GS / 2 pairs][2 blocks][32] int8;  kind 10: the same bytes in FP8 E4M3 (fp8_pairs)
  *   scale: [2 blocks][16] fp32;  min (when has_min): [2 blocks][16] fp32
  * Up to 4 rows the weights are expanded to bf16 in registers as they stream in; above that, each thread
@@ -874,7 +875,8 @@ void kv_decode_attention_bf16(const bf16 *q, int64_t ld_q, const void *k_cache, 
 #endif
 
 INLINE int64_t q_bytes(int kind, int64_t GS) { /* an (item, group)'s q */
-    return kind == 4 ? GS / 8 * QGROUP * 64 : kind == 5 ? GS / 8 * QGROUP * 80 : GS / 2 * QGROUP * 32;
+    return kind == 4 ? GS / 8 * QGROUP * 64 : kind == 5 ? GS / 8 * QGROUP * 80 : kind == 6 ? GS / 8 * QGROUP * 96
+                                                                                      : GS / 2 * QGROUP * 32;
 }
 
 INLINE int64_t q_group_bytes(int kind, int64_t GS, int has_min) {
@@ -921,7 +923,7 @@ INLINE void q_group_scales(int kind, const uint8_t *item, const uint8_t *gq, int
     *s = _mm512_mul_ps(_mm512_loadu_ps(d + b * 16), i8_to_ps(code));
     if (has_min) {
         const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(d + 32 + b * 16), i8_to_ps(code + gps * 32));
-        *mn = kind == 4 || kind == 5 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
+        *mn = kind == 4 || kind == 5 || kind == 6 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
     }
 }
 
@@ -940,12 +942,17 @@ INLINE void q4_pairs4(const uint8_t *p, __m512i w[4]) {
 INLINE void qpairs4(int kind, const uint8_t *gq, int64_t GS, int64_t c, int b, __m512i w[4]) {
     if (kind == 4) {
         q4_pairs4(gq + (c * QGROUP + b) * 64, w);
-    } else if (kind == 5) {
+    } else if (kind == 5 || kind == 6) {
         q4_pairs4(gq + (c * QGROUP + b) * 64, w);
         const uint32_t *high = (const uint32_t *)(gq + GS / 8 * QGROUP * 64 + (c * QGROUP + b) * 16);
         const __m512i sixteen = _mm512_set1_epi16(16);
         /* bit 4 of 0x4300 | nibble is clear: adding 16 sets it (AVX-512 has no 16-bit masked OR) */
         for (int i = 0; i < 4; i++) w[i] = _mm512_mask_add_epi16(w[i], _cvtu32_mask32(high[i]), w[i], sixteen);
+        if (kind == 6) { /* bit 5 the same way, from the next plane */
+            const uint32_t *top = high + GS / 8 * QGROUP * 4;
+            const __m512i th2 = _mm512_set1_epi16(32);
+            for (int i = 0; i < 4; i++) w[i] = _mm512_mask_add_epi16(w[i], _cvtu32_mask32(top[i]), w[i], th2);
+        }
     } else if (kind == 10) {
         for (int i = 0; i < 4; i++) w[i] = fp8_pairs(gq + ((4 * c + i) * QGROUP + b) * 32);
     } else {
@@ -1059,6 +1066,10 @@ static void qlinear_item(int kind, const bf16 *x, int64_t ldx, const uint8_t *w,
             QTILES(5, 1, 1)
         } else if (kind == 5) {
             QTILES(5, 0, 1)
+        } else if (kind == 6 && panel) {
+            QTILES(6, 1, 1)
+        } else if (kind == 6) {
+            QTILES(6, 0, 1)
         } else if (kind == 10 && panel) {
             QTILES(10, 1, 0)
         } else if (kind == 10) {

@@ -651,22 +651,23 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
     q = q.reshape(items, g, w.group // 2, 2, 32)
     mins = w.min
     parts = []
-    if w.kind in (4, 5):  # four pairs per 16-bit lane: pair 4c + i in nibble i
+    if w.kind in (4, 5, 6):  # four pairs per 16-bit lane: pair 4c + i in nibble i
         q = q.reshape(items, g, w.group // 8, 4, 2, 32).transpose(3, 4).to(torch.int32)
         nib = q & 15
         nib = nib[..., 0, :] | (nib[..., 1, :] << 4) | (nib[..., 2, :] << 8) | (nib[..., 3, :] << 12)
         parts.append(torch.from_numpy(nib.numpy().astype(np.uint16)))  # [items, g, chunks, blocks, 32]
-        if w.kind == 5:  # the fifth bits: pair 4c + i of a block as one 32-bit mask, bit l = lane l
-            high = ((q >> 4) & 1).numpy().astype(np.uint8)
+        for bit in range(4, {4: 4, 5: 5, 6: 6}[w.kind]):
+            # the fifth (sixth) bits: pair 4c + i of a block as one 32-bit mask, bit l = lane l
+            high = ((q >> bit) & 1).numpy().astype(np.uint8)
             parts.append(torch.from_numpy(np.packbits(high, axis=-1, bitorder="little")))  # 4 bytes each
     else:
         parts.append(q)
     parts = [p.reshape(items, g, -1).view(torch.uint8) for p in parts]
-    has_min = w.min is not None or w.kind in (4, 5)
+    has_min = w.min is not None or w.kind in (4, 5, 6)
     raw_min = w.min if w.min is not None or not has_min else torch.zeros_like(w.scale)
     gps = SPAN // w.group if w.group <= SPAN and SPAN % w.group == 0 else 0
     factors = None
-    if two_levels and w.kind in (4, 5, 8) and gps and k % SPAN == 0:
+    if two_levels and w.kind in (4, 5, 6, 8) and gps and k % SPAN == 0:
         factors = [two_level(t, gps) for t in ((w.scale, raw_min) if has_min else (w.scale,))]
         factors = None if None in factors else factors
     if factors is not None:  # per span: d, dm [items, spans, 32] fp32; codes [items, spans, gps x 32] int8
@@ -676,7 +677,7 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
                  for _, cc in factors]
         body = torch.cat(parts, dim=2).reshape(items, spans, -1)
         return torch.cat([*head, body], dim=2).contiguous(), has_min, True
-    if w.kind in (4, 5):
+    if w.kind in (4, 5, 6):
         # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
         mins = (0.0 if mins is None else mins) - 128.0 * w.scale
     for t in (w.scale, mins):
