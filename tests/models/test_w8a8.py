@@ -163,7 +163,13 @@ def test_llm_int8_threshold_is_refused_where_it_does_not_apply(stories):
     with pytest.raises(ValueError, match="llm_int8_threshold: LLM.int8's decomposition applies to W8A8"):
         LLM(str(stories), llm_int8_threshold=6.0, show_progress=False)
     with pytest.raises(ValueError, match="batch_invariant: LLM.int8's outlier columns"):
-        LLM(str(stories), quantization="w8a8", llm_int8_threshold=6.0, batch_invariant=True, show_progress=False)
+        LLM(
+            str(stories),
+            quantization="w8a8",
+            llm_int8_threshold=6.0,
+            batch_invariant=True,
+            show_progress=False,
+        )
     with pytest.raises(ValueError, match="llm_int8_threshold must be > 0"):
         LLM(str(stories), quantization="w8a8", llm_int8_threshold=0.0, show_progress=False)
     with pytest.raises(ValueError, match="llm_int8_threshold: LLM.int8's decomposition runs in kvloom's CPU"):

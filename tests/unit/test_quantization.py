@@ -142,7 +142,10 @@ def test_two_level_scales_give_the_same_bits(qtype, m):
     n, k = 72, 512
     if qtype == "mixed":  # fused q/k/v of Q4_K (with mins) and Q6_K (groups of 16): kind 6, group 16
         qw = QuantizedWeight.cat(
-            [from_gguf(T.Q4_K, _random_blocks(T.Q4_K, 40, k), 40, k), from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 32, k), 32, k)]
+            [
+                from_gguf(T.Q4_K, _random_blocks(T.Q4_K, 40, k), 40, k),
+                from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 32, k), 32, k),
+            ]
         )
     else:
         qw = from_gguf(qtype, _random_blocks(qtype, n, k), n, k)

@@ -1151,40 +1151,53 @@ __attribute__((target("amx-tile,amx-bf16"))) static void qlinear_rows_amx(
     }
 }
 
+/* Whether a quantized linear of M rows runs on AMX (qlinear_amx_body) rather than AVX-512 (qlinear_item). */
+INLINE int q_on_amx(int64_t M, int64_t GS) { return kv_amx && !kv_q_invariant && M > 4 && (GS == 16 || GS % 32 == 0); }
+
+/* The last partial tile's rows of x (M > 16, M % 16), zero-padded to 16 rows of K: a new buffer, or NULL. */
+static bf16 *q_amx_pad(const bf16 *x, int64_t ldx, int64_t M, int64_t K) {
+    const int64_t full = M / 16 * 16;
+    if (M <= 16 || M == full) return NULL;
+    bf16 *pad = (bf16 *)calloc(16 * K, sizeof(bf16));
+    for (int64_t m = full; m < M; m++) memcpy(pad + (m - full) * K, x + m * ldx, K * sizeof(bf16));
+    return pad;
+}
+
+/* Item `it` of a quantized linear of M rows on AMX, in chunks of LIN_MC rows (pbuf: QGROUP * 16 * K bf16;
+ * pad: q_amx_pad's). Loads its tile configuration; the caller releases the tiles (amx_end). */
+static void qlinear_item_amx(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int sub, int64_t GS,
+                             const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float *xsum,
+                             int64_t it, bf16 *pbuf, const bf16 *pad) {
+    const int64_t ngroups = K / GS;
+    const uint8_t *item = w + it * q_item_bytes(kind, GS, K, has_min, sub);
+    const int expand = M <= 16;
+    float yacc[16][32];
+    amx_q_config(M < 16 ? M : 16, GS < 32 ? GS : 32);
+    for (int64_t c0 = 0; c0 < M; c0 += LIN_MC) {
+        const int64_t c1 = M - c0 < LIN_MC ? M : c0 + LIN_MC;
+        if (!expand)
+            for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
+        for (int64_t m0 = c0; m0 < c1; m0 += 16) {
+            const int64_t mm = c1 - m0 < 16 ? c1 - m0 : 16;
+            const int padded = M > 16 && m0 + 16 > M;
+            qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, sub, GS, K,
+                             xsum + m0 * ngroups, mm, expand, pbuf, yacc);
+            store_tile(&yacc[0][0], QGROUP * 16, (int)mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
+        }
+    }
+}
+
 /* Each thread an equal contiguous share of the items; every thread of the team calls it (ends with a barrier). */
 static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int sub, int64_t GS,
                              const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K,
                              const float *xsum) {
-    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ngroups = K / GS;
-    const int64_t item_bytes = q_item_bytes(kind, GS, K, has_min, sub);
+    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
     const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t lo = nitems * t / nt, hi = nitems * (t + 1) / nt;
-    const int64_t R = M < 16 ? M : 16, full = M / 16 * 16;
     if (lo < hi) {
-        bf16 *pbuf = (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K);
-        bf16 *pad = NULL; /* above 16 rows, the last partial tile's rows, zero-padded to 16 */
-        if (M > 16 && M > full) {
-            pad = (bf16 *)calloc(16 * K, sizeof(bf16));
-            for (int64_t m = full; m < M; m++) memcpy(pad + (m - full) * K, x + m * ldx, K * sizeof(bf16));
-        }
-        float yacc[16][32];
-        amx_q_config(R, GS < 32 ? GS : 32);
-        for (int64_t c0 = 0; c0 < M; c0 += LIN_MC) {
-            const int64_t c1 = M - c0 < LIN_MC ? M : c0 + LIN_MC;
-            for (int64_t it = lo; it < hi; it++) {
-                const uint8_t *item = w + it * item_bytes;
-                const int expand = M <= 16;
-                if (!expand)
-                    for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
-                for (int64_t m0 = c0; m0 < c1; m0 += 16) {
-                    const int64_t mm = c1 - m0 < 16 ? c1 - m0 : 16;
-                    const int padded = M > 16 && m0 + 16 > M;
-                    qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, sub, GS, K,
-                                     xsum + m0 * ngroups, mm, expand, pbuf, yacc);
-                    store_tile(&yacc[0][0], QGROUP * 16, (int)mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
-                }
-            }
-        }
+        bf16 *pbuf = (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K), *pad = q_amx_pad(x, ldx, M, K);
+        for (int64_t it = lo; it < hi; it++)
+            qlinear_item_amx(kind, x, ldx, w, has_min, sub, GS, bias, y, ldy, M, N, K, xsum, it, pbuf, pad);
         amx_end();
         free(pad);
         free(pbuf);
@@ -1200,7 +1213,7 @@ static void qlinear_bf16_body(int kind, const bf16 *x, int64_t ldx, const uint8_
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; m++) q_xsum_row(x + m * ldx, GS, K, xsum + m * (K / GS));
     }
-    if (kv_amx && !kv_q_invariant && M > 4 && (GS == 16 || GS % 32 == 0)) {
+    if (q_on_amx(M, GS)) {
         qlinear_amx_body(kind, x, ldx, w, has_min, sub, GS, bias, y, ldy, M, N, K, xsum);
         return;
     }
@@ -1576,7 +1589,7 @@ static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *x
     }
     /* Quantized experts: all experts' work items of a matrix in one loop over the threads (three barriers
      * per layer, not three per expert; a decode step's 8 experts of 24-32 items each balance across the
-     * threads), each item computed as qlinear_bf16_body computes it, so the same bits. xsum: expert e's
+     * threads), each item computed as qlinear_bf16_body computes it (AMX or AVX-512 alike), so the same bits. xsum: expert e's
      * rows' group sums at row offset starts[e] (stride K / 16: groups are >= 16). */
     int64_t starts[n_experts + 1], units[n_experts + 1];
     const int64_t gu_items = (2 * I + 31) / 32, down_items = (E + 31) / 32;
@@ -1598,14 +1611,28 @@ static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *x
             if (L[e].has_min)
                 q_xsum_row(in + m * ldi, L[e].group, K, xsum + starts[e] * (K / 16) + (m - starts[e]) * (K / L[e].group));
         }
+        bf16 *pad = NULL; /* q_amx_pad's rows of expert pad_e */
+        int64_t pad_e = -1;
+        int tiles = 0;
 #pragma omp for schedule(static)
         for (int64_t u = 0; u < units[n_experts]; u++) {
             int64_t e = 0;
             while (units[e + 1] <= u) e++;
-            qlinear_item((int)L[e].kind, in + starts[e] * ldi, ldi, (const uint8_t *)L[e].w, (int)L[e].has_min,
-                         (int)L[e].sub, L[e].group, L[e].bias, o + starts[e] * ldout, ldout, counts[e], N, K,
-                         xsum + starts[e] * (K / 16), u - units[e], pbuf);
+            const int kind = (int)L[e].kind, has_min = (int)L[e].has_min, sub = (int)L[e].sub;
+            const uint8_t *w = (const uint8_t *)L[e].w;
+            const bf16 *x = in + starts[e] * ldi;
+            if (q_on_amx(counts[e], L[e].group)) {
+                if (pad_e != e) free(pad), pad = q_amx_pad(x, ldi, counts[e], K), pad_e = e;
+                qlinear_item_amx(kind, x, ldi, w, has_min, sub, L[e].group, L[e].bias, o + starts[e] * ldout, ldout,
+                                 counts[e], N, K, xsum + starts[e] * (K / 16), u - units[e], pbuf, pad);
+                tiles = 1;
+            } else {
+                qlinear_item(kind, x, ldi, w, has_min, sub, L[e].group, L[e].bias, o + starts[e] * ldout, ldout,
+                             counts[e], N, K, xsum + starts[e] * (K / 16), u - units[e], pbuf);
+            }
         }
+        if (tiles) amx_end();
+        free(pad);
         if (!pass) silu_mul_bf16_body(gu_buf, 2 * I, act, I, R, I);
     }
     free(pbuf);

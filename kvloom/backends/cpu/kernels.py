@@ -672,9 +672,14 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
         factors = None if None in factors else factors
     if factors is not None:  # per span: d, dm [items, spans, 32] fp32; codes [items, spans, gps x 32] int8
         spans = k // SPAN
-        head = [rows(dd).view(items, 32, spans).transpose(1, 2).contiguous().view(torch.uint8) for dd, _ in factors]
-        head += [rows(cc).view(items, 32, g).transpose(1, 2).reshape(items, spans, gps * 32).view(torch.uint8)
-                 for _, cc in factors]
+        head = [
+            rows(dd).view(items, 32, spans).transpose(1, 2).contiguous().view(torch.uint8)
+            for dd, _ in factors
+        ]
+        head += [
+            rows(cc).view(items, 32, g).transpose(1, 2).reshape(items, spans, gps * 32).view(torch.uint8)
+            for _, cc in factors
+        ]
         body = torch.cat(parts, dim=2).reshape(items, spans, -1)
         return torch.cat([*head, body], dim=2).contiguous(), has_min, True
     if w.kind in (4, 5, 6):
