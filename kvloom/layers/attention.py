@@ -199,7 +199,7 @@ def padded_tables(rows: list[list[int]]) -> np.ndarray:
 
 class TorchAttention:
     """Paged attention on PyTorch ops, the cache in the usual [KVH, num_blocks, block_size, D] layout (a
-    one-byte cache: [..., D + 4] uint8 rows, kv_cache.py)."""
+    one-byte cache: [..., D + 2] uint8 rows, kv_cache.py)."""
 
     name = "PyTorch"
 

@@ -43,7 +43,7 @@ def llama(tmp_path_factory, stories):
 
 
 def test_the_pool_holds_more_tokens_and_the_log_says_how_many(llama, caplog):
-    """Same memory, D + 4 bytes per head and token instead of 2 D (head_dim 32: 1.78x the blocks)."""
+    """Same memory, D + 2 bytes per head and token instead of 2 D (head_dim 32: 1.88x the blocks)."""
     blocks = {}
     for dtype in ("auto", "int8"):
         with caplog.at_level(logging.INFO, logger="kvloom"):
@@ -57,9 +57,9 @@ def test_the_pool_holds_more_tokens_and_the_log_says_how_many(llama, caplog):
         runner = llm.engine.runner
         blocks[dtype] = runner.num_blocks
         assert runner.kv_cache.dtype == (torch.uint8 if dtype == "int8" else torch.bfloat16)
-    assert blocks["int8"] == (1 << 22) // (2 * 2 * 2 * 36 * 16)  # layers, K/V, kv heads, D + 4, block size
+    assert blocks["int8"] == (1 << 22) // (2 * 2 * 2 * 34 * 16)  # layers, K/V, kv heads, D + 2, block size
     assert blocks["auto"] == (1 << 22) // (2 * 2 * 2 * 64 * 16)
-    assert "int8 with a scale per token and head" in caplog.text and "1.78x bfloat16" in caplog.text
+    assert "int8 with a bf16 scale per token and head" in caplog.text and "1.88x bfloat16" in caplog.text
 
 
 def test_bad_kv_cache_dtype_is_refused_naming_the_field(stories):

@@ -163,19 +163,25 @@ def test_quantized_cache_write_is_bit_exact(name, bs):
     v = (torch.randn(tokens, kv_heads, d, generator=g) * mags.flip(0)).to(BF)
     k[3], v[5, 1] = 0, 0
     slots = torch.randperm(num_blocks * bs, generator=g)[:tokens]
-    k_cache, v_cache = torch.zeros(2, kv_heads, num_blocks, bs, d + 4, dtype=torch.uint8)
+    k_cache, v_cache = torch.zeros(2, kv_heads, num_blocks, bs, d + 2, dtype=torch.uint8)
     K.write_cache(k, v, k_cache, v_cache, slots, fmt.kind)
     k_std, v_std = K.from_kernel_layout(k_cache, v_cache)
-    assert torch.equal(k_std.view(kv_heads, -1, d + 4)[:, slots].transpose(0, 1), fmt.quantize(k))
-    assert torch.equal(v_std.view(kv_heads, -1, d + 4)[:, slots].transpose(0, 1), fmt.quantize(v))
+    assert torch.equal(k_std.view(kv_heads, -1, d + 2)[:, slots].transpose(0, 1), fmt.quantize(k))
+    assert torch.equal(v_std.view(kv_heads, -1, d + 2)[:, slots].transpose(0, 1), fmt.quantize(v))
     written = torch.zeros(kv_heads, num_blocks * bs, dtype=torch.bool)
     written[:, slots] = True
-    assert not k_std.view(kv_heads, -1, d + 4)[~written].any()
+    assert not k_std.view(kv_heads, -1, d + 2)[~written].any()
     again = K.to_kernel_layout(k_std, v_std)
     assert torch.equal(again[0], k_cache) and torch.equal(again[1], v_cache)
-    # each value within half a step of the scale (int8) / FP8's relative precision of what it stored
+    # the scale is amax / QMAX rounded up to a bf16; each value within half a step of it (int8) / FP8's
+    # relative precision of what it stored
+    amax = k.float().abs().amax(-1, keepdim=True)
+    step = fmt.quantize(k)[..., -2:].contiguous().view(BF).float()
+    live = amax > 0
+    fit = amax[live] / step[live]
+    assert torch.all(fit <= fmt.qmax) and torch.all(fit > fmt.qmax / (1 + 2**-7))
+    assert torch.all(step[~live] == 1)
     back = fmt.dequantize(fmt.quantize(k), torch.float32)
-    step = k.float().abs().amax(-1, keepdim=True) / fmt.qmax
     rel = {1: 0.5 / fmt.qmax * fmt.qmax, 2: 2**-4, 3: 2**-3}[fmt.kind]
     assert torch.all((back - k.float()).abs() <= rel * torch.maximum(k.float().abs(), step) + 1e-30)
 
@@ -216,9 +222,9 @@ def test_every_cache_byte_widens_exactly(name):
     infinities) widened to bf16 exactly, as torch reads them (scale 1, probability 1)."""
     fmt = KVFormat.of(name)
     d, bs = 64, 16
-    v_rows = torch.zeros(1, 4, bs, d + 4, dtype=torch.uint8)
+    v_rows = torch.zeros(1, 4, bs, d + 2, dtype=torch.uint8)
     v_rows[0, :, 0, :d] = torch.arange(256, dtype=torch.uint8).view(4, d)
-    v_rows[..., d:] = torch.tensor([1.0]).view(torch.uint8)  # every scale 1.0
+    v_rows[..., d:] = torch.tensor([1.0], dtype=BF).view(torch.uint8)  # every scale 1.0
     k_rows = v_rows.clone()
     q = torch.ones(4, 1, d, dtype=BF)
     out = torch.empty_like(q)

@@ -133,12 +133,30 @@ def test_quantized_linear_matches_dequantized(name, m):
 
 
 @needs_kernels
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K, T.Q2_K, T.IQ4_XS, T.Q4_0, "mixed"])
+@pytest.mark.parametrize(
+    "qtype",
+    [
+        T.Q4_K,
+        T.Q5_K,
+        T.Q6_K,
+        T.Q3_K,
+        T.Q2_K,
+        T.IQ4_XS,
+        "mixed",
+        T.Q4_0,
+        T.Q4_1,
+        T.Q5_1,
+        T.Q8_0,
+        T.IQ4_NL,
+        "int4",
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("m", [1, 7])
-def test_two_level_scales_give_the_same_bits(qtype, m):
-    """K-quant scales stored as a d per 256 inputs times int8 codes: the kernel rebuilds the same fp32
-    scales and mins, so every output bit equals the one-level layout's, in fewer bytes. Q4_0's own fp16
-    scale per group of 32 has no such d: it keeps the one-level layout."""
+def test_compact_scales_give_the_same_bits(qtype, m):
+    """K-quant scales stored as a d per 256 inputs times int8 codes, the other files' as the fp16 they
+    are: the kernel rebuilds the same fp32 scales and mins, so every output bit equals the fp32 layout's,
+    in fewer bytes. Round-to-nearest int4 has fp32 scales of its own: it keeps the fp32 layout."""
     n, k = 72, 512
     if qtype == "mixed":  # fused q/k/v of Q4_K (with mins) and Q6_K (groups of 16): kind 6, group 16
         qw = QuantizedWeight.cat(
@@ -147,12 +165,15 @@ def test_two_level_scales_give_the_same_bits(qtype, m):
                 from_gguf(T.Q6_K, _random_blocks(T.Q6_K, 32, k), 32, k),
             ]
         )
+    elif qtype == "int4":
+        qw = quantize_rtn(torch.randn(n, k, generator=torch.Generator().manual_seed(1)), 4)
     else:
         qw = from_gguf(qtype, _random_blocks(qtype, n, k), n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(BF)
     one, two = pack_quantized(qw, two_levels=False), pack_quantized(qw)
-    assert not one[2] and two[2] == (qtype != T.Q4_0)
-    if two[2]:
+    layout = {T.Q4_0: 2, T.Q4_1: 2, T.Q5_1: 2, T.Q8_0: 2, T.IQ4_NL: 2, "int4": 0}.get(qtype, 1)
+    assert one[2] == 0 and two[2] == layout
+    if layout:
         assert two[0].numel() < one[0].numel()
     y1 = K.run_linear(K.linear_desc(one, None, qw.kind, qw.group), x, k, qw.shape[0])
     y2 = K.run_linear(K.linear_desc(two, None, qw.kind, qw.group), x, k, qw.shape[0])

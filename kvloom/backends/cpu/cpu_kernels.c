@@ -339,29 +339,39 @@ INLINE __m512i fp8e5_pairs(const uint8_t *p) {
  * probabilities times two positions' values into 16 output dims. Caches are [KVH, num_blocks, bs, D].
  *
  * Quantized caches (--kv-cache-dtype; `kv` below: 0 bf16, 1 int8, 2 FP8 E4M3, 3 FP8 E5M2) keep one byte per
- * element in the same layout, and after a block's bs * D bytes its positions' scales, bs fp32: a (position,
- * head)'s K (or V) is scale * q, scale = amax / QMAX (amax over its D values; 1 where they are all 0),
- * q = round(x / scale) to the nearest int8 / FP8 value. A (head, block) is then bs * (D + 4) bytes: the
- * cache is [KVH, num_blocks, bs, D + 4] uint8. Widened back to bf16 in registers (exact: int8 and both FP8
- * kinds fit bf16), K's scale multiplies a position's score, V's its probability.
+ * element in the same layout, and after a block's bs * D bytes its positions' scales, bs bf16: a (position,
+ * head)'s K (or V) is scale * q, scale = amax / QMAX rounded up to a bf16 (amax over its D values; 1 where
+ * they are all 0), q = round(x / scale) to the nearest int8 / FP8 value. A (head, block) is then
+ * bs * (D + 2) bytes: the cache is [KVH, num_blocks, bs, D + 2] uint8. Widened back to bf16 in registers
+ * (exact: int8 and both FP8 kinds fit bf16), K's scale multiplies a position's score, V's its probability.
  */
 static const float KV_QMAX[4] = {0.0f, 127.0f, 448.0f, 57344.0f};
 
-INLINE int64_t kv_block_bytes(int kv, int64_t bs, int64_t D) { return kv ? bs * (D + 4) : bs * D * 2; }
+INLINE int64_t kv_block_bytes(int kv, int64_t bs, int64_t D) { return kv ? bs * (D + 2) : bs * D * 2; }
+
+/* 16 positions' bf16 scales (at byte address p) -> fp32 */
+INLINE __m512 kv_scales16(const uint8_t *p) { return load16((const bf16 *)p); }
 
 /* 32 cache bytes of kind kv (1..3) as bf16 operands */
 INLINE __m512bh kv_widen32(const uint8_t *p, int kv) {
     return (__m512bh)(kv == 1 ? q8_pairs((const int8_t *)p) : kv == 2 ? fp8_pairs(p) : fp8e5_pairs(p));
 }
 
-/* D bf16 values -> their D bytes of kind kv and the scale: what torch's quantize_kv computes, bit for bit
- * (x / scale by true division; int8 rounded half to even; FP8 rounded to nearest even, subnormals too). */
-INLINE float kv_quantize_row(const bf16 *x, int64_t D, int kv, uint8_t *q) {
+/* D bf16 values -> their D bytes of kind kv and the bf16 scale: what KVFormat.quantize computes, bit for
+ * bit (amax / QMAX rounded up to a bf16; x / scale by true division; int8 rounded half to even; FP8 rounded
+ * to nearest even, subnormals too). */
+INLINE bf16 kv_quantize_row(const bf16 *x, int64_t D, int kv, uint8_t *q) {
     __m512 m = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) m = _mm512_max_ps(m, _mm512_abs_ps(load16(x + d)));
-    const float qmax = KV_QMAX[kv];
-    float scale = _mm512_reduce_max_ps(m) / qmax;
-    if (!(scale > 0.0f)) scale = 1.0f;
+    const float qmax = KV_QMAX[kv], amax = _mm512_reduce_max_ps(m);
+    float scale = 1.0f;
+    if (amax > 0.0f) {
+        uint32_t bits;
+        scale = amax / qmax;
+        memcpy(&bits, &scale, 4);
+        if (bits & 0xFFFF) bits = (bits + 0x10000) & 0xFFFF0000u;
+        memcpy(&scale, &bits, 4);
+    }
     const __m512 s = _mm512_set1_ps(scale), top = _mm512_set1_ps(qmax);
     for (int64_t d = 0; d < D; d += 16) {
         const __m512 y = _mm512_div_ps(load16(x + d), s);
@@ -382,7 +392,9 @@ INLINE float kv_quantize_row(const bf16 *x, int64_t D, int kv, uint8_t *q) {
         }
         _mm_storeu_si128((__m128i *)(q + d), _mm512_cvtepi32_epi8(b));
     }
-    return scale;
+    uint32_t bits;
+    memcpy(&bits, &scale, 4);
+    return (bf16)(bits >> 16);
 }
 
 /* Token `slot`'s K and V of KV head h (D values each) into the cache of kind kv. */
@@ -392,9 +404,8 @@ INLINE void cache_write_row(uint8_t *k_cache, uint8_t *v_cache, const bf16 *k, c
     uint8_t *kb = k_cache + (h * num_blocks + b) * BB, *vb = v_cache + (h * num_blocks + b) * BB;
     if (kv) {
         uint8_t qk[256], qv[256];
-        float *scales_k = (float *)(kb + bs * D), *scales_v = (float *)(vb + bs * D);
-        scales_k[p] = kv_quantize_row(k, D, kv, qk);
-        scales_v[p] = kv_quantize_row(v, D, kv, qv);
+        ((bf16 *)(kb + bs * D))[p] = kv_quantize_row(k, D, kv, qk);
+        ((bf16 *)(vb + bs * D))[p] = kv_quantize_row(v, D, kv, qv);
         for (int64_t i = 0; i < D / 2; i++) memcpy(kb + (i * bs + p) * 2, qk + 2 * i, 2);
         uint8_t *vrow = vb + (p / 2) * D * 2 + (p & 1);
         for (int64_t d = 0; d < D; d++) vrow[2 * d] = qv[d];
@@ -531,8 +542,8 @@ INLINE void attn_prefetch(const uint8_t *kbase, const uint8_t *vbase, const int6
     for (int64_t i = 0; i < D / 2; i++) _mm_prefetch(kp + i * bs * 2 * ES, _MM_HINT_T1); /* 16 positions of pair i */
     for (int64_t i = 0; i < 16 * D * ES; i += 64) _mm_prefetch(vp + i, _MM_HINT_T1);
     if (kv) { /* the 16 positions' scales: one line each */
-        _mm_prefetch((const char *)(kbase + blk + bs * D + r * 4), _MM_HINT_T1);
-        _mm_prefetch((const char *)(vbase + blk + bs * D + r * 4), _MM_HINT_T1);
+        _mm_prefetch((const char *)(kbase + blk + bs * D + r * 2), _MM_HINT_T1);
+        _mm_prefetch((const char *)(vbase + blk + bs * D + r * 2), _MM_HINT_T1);
     }
 }
 
@@ -567,8 +578,7 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const int KV, const bf1
         const __mmask16 valid = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((int32_t)lo)) &
                                 _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32((int32_t)ctx));
         /* the positions' K scales (quantized caches) folded into the softmax scale */
-        const __m512 sc = KV ? _mm512_mul_ps(_mm512_loadu_ps((const float *)(blk + bs * D) + p0 % bs),
-                                             _mm512_set1_ps(scale))
+        const __m512 sc = KV ? _mm512_mul_ps(kv_scales16(blk + bs * D + p0 % bs * 2), _mm512_set1_ps(scale))
                              : _mm512_set1_ps(scale);
         for (int64_t g = 0; g < G; g++) {
             const __m512 s =
@@ -594,7 +604,7 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const int KV, const bf1
             const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
                                                  exp16(_mm512_sub_ps(s, mv[g])));
             sum[g] = _mm512_add_ps(sum[g], e);
-            const __m512 ev = KV ? _mm512_mul_ps(e, _mm512_loadu_ps((const float *)(blk + bs * D) + p0 % bs)) : e;
+            const __m512 ev = KV ? _mm512_mul_ps(e, kv_scales16(blk + bs * D + p0 % bs * 2)) : e;
             _mm256_storeu_si256((__m256i *)pr[g], (__m256i)_mm512_cvtneps_pbh(ev));
         }
         for (int64_t j = 0; j < 8; j++) {
@@ -893,13 +903,24 @@ INLINE int64_t q_span_head(int64_t GS, int has_min) { return (has_min ? 2 : 1) *
 
 INLINE int64_t q_span_bytes(int kind, int64_t GS, int has_min) { return q_span_head(GS, has_min) + QSPAN / GS * q_bytes(kind, GS); }
 
+/* Scales and mins as fp16 (sub 2: files whose factors are fp16 per group, Q4_0 / Q4_1 / Q5_x / Q8_0 /
+ * IQ4_NL): per group its q, then [2 blocks][16] fp16 scales and (has_min) the mins as the file has them;
+ * kinds 4-6 take min - 128 scale in fp32 here, the value the fp32 layout stores. */
+INLINE int64_t q_half_group_bytes(int kind, int64_t GS, int has_min) {
+    return q_bytes(kind, GS) + (has_min ? 2 : 1) * QGROUP * 32;
+}
+
+/* sub: how an item stores its scales: 0 fp32 per group, 1 two-level (QSPAN), 2 fp16 per group. */
 INLINE int64_t q_item_bytes(int kind, int64_t GS, int64_t K, int has_min, int sub) {
-    return sub ? K / QSPAN * q_span_bytes(kind, GS, has_min) : K / GS * q_group_bytes(kind, GS, has_min);
+    return sub == 1   ? K / QSPAN * q_span_bytes(kind, GS, has_min)
+           : sub == 2 ? K / GS * q_half_group_bytes(kind, GS, has_min)
+                      : K / GS * q_group_bytes(kind, GS, has_min);
 }
 
 /* The q of group g of an item. */
 INLINE const uint8_t *q_group_q(int kind, const uint8_t *item, int has_min, int sub, int64_t GS, int64_t g) {
     if (!sub) return item + g * q_group_bytes(kind, GS, has_min);
+    if (sub == 2) return item + g * q_half_group_bytes(kind, GS, has_min);
     const int64_t gps = QSPAN / GS;
     return item + g / gps * q_span_bytes(kind, GS, has_min) + q_span_head(GS, has_min) + g % gps * q_bytes(kind, GS);
 }
@@ -914,6 +935,15 @@ INLINE void q_group_scales(int kind, const uint8_t *item, const uint8_t *gq, int
         const float *scale = (const float *)(gq + q_bytes(kind, GS));
         *s = _mm512_loadu_ps(scale + b * 16);
         if (has_min) *mn = _mm512_loadu_ps(scale + QGROUP * 16 + b * 16);
+        return;
+    }
+    if (sub == 2) {
+        const uint16_t *half = (const uint16_t *)(gq + q_bytes(kind, GS));
+        *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(half + b * 16)));
+        if (has_min) {
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(half + QGROUP * 16 + b * 16)));
+            *mn = kind == 4 || kind == 5 || kind == 6 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
+        }
         return;
     }
     const int64_t gps = QSPAN / GS, j = g % gps;

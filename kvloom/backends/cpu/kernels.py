@@ -247,7 +247,7 @@ class CpuKernels:
     # -- rotary + KV cache write -----------------------------------------------------------------------
     # The kernels keep the KV cache in a layout of their own (cpu_kernels.c, "KV cache layout"): within each
     # block, K as [D / 2, block_size, 2] and V as [block_size / 2, D, 2]; a one-byte cache (uint8,
-    # [..., D + 4] rows in the reference's layout) the same in bytes, then the block's fp32 scales. The
+    # [..., D + 2] rows in the reference's layout) the same in bytes, then the block's bf16 scales. The
     # pool's shape is unchanged; only the kernels write and read it (the CPU backend picks this layout
     # where KernelAttention.supports the model).
     @staticmethod
@@ -543,13 +543,13 @@ def _relayout(cache: torch.Tensor, is_k: bool, inverse: bool) -> torch.Tensor:
     kvh, nb, bs, w = cache.shape
     if cache.dtype != torch.uint8:
         return _permute(cache, is_k, inverse)
-    d = w - 4  # a one-byte cache: the values' bytes relaid, the block's scales after them
+    d = w - 2  # a one-byte cache: the values' bytes relaid, the block's scales after them
     if inverse:
         flat = cache.reshape(kvh, nb, bs * w)
         data = _permute(flat[..., : bs * d].reshape(kvh, nb, bs, d), is_k, True)
-        return torch.cat([data, flat[..., bs * d :].reshape(kvh, nb, bs, 4)], dim=-1)
+        return torch.cat([data, flat[..., bs * d :].reshape(kvh, nb, bs, 2)], dim=-1)
     data = _permute(cache[..., :d], is_k, False).reshape(kvh, nb, bs * d)
-    return torch.cat([data, cache[..., d:].reshape(kvh, nb, bs * 4)], dim=-1).view(kvh, nb, bs, w)
+    return torch.cat([data, cache[..., d:].reshape(kvh, nb, bs * 2)], dim=-1).view(kvh, nb, bs, w)
 
 
 def _permute(cache: torch.Tensor, is_k: bool, inverse: bool) -> torch.Tensor:
@@ -630,14 +630,20 @@ def two_level(t: torch.Tensor, groups_per_span: int) -> tuple[torch.Tensor, torc
     return d.view(n, g // groups_per_span), codes.view(n, g)
 
 
-def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.Tensor, bool, bool]:
+def _is_half(t: torch.Tensor) -> bool:
+    """Every value of ``t`` (fp32) exactly an fp16 value."""
+    return bool((t.half().float() == t).all())
+
+
+def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.Tensor, bool, int]:
     """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
     group of inputs, its q, scales and mins together, so a thread reads one sequential stream (kind 9:
     pack_w8a8). Where the scales and mins factor exactly into a d per span of 256 inputs times int8 codes
-    (K-quant files: two_level), they are stored so (1 byte a group instead of 4) unless ``two_levels`` is
-    False; the kernel computes the same fp32 values either way. Returns (bytes, has_min, two-level)."""
+    (K-quant files: two_level), they are stored so (1 byte a group instead of 4); where they are fp16 values
+    (the other GGUF files), as fp16; unless ``two_levels`` is False. The kernel computes the same fp32 values
+    from every layout. Returns (bytes, has_min, the scales' layout: 0 fp32, 1 two-level, 2 fp16)."""
     if w.kind == 9:
-        return pack_w8a8(w), False, False
+        return pack_w8a8(w), False, 0
     n, k = w.q.shape
     pad = -n % 32
     g = k // w.group
@@ -670,6 +676,11 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
     if two_levels and w.kind in (4, 5, 6, 8) and gps and k % SPAN == 0:
         factors = [two_level(t, gps) for t in ((w.scale, raw_min) if has_min else (w.scale,))]
         factors = None if None in factors else factors
+    if factors is None and two_levels and all(_is_half(t) for t in (w.scale, raw_min) if t is not None):
+        for t in (w.scale, raw_min):  # fp16 per group (cpu_kernels.c, q_half_group_bytes)
+            if t is not None:
+                parts.append(rows(t.half()).view(items, 32, g).transpose(1, 2).contiguous().view(torch.uint8))
+        return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), has_min, 2
     if factors is not None:  # per span: d, dm [items, spans, 32] fp32; codes [items, spans, gps x 32] int8
         spans = k // SPAN
         head = [
@@ -681,7 +692,7 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
             for _, cc in factors
         ]
         body = torch.cat(parts, dim=2).reshape(items, spans, -1)
-        return torch.cat([*head, body], dim=2).contiguous(), has_min, True
+        return torch.cat([*head, body], dim=2).contiguous(), has_min, 1
     if w.kind in (4, 5, 6):
         # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
         mins = (0.0 if mins is None else mins) - 128.0 * w.scale
@@ -689,7 +700,7 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
         if t is not None:  # [N, g] -> [items, g, blocks x 16]
             t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
             parts.append(t.view(torch.uint8))
-    return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), has_min, False
+    return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), has_min, 0
 
 
 class PackedLinearMethod(LinearMethod):
