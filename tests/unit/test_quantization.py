@@ -241,6 +241,37 @@ def test_w8a8_kernel_equals_its_integer_reference(m, n, k, bias, amx):
     assert (y.float() - exact).norm() <= 0.05 * exact.norm() + 1e-3
 
 
+@needs_kernels
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 96, 64), (3, 40, 48), (21, 72, 576), (40, 64, 1536)])
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_ternary_weights_in_two_bits_give_their_int8_bits(m, n, k, amx):
+    """BitNet's ternary kind-9 weights packed 2 bits a weight give the int8 packing's bits (and so the
+    integer reference's), on VNNI and AMX, with LLM.int8's outlier columns too."""
+    from kvloom.layers.quantization import w8a8_reference
+
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
+    g = torch.Generator().manual_seed(m + n + k)
+    q = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    qw = QuantizedWeight(9, q, torch.full((n, 1), 0.03), None, k)
+    x = (torch.randn(m, k, generator=g) * 2).to(BF)
+    x[:, 5] *= 8
+    two, eight = pack_quantized(qw), pack_quantized(qw, two_levels=False)
+    assert two[2] == 1 and eight[2] == 0 and two[0].numel() * 2 < eight[0].numel()
+    try:
+        for outlier in (0.0, 6.0):
+            ys = []
+            for packed in (two, eight):
+                desc = K.linear_desc(packed, None, 9, k)
+                desc.outlier = outlier
+                ys.append(K.run_linear(desc, x, k, n))
+            assert torch.equal(ys[0], ys[1])
+            assert torch.equal(ys[0], w8a8_reference(x, qw, None, outlier or None))
+    finally:
+        K.set_amx(True)
+
+
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 96, 64), (7, 72, 100), (40, 64, 576), (70, 96, 128)])
 @pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
 def test_llm_int8_decomposition_equals_its_reference(m, n, k, amx):

@@ -1361,8 +1361,27 @@ static int64_t *w8_cols;  /* the outlier columns, ascending */
 static int64_t w8_ncols;
 
 /* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
+/* Ternary weights (BitNet b1.58: q in {-1, 0, 1}) in 2 bits (kv_lin.sub = 1, K % 16 == 0): an item's q as
+ * [K / 16 chunks][2 blocks][64 bytes], byte j of (chunk h, block b) holding in bits 2i, 2i + 1 the q + 1 of
+ * byte j of quad 4h + i of the int8 layout; then the same scales and row sums. Each item is widened back to
+ * that layout (w8a8_ternary_widen) before the same tiles multiply it: the same bits as its int8 packing,
+ * from a quarter of the bytes. */
+INLINE int64_t w8a8_ternary_item_bytes(int64_t K) { return K * 8 + 2 * QGROUP * 64; }
+
+static void w8a8_ternary_widen(const uint8_t *t, int64_t K, int8_t *q) {
+    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+    for (int64_t h = 0; h < K / 16; h++)
+        for (int b = 0; b < QGROUP; b++) {
+            const __m512i v = _mm512_loadu_si512(t + (h * QGROUP + b) * 64);
+            for (int i = 0; i < 4; i++) {
+                const __m512i f = _mm512_and_si512(_mm512_srli_epi16(v, 2 * i), three); /* bytes' own bits */
+                _mm512_storeu_si512(q + ((4 * h + i) * QGROUP + b) * 64, _mm512_sub_epi8(f, one));
+            }
+        }
+}
+
 static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t ldy,
-                      int64_t M, int64_t N, int64_t K, float *scratch, float outlier) {
+                      int64_t M, int64_t N, int64_t K, float *scratch, float outlier, int ternary) {
     const int amx = kv_amx && K % 64 == 0 && M > 4; /* a few rows: VNNI streams the weights faster */
     const int64_t rows = amx ? (M + 15) / 16 * 16 : M;
     float *sx = scratch;
@@ -1409,7 +1428,9 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
     }
     /* the outlier columns' weights of the item being done, as fp32: [ncols][32 outputs] */
     float *qcols = ncols ? (float *)malloc(sizeof(float) * ncols * QGROUP * 16) : NULL;
-    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP), ib = w8a8_item_bytes(K);
+    const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
+    const int64_t ib = ternary ? w8a8_ternary_item_bytes(K) : w8a8_item_bytes(K), qb = ternary ? K * 8 : K * 32;
+    int8_t *widened = ternary ? (int8_t *)malloc(K * 32) : NULL;
     const int step = amx ? 32 : W8_ROWS;
     /* Each thread takes an equal contiguous share of the items. On AMX, rows go in blocks of W8_AMX_BLOCK that
      * every item of the share multiplies in turn: the block's u stays in L2 (all of u did not: 2048 rows of
@@ -1420,7 +1441,8 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
     for (int64_t r0 = 0; r0 < M; r0 += RB)
     for (int64_t it = i0; it < i1; it++) {
         const int8_t *wq = (const int8_t *)(w + it * ib);
-        const float *sw = (const float *)(w + it * ib + K * 32);
+        const float *sw = (const float *)(w + it * ib + qb);
+        if (ternary) w8a8_ternary_widen(w + it * ib, K, widened), wq = widened;
         const int32_t *wsum = (const int32_t *)(sw + QGROUP * 16);
         const int64_t r1 = r0 + RB < M ? r0 + RB : M;
         for (int64_t j = 0; j < ncols; j++) { /* input c of output n: quad c / 4 (128 bytes each), byte c % 4 */
@@ -1473,6 +1495,7 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
         }
     }
     if (amx) amx_end();
+    free(widened);
     free(qcols);
     free(xrow);
 #pragma omp barrier
@@ -1578,7 +1601,7 @@ static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64
     else if (L->kind == 0)
         linear_bf16_body(x, ldx, (const bf16 *)L->w, L->bias, y, ldy, M, N, K);
     else if (L->kind == 9)
-        w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum, L->outlier);
+        w8a8_body(x, ldx, (const uint8_t *)L->w, L->bias, y, ldy, M, N, K, xsum, L->outlier, (int)L->sub);
     else
         qlinear_bf16_body((int)L->kind, x, ldx, (const uint8_t *)L->w, (int)L->has_min, (int)L->sub, L->group, L->bias, y, ldy, M,
                           N, K, xsum);

@@ -635,14 +635,29 @@ def _is_half(t: torch.Tensor) -> bool:
     return bool((t.half().float() == t).all())
 
 
+def pack_ternary(w: QuantizedWeight) -> torch.Tensor:
+    """A kind-9 weight whose q are all -1, 0 or 1 (BitNet b1.58) in 2 bits (cpu_kernels.c,
+    w8a8_ternary_item_bytes): pack_w8a8's q bytes, quads 4h .. 4h + 3 of each block as 2-bit fields q + 1 of
+    one byte, then its scales and row sums as they are."""
+    k = w.shape[1]
+    int8 = pack_w8a8(w)
+    items = int8.shape[0]
+    q = int8[:, : k * 32].view(torch.int8).view(items, k // 16, 4, 2, 64).to(torch.int32) + 1
+    t = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    return torch.cat([t.to(torch.uint8).reshape(items, k * 8), int8[:, k * 32 :]], dim=1).contiguous()
+
+
 def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.Tensor, bool, int]:
     """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
     group of inputs, its q, scales and mins together, so a thread reads one sequential stream (kind 9:
     pack_w8a8). Where the scales and mins factor exactly into a d per span of 256 inputs times int8 codes
     (K-quant files: two_level), they are stored so (1 byte a group instead of 4); where they are fp16 values
     (the other GGUF files), as fp16; unless ``two_levels`` is False. The kernel computes the same fp32 values
-    from every layout. Returns (bytes, has_min, the scales' layout: 0 fp32, 1 two-level, 2 fp16)."""
+    from every layout. Kind 9 whose q are all ternary (BitNet) takes 2 bits a weight (pack_ternary). Returns
+    (bytes, has_min, the layout: 0 fp32 scales / int8 kind 9, 1 two-level / ternary, 2 fp16)."""
     if w.kind == 9:
+        if two_levels and w.shape[1] % 16 == 0 and bool((w.q.abs() <= 1).all()):
+            return pack_ternary(w), False, 1
         return pack_w8a8(w), False, 0
     n, k = w.q.shape
     pad = -n % 32
