@@ -1368,6 +1368,25 @@ static int64_t w8_ncols;
  * from a quarter of the bytes. */
 INLINE int64_t w8a8_ternary_item_bytes(int64_t K) { return K * 8 + 2 * QGROUP * 64; }
 
+/* w8a8_tile on the 2-bit layout, each quad widened in registers as it streams in (VNNI: no widened copy). */
+INLINE void w8a8_tile_ternary(int MM, const uint8_t *u, int64_t K, const uint8_t *t, __m512i acc[W8_ROWS][QGROUP]) {
+    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
+    for (int i = 0; i < MM; i++)
+        for (int b = 0; b < QGROUP; b++) acc[i][b] = _mm512_setzero_si512();
+    for (int64_t h = 0; h < K / 16; h++) {
+        const __m512i v0 = _mm512_loadu_si512(t + h * 128), v1 = _mm512_loadu_si512(t + h * 128 + 64);
+        for (int j = 0; j < 4; j++) {
+            const __m512i w0 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v0, 2 * j), three), one);
+            const __m512i w1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v1, 2 * j), three), one);
+            for (int i = 0; i < MM; i++) {
+                const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(u + i * K + 4 * (4 * h + j)));
+                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xb, w0);
+                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], xb, w1);
+            }
+        }
+    }
+}
+
 static void w8a8_ternary_widen(const uint8_t *t, int64_t K, int8_t *q) {
     const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
     for (int64_t h = 0; h < K / 16; h++)
@@ -1430,7 +1449,7 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
     float *qcols = ncols ? (float *)malloc(sizeof(float) * ncols * QGROUP * 16) : NULL;
     const int64_t nitems = (N + 16 * QGROUP - 1) / (16 * QGROUP);
     const int64_t ib = ternary ? w8a8_ternary_item_bytes(K) : w8a8_item_bytes(K), qb = ternary ? K * 8 : K * 32;
-    int8_t *widened = ternary ? (int8_t *)malloc(K * 32) : NULL;
+    int8_t *widened = ternary && amx ? (int8_t *)malloc(K * 32) : NULL; /* VNNI widens in registers */
     const int step = amx ? 32 : W8_ROWS;
     /* Each thread takes an equal contiguous share of the items. On AMX, rows go in blocks of W8_AMX_BLOCK that
      * every item of the share multiplies in turn: the block's u stays in L2 (all of u did not: 2048 rows of
@@ -1442,13 +1461,16 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
     for (int64_t it = i0; it < i1; it++) {
         const int8_t *wq = (const int8_t *)(w + it * ib);
         const float *sw = (const float *)(w + it * ib + qb);
-        if (ternary) w8a8_ternary_widen(w + it * ib, K, widened), wq = widened;
+        if (ternary && amx) w8a8_ternary_widen(w + it * ib, K, widened), wq = widened;
         const int32_t *wsum = (const int32_t *)(sw + QGROUP * 16);
         const int64_t r1 = r0 + RB < M ? r0 + RB : M;
         for (int64_t j = 0; j < ncols; j++) { /* input c of output n: quad c / 4 (128 bytes each), byte c % 4 */
             const int64_t c = w8_cols[j];
             for (int64_t n = 0; n < QGROUP * 16; n++)
-                qcols[j * QGROUP * 16 + n] = (float)wq[(c / 4) * 128 + (n / 16) * 64 + (n % 16) * 4 + c % 4];
+                qcols[j * QGROUP * 16 + n] =
+                    ternary && !amx /* 2-bit field (c / 4) % 4 of the byte of chunk c / 16 */
+                        ? (float)(((w[it * ib + (c / 16) * 128 + (n / 16) * 64 + (n % 16) * 4 + c % 4] >> (2 * (c / 4 % 4))) & 3) - 1)
+                        : (float)wq[(c / 4) * 128 + (n / 16) * 64 + (n % 16) * 4 + c % 4];
         }
         for (int64_t m0 = r0; m0 < r1; m0 += step) {
             const int mm = r1 - m0 < step ? (int)(r1 - m0) : step;
@@ -1459,7 +1481,15 @@ static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *
                 w8a8_tile_amx(u + m0 * K, K, wq, &c[0][0]);
             } else {
                 __m512i acc[W8_ROWS][QGROUP];
-                switch (mm) { /* constant MM: no branches in the inner loop */
+                const uint8_t *tq = w + it * ib;
+                if (ternary) switch (mm) {
+                case 1: w8a8_tile_ternary(1, u + m0 * K, K, tq, acc); break;
+                case 2: w8a8_tile_ternary(2, u + m0 * K, K, tq, acc); break;
+                case 3: w8a8_tile_ternary(3, u + m0 * K, K, tq, acc); break;
+                case 4: w8a8_tile_ternary(4, u + m0 * K, K, tq, acc); break;
+                default: w8a8_tile_ternary(W8_ROWS, u + m0 * K, K, tq, acc); break;
+                }
+                else switch (mm) { /* constant MM: no branches in the inner loop */
                 case 1: w8a8_tile(1, u + m0 * K, K, wq, acc); break;
                 case 2: w8a8_tile(2, u + m0 * K, K, wq, acc); break;
                 case 3: w8a8_tile(3, u + m0 * K, K, wq, acc); break;
