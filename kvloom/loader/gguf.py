@@ -32,6 +32,7 @@ _ARCHS = {
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
     "olmoe": "olmoe",
+    "bitnet": "bitnet",  # llama.cpp's BitNet b1.58 files (1bitLLM's Llama form: SiLU, sub-norms)
 }
 # whether the top-k router weights are renormalized, where the file does not say (as llama.cpp reads them)
 _NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
@@ -64,10 +65,13 @@ _ARCH_LAYER_NAMES = {
         "ffn_norm": "pre_feedforward_layernorm",
         "post_ffw_norm": "post_feedforward_layernorm",
     },
+    "bitnet": {"attn_sub_norm": "self_attn.attn_sub_norm", "ffn_sub_norm": "mlp.ffn_sub_norm"},
 }
 # Families whose norms scale by (1 + weight): llama.cpp's conversion stores 1 + weight.
 _NORM_SHIFT = {"gemma3": 1.0}
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
+# BitNet files' ternary layers (llama.cpp's converter stores them as ternary x a per-tensor scale)
+_BITNET_TERNARY = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -235,6 +239,16 @@ class GGUFFile:
         )
         shift = _NORM_SHIFT.get(self.arch)
         dense: dict[str, int] = {}  # GGUF types of matrices the backend does not run: how many
+        # BitNet: the ternary layers' optional per-tensor scales (blk.N.attn_q.scale), by weight name
+        scales = {
+            t.name.removesuffix(".scale") + ".weight": float(
+                _float_array(data[t.offset : t.offset + t.nbytes], GGMLQuantizationType(t.type)).reshape(-1)[
+                    0
+                ]
+            )
+            for t in self.tensors
+            if self.arch == "bitnet" and t.name.endswith(".scale")
+        }
 
         def matrix(gguf_name: str, name: str, qtype: GGMLQuantizationType, raw: np.ndarray, shape: list[int]):
             """One tensor (or one expert's matrix of a stacked tensor) as the model takes it."""
@@ -262,9 +276,17 @@ class GGUFFile:
                     else:
                         dense_cut = part
                         _log_dense_cut(gguf_name, qtype.name, block)
+            ternary = self.arch == "bitnet" and gguf_name.split(".")[-2] in _BITNET_TERNARY
             native = keep_quantized and qtype in GGUF_NATIVE and len(shape) == 2 and dense_cut is None
+            native = native and not ternary
             embed = name.endswith("embed_tokens.weight")
-            if keep_quantized and not native and len(shape) == 2 and qtype not in _FLOAT_TYPES:
+            if (
+                keep_quantized
+                and not native
+                and not ternary
+                and len(shape) == 2
+                and qtype not in _FLOAT_TYPES
+            ):
                 dense[qtype.name] = dense.get(qtype.name, 0) + 1
             if native and (name.endswith("_proj.weight") or name == "lm_head.weight" or tied and embed):
                 qw = from_gguf(qtype, raw, rows, cols)
@@ -292,6 +314,12 @@ class GGUFFile:
                 array = array[(slice(None),) * dim + (slice(start, start + n),)]
             if self.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
                 array = _unpermute_rope_rows(array, array.shape[0] // head_dim)
+            if ternary:  # whatever the type (TQ1_0, TQ2_0, F16, ...): BitNet's int8-activation layers
+                from kvloom.quantization.bitnet import ternary_rows
+
+                w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+                yield name, ternary_rows(w * scales.get(gguf_name, 1.0), gguf_name)
+                return
             # NOTE: views of the read-only memory map; torch wants its own writable copy.
             array = np.ascontiguousarray(array) if array.flags.writeable else array.copy()
             if shift is not None and name.endswith("norm.weight"):
@@ -310,7 +338,7 @@ class GGUFFile:
                     yield from matrix(t.name, name, qtype, raw[e * per : (e + 1) * per], t.shape[1:])
                 continue
             name = _hf_name(t.name, self.arch)
-            if name is not None:
+            if name is not None and not (self.arch == "bitnet" and t.name.endswith(".scale")):
                 yield from matrix(t.name, name, qtype, raw, t.shape)
         if dense:
             logger.info(
@@ -454,6 +482,8 @@ def _config_kwargs(metadata: dict, tensor_names: set[str], a: str, freq_factors:
         kwargs["sliding_window"] = int(get(f"{a}.attention.sliding_window"))
     if a == "gemma3":
         _gemma3_kwargs(kwargs, get)
+    if a == "bitnet":
+        kwargs["hidden_act"] = "silu"  # llama.cpp's BitNet graph gates with SiLU (its GGUF says nothing)
     if get(f"{a}.expert_count"):
         experts = int(get(f"{a}.expert_count"))
         kwargs["num_local_experts" if a == "llama" else "num_experts"] = experts
@@ -500,6 +530,13 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _float_array(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """A small float tensor's values (F32 or F16)."""
+    return (
+        raw.view(np.float32) if qtype == GGMLQuantizationType.F32 else raw.view(np.float16).astype(np.float32)
+    )
 
 
 def _hf_name(gguf_name: str, arch: str) -> str | None:

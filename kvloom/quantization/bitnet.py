@@ -42,6 +42,17 @@ def _ternary(q: torch.Tensor, scale: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(9, q.to(torch.int8), scale, None, k)
 
 
+def ternary_rows(w: torch.Tensor, name: str) -> QuantizedWeight:
+    """Float weights that are ternary times a scale per row (a BitNet GGUF's, as llama.cpp's converter
+    writes them: TQ1_0 / TQ2_0 blocks or floats) -> kind 9, q in {-1, 0, 1}, the scale per output: exact,
+    else a ValueError naming the tensor."""
+    s = w.abs().amax(1, keepdim=True)
+    q = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w)).round()
+    if not torch.equal(q * s, w) or q.abs().max() > 1:
+        raise ValueError(f"model: {name} is not ternary (BitNet's weights are -s, 0 or s in each row)")
+    return QuantizedWeight(9, q.to(torch.int8), s.float(), None, w.shape[1])
+
+
 def online(w: torch.Tensor) -> QuantizedWeight:
     """transformers' WeightQuant: per tensor, s = 1 / mean|w|, q = clamp(round(w s), -1, 1)."""
     s = 1.0 / w.abs().mean().clamp(min=1e-5)

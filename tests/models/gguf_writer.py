@@ -23,6 +23,8 @@ _LAYER = {
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
     "mlp.gate": "ffn_gate_inp",
+    "self_attn.attn_sub_norm": "attn_sub_norm",  # BitNet
+    "mlp.ffn_sub_norm": "ffn_sub_norm",
 }
 _EXPERTS = {
     "ffn_gate_exps": ("w1", "gate_proj"),
