@@ -27,23 +27,33 @@ def _bitnet_folder(tmp_path, stories):  # noqa: ANN001, ANN202
     return tmp_path
 
 
+def _fp32_run_gaps(hf, source: str, prompts: list[list[int]], n: int) -> list[float]:  # noqa: ANN001
+    """kvloom's fp32 run of ``source`` (PyTorch ops): greedy equal to transformers' ``hf``; returns each
+    generated token's logprob gap to transformers'."""
+    expected = hf_greedy(hf, prompts, n)
+    llm = LLM(source, dtype="float32", backend="torch", show_progress=False)
+    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.quant == "q9"
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n, logprobs=0), use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    gaps = []
+    for p, o in zip(prompts, outs, strict=True):
+        out = o.outputs[0]
+        with torch.no_grad():
+            lp = hf(torch.tensor([p + out.token_ids])).logits[0].float().log_softmax(-1)
+        gaps += [
+            abs(lp[len(p) - 1 + j, t].item() - out.logprobs[j][t].logprob)
+            for j, t in enumerate(out.token_ids)
+        ]
+    return gaps
+
+
 def test_bitnet_greedy_equals_transformers(tmp_path, stories):
     folder = _bitnet_folder(tmp_path, stories)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert type(hf.model.layers[0].self_attn.q_proj).__name__ == "AutoBitLinear"
     prompts = random_prompts(4, [3, 17, 40, 9], 512, seed=1)
-    expected = hf_greedy(hf, prompts, 16)
-    llm = LLM(str(folder), dtype="float32", backend="torch", show_progress=False)
-    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.quant == "q9"
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, logprobs=0), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected
     # logprobs within 1e-4 of transformers' (without the int8 activations they move by ~0.1)
-    for p, o in zip(prompts, outs, strict=True):
-        out = o.outputs[0]
-        with torch.no_grad():
-            lp = hf(torch.tensor([p + out.token_ids])).logits[0].float().log_softmax(-1)
-        for j, t in enumerate(out.token_ids):
-            assert abs(lp[len(p) - 1 + j, t].item() - out.logprobs[j][t].logprob) < 1e-4
+    assert max(_fp32_run_gaps(hf, str(folder), prompts, 16)) < 1e-4
     if load_cpu_kernels() is None:
         return
     # bf16 on the kernels: the same integer products (kind 9) as the PyTorch ops' bf16 run
@@ -101,20 +111,7 @@ def test_bitnet_gguf_equals_transformers_on_its_weights(tmp_path, qtype):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert type(hf.model.layers[0].mlp.down_proj).__name__ == "AutoBitLinear"
     prompts = random_prompts(4, [3, 17, 40, 9], 49152, seed=2)
-    expected = hf_greedy(hf, prompts, 12)
-    llm = LLM(str(path), dtype="float32", backend="torch", show_progress=False)
-    assert llm.engine.runner.model.model.layers[0].self_attn.qkv_proj.quant == "q9"
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, logprobs=0), use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in outs] == expected
-    diffs = []
-    for p, o in zip(prompts, outs, strict=True):
-        out = o.outputs[0]
-        with torch.no_grad():
-            lp = hf(torch.tensor([p + out.token_ids])).logits[0].float().log_softmax(-1)
-        diffs += [
-            abs(lp[len(p) - 1 + j, t].item() - out.logprobs[j][t].logprob)
-            for j, t in enumerate(out.token_ids)
-        ]
+    diffs = _fp32_run_gaps(hf, str(path), prompts, 12)
     # NOTE: a whole-sequence forward and kvloom's steps sum in other orders, so an activation within an ulp of
     # a half int8 step can round one step apart (one position of 48 moved 5e-3 here)
     assert max(diffs) < 2e-2 and sum(d < 1e-4 for d in diffs) >= 0.9 * len(diffs), diffs
