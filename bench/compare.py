@@ -3,6 +3,7 @@ same machine, one run; prints each engine's numbers and kvloom's ratio to it.
 
     python bench/compare.py                                   # everything below, SmolLM2-135M-Instruct
     python bench/compare.py --workloads decode --engines kvloom-q4_1,llamacpp-q4_1
+    python bench/compare.py --workloads throughput --engines kvloom-w8a8,vllm-bf16 --kv-cache-dtype int8
 
 Peers live in their own virtual environments under $KVLOOM_CACHE_DIR/bench (default ~/.cache/kvloom/bench),
 made on first use and reused (llama-cpp-python compiles llama.cpp there, once); they are never kvloom
@@ -458,6 +459,8 @@ def run_engine(name: str, weights: dict[str, Path], workload: Path, args) -> dic
     ]
     if quantization:
         cmd += ["--quantization", quantization]
+    if engine == "kvloom":
+        cmd += ["--kv-cache-dtype", args.kv_cache_dtype]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     return _result(name, proc)
@@ -473,6 +476,11 @@ def main() -> int:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="kvloom engines' KV cache (auto, int8, fp8, fp8_e5m2; the peers keep their model-dtype caches)",
+    )
     p.add_argument(
         "--throughput-runs", type=int, default=3, help="runs of a Python engine (fresh prompts; best)"
     )

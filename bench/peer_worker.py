@@ -17,7 +17,7 @@ import sys
 import time
 
 
-def run_kvloom(model: str, dtype: str, quantization: str, threads: int, max_len: int):
+def run_kvloom(model: str, dtype: str, quantization: str, threads: int, max_len: int, kv_cache_dtype: str):
     from kvloom import LLM, SamplingParams
 
     # KV pool written at start-up, as vLLM and llama.cpp write theirs (steady state, no page faults timed)
@@ -28,6 +28,7 @@ def run_kvloom(model: str, dtype: str, quantization: str, threads: int, max_len:
         num_threads=threads,
         max_model_len=max_len,
         reserve_kv_cache=True,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
     def generate(prompts: list[list[int]], n: int) -> None:
@@ -131,6 +132,7 @@ def main() -> int:
     p.add_argument("--workload", required=True, help="JSON file: {kind, prompts, output_len}")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", default="none", help="kvloom only")
+    p.add_argument("--kv-cache-dtype", default="auto", help="kvloom only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-model-len", type=int, default=1024)
     args = p.parse_args()
@@ -140,7 +142,9 @@ def main() -> int:
 
     t0 = time.perf_counter()
     if args.engine == "kvloom":
-        generate = run_kvloom(args.model, args.dtype, args.quantization, args.threads, args.max_model_len)
+        generate = run_kvloom(
+            args.model, args.dtype, args.quantization, args.threads, args.max_model_len, args.kv_cache_dtype
+        )
     elif args.engine == "vllm":
         generate = run_vllm(args.model, args.dtype, args.threads, args.max_model_len)
     elif args.engine == "llamacpp":
