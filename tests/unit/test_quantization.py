@@ -103,7 +103,7 @@ def _weights() -> dict[str, QuantizedWeight]:
         "mixed-4-5",
     ],
 )
-@pytest.mark.parametrize("m", [1, 3, 5, 33])  # 5 and 33: the expanded panel (AVX-512) or AMX tiles
+@pytest.mark.parametrize("m", [1, 3, 5, 33, 300])  # above 4: the panel (AVX-512) or AMX; 300: 2 chunks
 def test_quantized_linear_matches_dequantized(name, m):
     qw = _weights()[name]
     kinds = {"q3k": 4, "q2k": 4, "q5k": 5, "q5_0": 5, "mixed-4-5": 5}

@@ -1193,27 +1193,23 @@ static bf16 *q_amx_pad(const bf16 *x, int64_t ldx, int64_t M, int64_t K) {
     return pad;
 }
 
-/* Item `it` of a quantized linear of M rows on AMX, in chunks of LIN_MC rows (pbuf: QGROUP * 16 * K bf16;
- * pad: q_amx_pad's). Loads its tile configuration; the caller releases the tiles (amx_end). */
+/* Rows c0 .. c1 - 1 of item `it` of a quantized linear of M rows on AMX (pbuf: QGROUP * 16 * K bf16; pad:
+ * q_amx_pad's). The tile configuration is the caller's (amx_q_config for M and GS), as is amx_end. */
 static void qlinear_item_amx(int kind, const bf16 *x, int64_t ldx, const uint8_t *w, int has_min, int sub, int64_t GS,
                              const bf16 *bias, bf16 *y, int64_t ldy, int64_t M, int64_t N, int64_t K, const float *xsum,
-                             int64_t it, bf16 *pbuf, const bf16 *pad) {
+                             int64_t it, int64_t c0, int64_t c1, bf16 *pbuf, const bf16 *pad) {
     const int64_t ngroups = K / GS;
     const uint8_t *item = w + it * q_item_bytes(kind, GS, K, has_min, sub);
     const int expand = M <= 16;
     float yacc[16][32];
-    amx_q_config(M < 16 ? M : 16, GS < 32 ? GS : 32);
-    for (int64_t c0 = 0; c0 < M; c0 += LIN_MC) {
-        const int64_t c1 = M - c0 < LIN_MC ? M : c0 + LIN_MC;
-        if (!expand)
-            for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
-        for (int64_t m0 = c0; m0 < c1; m0 += 16) {
-            const int64_t mm = c1 - m0 < 16 ? c1 - m0 : 16;
-            const int padded = M > 16 && m0 + 16 > M;
-            qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, sub, GS, K,
-                             xsum + m0 * ngroups, mm, expand, pbuf, yacc);
-            store_tile(&yacc[0][0], QGROUP * 16, (int)mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
-        }
+    if (!expand)
+        for (int64_t g = 0; g < ngroups; g++) q_expand_group(kind, item, has_min, sub, GS, K, g, pbuf);
+    for (int64_t m0 = c0; m0 < c1; m0 += 16) {
+        const int64_t mm = c1 - m0 < 16 ? c1 - m0 : 16;
+        const int padded = M > 16 && m0 + 16 > M;
+        qlinear_rows_amx(kind, padded ? pad : x + m0 * ldx, padded ? K : ldx, item, has_min, sub, GS, K,
+                         xsum + m0 * ngroups, mm, expand, pbuf, yacc);
+        store_tile(&yacc[0][0], QGROUP * 16, (int)mm, QGROUP, it * QGROUP, bias, y, ldy, m0, N);
     }
 }
 
@@ -1226,8 +1222,13 @@ static void qlinear_amx_body(int kind, const bf16 *x, int64_t ldx, const uint8_t
     const int64_t lo = nitems * t / nt, hi = nitems * (t + 1) / nt;
     if (lo < hi) {
         bf16 *pbuf = (bf16 *)malloc(sizeof(bf16) * QGROUP * 16 * K), *pad = q_amx_pad(x, ldx, M, K);
-        for (int64_t it = lo; it < hi; it++)
-            qlinear_item_amx(kind, x, ldx, w, has_min, sub, GS, bias, y, ldy, M, N, K, xsum, it, pbuf, pad);
+        amx_q_config(M < 16 ? M : 16, GS < 32 ? GS : 32);
+        /* chunks of LIN_MC rows outside: a chunk of x stays in L2 while every item of the share multiplies it
+         * (each item widened again per chunk) */
+        for (int64_t c0 = 0; c0 < M; c0 += LIN_MC)
+            for (int64_t it = lo; it < hi; it++)
+                qlinear_item_amx(kind, x, ldx, w, has_min, sub, GS, bias, y, ldy, M, N, K, xsum, it, c0,
+                                 M - c0 < LIN_MC ? M : c0 + LIN_MC, pbuf, pad);
         amx_end();
         free(pad);
         free(pbuf);
@@ -1706,8 +1707,10 @@ static void moe_experts_body(const kv_lin *gu, const kv_lin *down, const bf16 *x
             const bf16 *x = in + starts[e] * ldi;
             if (q_on_amx(counts[e], L[e].group)) {
                 if (pad_e != e) free(pad), pad = q_amx_pad(x, ldi, counts[e], K), pad_e = e;
+                amx_q_config(counts[e] < 16 ? counts[e] : 16, L[e].group < 32 ? L[e].group : 32);
                 qlinear_item_amx(kind, x, ldi, w, has_min, sub, L[e].group, L[e].bias, o + starts[e] * ldout, ldout,
-                                 counts[e], N, K, xsum + starts[e] * (K / 16), u - units[e], pbuf, pad);
+                                 counts[e], N, K, xsum + starts[e] * (K / 16), u - units[e], 0, counts[e], pbuf,
+                                 pad);
                 tiles = 1;
             } else {
                 qlinear_item(kind, x, ldi, w, has_min, sub, L[e].group, L[e].bias, o + starts[e] * ldout, ldout,
