@@ -188,11 +188,17 @@ def test_quantized_cache_write_is_bit_exact(name, bs):
 
 @pytest.mark.parametrize("name", ["int8", "fp8_e4m3", "fp8_e5m2"])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "d", "window"), [(9, 3, 64, None), (8, 2, 128, 50), (10, 2, 32, None)]
+    ("heads", "kv_heads", "d", "window"),
+    [(9, 3, 64, None), (8, 2, 128, 50), (10, 2, 32, None), (4, 2, 48, None)],
 )
-def test_decode_attention_on_a_quantized_cache(name, heads, kv_heads, d, window):
+@pytest.mark.parametrize("amx", [False, True], ids=["avx512", "amx"])
+def test_decode_attention_on_a_quantized_cache(name, heads, kv_heads, d, window, amx):
     """Attention over a one-byte cache: the fp32 attention of its dequantized K/V (each position's K scale
-    on its score, V scale on its probability), with row tables (prefill rows) and windows."""
+    on its score, V scale on its probability), with row tables (prefill rows) and windows; on AVX-512 and on
+    AMX tiles (the bytes widened to bf16 tiles first: D % 32 == 0; 48 stays on AVX-512)."""
+    if K.set_amx(amx) != amx:
+        K.set_amx(True)
+        pytest.skip("no AMX on this CPU")
     fmt = KVFormat.of(name)
     bs, num_blocks = 16, 40
     g = torch.Generator().manual_seed(heads * d)
@@ -205,6 +211,7 @@ def test_decode_attention_on_a_quantized_cache(name, heads, kv_heads, d, window)
     out = torch.empty_like(q)
     caches = K.to_kernel_layout(k_rows, v_rows)
     K.decode_attention(q, *caches, tables, lens, out, d**-0.5, window, row_table=row_table, kv_kind=fmt.kind)
+    K.set_amx(True)  # back to the default
     k_deq, v_deq = fmt.dequantize(k_rows, torch.float32), fmt.dequantize(v_rows, torch.float32)
     for row in range(len(lens)):
         n, lo = int(lens[row]), 0 if window is None else max(0, int(lens[row]) - window)

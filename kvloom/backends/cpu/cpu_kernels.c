@@ -639,32 +639,42 @@ __attribute__((target("amx-tile"))) static void attn_amx_config(int64_t G) {
 }
 
 __attribute__((target("amx-tile,amx-bf16"))) static void attn_item_amx(
-    const int64_t G, const int64_t D, const bf16 *q, const uint8_t *kbase, const uint8_t *vbase,
+    const int64_t G, const int64_t D, const int kv, const bf16 *q, const uint8_t *kbase, const uint8_t *vbase,
     const int64_t *table, int64_t lo, int64_t ctx, int64_t bs, float scale, bf16 *out, float *scores, bf16 *probs,
     int pf) {
-    const int64_t BB = bs * D * 2, DC = D / 16;
+    const int64_t BB = kv_block_bytes(kv, bs, D), DC = D / 16;
+    bf16 wide[4][16 * 32]; /* one-byte caches: K pair rows / V position pairs widened to bf16 for the tiles */
     const int64_t first = lo & ~(int64_t)15, nsub = (ctx - first + 15) / 16, L = nsub * 16;
     const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     __m512 mx[16];
     for (int64_t g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-INFINITY);
     for (int64_t sb = 0; sb < nsub; sb++) {
         const int64_t p0 = first + 16 * sb;
-        const bf16 *kb = (const bf16 *)(kbase + table[p0 / bs] * BB) + p0 % bs * 2;
-        if (pf && sb + ATTN_PF + 1 < nsub) attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D, 0);
+        const uint8_t *blk = kbase + table[p0 / bs] * BB;
+        const bf16 *kb = (const bf16 *)blk + p0 % bs * 2;
+        if (pf && sb + ATTN_PF + 1 < nsub) attn_prefetch(kbase, vbase, table, first + 16 * (sb + ATTN_PF + 1), bs, D, kv);
         _tile_zero(0);
         for (int64_t k = 0; k < D / 32; k++) {
             _tile_loadd(1, q + 32 * k, D * 2);
-            _tile_loadd(2, kb + 16 * k * bs * 2, bs * 4);
+            if (kv) { /* pair rows 16 k .. 16 k + 15 of these 16 positions: 32 bytes each, bs * 2 apart */
+                for (int64_t i = 0; i < 16; i++)
+                    _mm512_storeu_si512(wide[0] + i * 32, (__m512i)kv_widen32(blk + (16 * k + i) * bs * 2 + p0 % bs * 2, kv));
+                _tile_loadd(2, wide[0], 64);
+            } else {
+                _tile_loadd(2, kb + 16 * k * bs * 2, bs * 4);
+            }
             _tile_dpbf16ps(0, 1, 2);
         }
         _tile_stored(0, scores + 16 * sb, L * 4);
         const __m512i pos = _mm512_add_epi32(lane, _mm512_set1_epi32((int32_t)p0));
         const __mmask16 valid = _mm512_cmpge_epi32_mask(pos, _mm512_set1_epi32((int32_t)lo)) &
                                 _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32((int32_t)ctx));
+        /* the positions' K scales (one-byte caches) folded into the softmax scale */
+        const __m512 sc = kv ? _mm512_mul_ps(kv_scales16(blk + bs * D + p0 % bs * 2), _mm512_set1_ps(scale))
+                             : _mm512_set1_ps(scale);
         for (int64_t g = 0; g < G; g++) {
             float *sg = scores + g * L + 16 * sb;
-            const __m512 s =
-                _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(_mm512_loadu_ps(sg), _mm512_set1_ps(scale)));
+            const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), valid, _mm512_mul_ps(_mm512_loadu_ps(sg), sc));
             _mm512_storeu_ps(sg, s);
             mx[g] = _mm512_max_ps(mx[g], s);
         }
@@ -679,28 +689,45 @@ __attribute__((target("amx-tile,amx-bf16"))) static void attn_item_amx(
         _tile_zero(7);
         for (int64_t sb = 0; sb < nsub; sb++) {
             const int64_t p0 = first + 16 * sb;
+            const uint8_t *vblk = vbase + table[p0 / bs] * BB;
             if (c0 == 0)
                 for (int64_t g = 0; g < G; g++) {
                     const __m512 s = _mm512_loadu_ps(scores + g * L + 16 * sb);
                     const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ),
                                                          exp16(_mm512_sub_ps(s, mv[g])));
                     sum[g] = _mm512_add_ps(sum[g], e);
-                    _mm256_storeu_si256((__m256i *)(probs + g * L + 16 * sb), (__m256i)_mm512_cvtneps_pbh(e));
+                    /* times V's scales (one-byte caches), as attn_item */
+                    const __m512 ev = kv ? _mm512_mul_ps(e, kv_scales16(vblk + bs * D + p0 % bs * 2)) : e;
+                    _mm256_storeu_si256((__m256i *)(probs + g * L + 16 * sb), (__m256i)_mm512_cvtneps_pbh(ev));
                 }
-            const bf16 *vb = (const bf16 *)(vbase + table[p0 / bs] * BB) + p0 % bs * D + c0 * 32;
+            const int64_t nc = DC - c0 < 4 ? DC - c0 : 4;
+            const bf16 *vt[4];
+            int64_t ldv = D * 4;
+            if (kv) { /* position pairs 0..7 of dims 16 (c0 + c) ..: 32 bytes each, 2 D apart */
+                const uint8_t *vb = vblk + p0 % bs * D + c0 * 32;
+                for (int64_t c = 0; c < nc; c++) {
+                    for (int64_t j = 0; j < 8; j++)
+                        _mm512_storeu_si512(wide[c] + j * 32, (__m512i)kv_widen32(vb + j * D * 2 + c * 32, kv));
+                    vt[c] = wide[c];
+                }
+                ldv = 64;
+            } else {
+                const bf16 *vb = (const bf16 *)vblk + p0 % bs * D + c0 * 32;
+                for (int64_t c = 0; c < nc; c++) vt[c] = vb + c * 32;
+            }
             _tile_loadd(3, probs + 16 * sb, L * 2);
-            _tile_loadd(4, vb, D * 4);
+            _tile_loadd(4, vt[0], ldv);
             _tile_dpbf16ps(0, 3, 4);
             if (c0 + 1 < DC) {
-                _tile_loadd(4, vb + 32, D * 4);
+                _tile_loadd(4, vt[1], ldv);
                 _tile_dpbf16ps(5, 3, 4);
             }
             if (c0 + 2 < DC) {
-                _tile_loadd(4, vb + 64, D * 4);
+                _tile_loadd(4, vt[2], ldv);
                 _tile_dpbf16ps(6, 3, 4);
             }
             if (c0 + 3 < DC) {
-                _tile_loadd(4, vb + 96, D * 4);
+                _tile_loadd(4, vt[3], ldv);
                 _tile_dpbf16ps(7, 3, 4);
             }
         }
@@ -799,7 +826,7 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, uint8_t *k_cache, 
     /* a head's scores start on a cache line (L = 16 nsub); sizes whole lines, as aligned_alloc wants */
     const int64_t Lmax = (longest + 31) & ~(int64_t)15;
     float *scores = (float *)aligned_alloc(64, sizeof(float) * G * Lmax);
-    const int amx = kv_amx && kv == 0 && D % 32 == 0; /* bf16 caches on AMX tiles (attn_item_amx) */
+    const int amx = kv_amx && D % 32 == 0; /* on AMX tiles (attn_item_amx) */
     bf16 *probs = amx ? (bf16 *)malloc(sizeof(bf16) * G * Lmax) : NULL;
     if (amx) attn_amx_config(G);
     for (int64_t item = i0; item < i1; item++) {
@@ -828,7 +855,7 @@ static void decode_attention_bf16_body(bf16 *q, int64_t ld_q, uint8_t *k_cache, 
             cache_write_row(k_cache, v_cache, kr, wr->v + seq * wr->ldv + kvh * D, kvh, wr->slots[seq], num_blocks,
                             block_size, D, kv);
         }
-        if (amx) attn_item_amx(G, D, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, probs, pf);
+        if (amx) attn_item_amx(G, D, kv, qp, kbase, vbase, table, lo, ctx, block_size, scale, op, scores, probs, pf);
         else if (DC == 4 && G == 1) ATTN_KINDS(1, 4);
         else if (DC == 4 && G == 2) ATTN_KINDS(2, 4);
         else if (DC == 4 && G == 3) ATTN_KINDS(3, 4);
