@@ -622,12 +622,14 @@ INLINE void attn_item(const int64_t G, const int64_t DC, const int KV, const bf1
     }
 }
 
-/* attn_item on AMX tiles (bf16 caches, D % 32 == 0): scores of 16 positions = Q [G x 32 dims] x K^T tiles,
+/* attn_item on AMX tiles (D % 32 == 0): scores of 16 positions = Q [G x 32 dims] x K^T tiles,
  * accumulated over D / 32 (tdpbf16ps reads the K layout as it is: pair row i of 16 positions is a B row),
  * kept in `scores` as above; then each 16 positions' bf16 probabilities (`probs`: [G][L]) times their V
  * tile (8 position pairs x 16 dims, the V layout as it is) into output tiles of [G x 16 dims], up to 4 at a
  * time (D = 128: two passes over the probabilities). Tiles (attn_amx_config): 0, 5, 6, 7 outputs (0 the
- * scores first), 1 Q, 2 K, 3 P, 4 V. Every sum is over the same bf16 products as attn_item's, in fp32. */
+ * scores first), 1 Q, 2 K, 3 P, 4 V. Every sum is over the same bf16 products as attn_item's, in fp32.
+ * One-byte caches (kv): their K pair rows and V position pairs are widened into `wide` (kv_widen32) for
+ * the tiles to load, the K scales multiply the scores and the V scales the probabilities. */
 __attribute__((target("amx-tile"))) static void attn_amx_config(int64_t G) {
     amx_config c;
     memset(&c, 0, sizeof c);
