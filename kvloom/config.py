@@ -56,7 +56,8 @@ class ModelConfig:
         "CPU kernels on AMX (Intel Sapphire Rapids on): run every row of quantized layers (GGUF, int8, "
         "int4) on AVX-512, so that a row's bits do not depend on the size of its step, at 3-4x the cost "
         "in batches (by default steps above 4 rows run on AMX tiles, which round their sums otherwise). "
-        "The kernels' bf16 layers, W8A8 and attention are batch-invariant either way; LLM.int8 is not",
+        "The kernels' bf16 layers, W8A8 and attention are batch-invariant either way; LLM.int8 is not. "
+        "Backends on PyTorch's kernels (--backend torch, CUDA) refuse it",
     )
     seed: int | None = option(
         0, "sampling seed of requests without their own (default: a new one each run, logged; LLM(): 0)"

@@ -30,6 +30,12 @@ class Backend:
                 "llm_int8_threshold: LLM.int8's decomposition runs in kvloom's CPU kernels (x86-64 with "
                 "AVX-512 BF16 and VNNI, a C compiler, --backend auto); they are not available here"
             )
+        if config.model.batch_invariant:
+            raise ValueError(
+                "batch_invariant: kvloom's CPU kernels keep a row's bits whatever its batch; this backend "
+                "runs PyTorch's own kernels, which promise no such thing (use --backend auto with a bf16 "
+                "model on an x86-64 CPU with AVX-512 BF16)"
+            )
         if config.model.quantization in CPU_QUANTIZATIONS:
             raise ValueError(
                 f"quantization: {config.model.quantization} needs kvloom's CPU kernels (x86-64 with "

@@ -62,6 +62,8 @@ def test_bad_quantization_settings(stories):
         LLM(str(stories), quantization="int3", show_progress=False)
     with pytest.raises(ValueError, match="quantization: int4 runs in kvloom's CPU kernels"):
         LLM(str(stories), dtype="float32", quantization="int4", show_progress=False)
+    with pytest.raises(ValueError, match="batch_invariant: kvloom's CPU kernels keep"):
+        LLM(str(stories), dtype="float32", batch_invariant=True, show_progress=False)
 
 
 @pytest.mark.slow
