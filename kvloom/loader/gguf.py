@@ -70,8 +70,6 @@ _ARCH_LAYER_NAMES = {
 # Families whose norms scale by (1 + weight): llama.cpp's conversion stores 1 + weight.
 _NORM_SHIFT = {"gemma3": 1.0}
 _FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
-# BitNet files' ternary layers (llama.cpp's converter stores them as ternary x a per-tensor scale)
-_BITNET_TERNARY = {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"}
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -231,6 +229,7 @@ class GGUFFile:
         rows as they are, columns where the slice starts and ends on block boundaries (else the rows are
         dequantized and cut, logged once)."""
         from kvloom.layers.quantization import GGUF_NATIVE, from_gguf
+        from kvloom.quantization.bitnet import TERNARY, ternary_rows
 
         tied = getattr(hf_config, "tie_word_embeddings", False)
         data = np.memmap(self.path, dtype=np.uint8, mode="r")
@@ -240,15 +239,14 @@ class GGUFFile:
         shift = _NORM_SHIFT.get(self.arch)
         dense: dict[str, int] = {}  # GGUF types of matrices the backend does not run: how many
         # BitNet: the ternary layers' optional per-tensor scales (blk.N.attn_q.scale), by weight name
+        scale_tensors = [t for t in self.tensors if self.arch == "bitnet" and t.name.endswith(".scale")]
         scales = {
             t.name.removesuffix(".scale") + ".weight": float(
-                _float_array(data[t.offset : t.offset + t.nbytes], GGMLQuantizationType(t.type)).reshape(-1)[
-                    0
-                ]
+                _float_array(data[t.offset : t.offset + t.nbytes], GGMLQuantizationType(t.type), [-1])[0]
             )
-            for t in self.tensors
-            if self.arch == "bitnet" and t.name.endswith(".scale")
+            for t in scale_tensors
         }
+        scale_names = {t.name for t in scale_tensors}
 
         def matrix(gguf_name: str, name: str, qtype: GGMLQuantizationType, raw: np.ndarray, shape: list[int]):
             """One tensor (or one expert's matrix of a stacked tensor) as the model takes it."""
@@ -276,7 +274,9 @@ class GGUFFile:
                     else:
                         dense_cut = part
                         _log_dense_cut(gguf_name, qtype.name, block)
-            ternary = self.arch == "bitnet" and gguf_name.split(".")[-2] in _BITNET_TERNARY
+            ternary = (
+                self.arch == "bitnet" and name.split(".")[-2] in TERNARY
+            )  # BitNet's int8-activation layers
             native = keep_quantized and qtype in GGUF_NATIVE and len(shape) == 2 and dense_cut is None
             native = native and not ternary
             embed = name.endswith("embed_tokens.weight")
@@ -301,22 +301,13 @@ class GGUFFile:
                     return
                 yield name, qw
                 return
-            if qtype == GGMLQuantizationType.F32:
-                array = raw.view(np.float32)
-            elif qtype == GGMLQuantizationType.F16:
-                array = raw.view(np.float16).astype(np.float32)
-            else:
-                row_bytes = raw.size // max(1, int(np.prod(shape[:-1])))
-                array = dequantize(raw.reshape(-1, row_bytes), qtype)
-            array = array.reshape(shape)
+            array = _float_array(raw, qtype, shape)
             if dense_cut is not None:
                 dim, start, n = dense_cut
                 array = array[(slice(None),) * dim + (slice(start, start + n),)]
             if self.arch == "llama" and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
                 array = _unpermute_rope_rows(array, array.shape[0] // head_dim)
-            if ternary:  # whatever the type (TQ1_0, TQ2_0, F16, ...): BitNet's int8-activation layers
-                from kvloom.quantization.bitnet import ternary_rows
-
+            if ternary:  # whatever the type (TQ1_0, TQ2_0, F16, ...): ternary times a scale per row
                 w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
                 yield name, ternary_rows(w * scales.get(gguf_name, 1.0), gguf_name)
                 return
@@ -338,7 +329,7 @@ class GGUFFile:
                     yield from matrix(t.name, name, qtype, raw[e * per : (e + 1) * per], t.shape[1:])
                 continue
             name = _hf_name(t.name, self.arch)
-            if name is not None and not (self.arch == "bitnet" and t.name.endswith(".scale")):
+            if name is not None and t.name not in scale_names:
                 yield from matrix(t.name, name, qtype, raw, t.shape)
         if dense:
             logger.info(
@@ -532,11 +523,16 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _float_array(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """A small float tensor's values (F32 or F16)."""
-    return (
-        raw.view(np.float32) if qtype == GGMLQuantizationType.F32 else raw.view(np.float16).astype(np.float32)
-    )
+def _float_array(raw: np.ndarray, qtype: GGMLQuantizationType, shape: list[int]) -> np.ndarray:
+    """Raw bytes as float32 values of ``shape`` (F32 as they are, F16 widened, blocks dequantized)."""
+    if qtype == GGMLQuantizationType.F32:
+        array = raw.view(np.float32)
+    elif qtype == GGMLQuantizationType.F16:
+        array = raw.view(np.float16).astype(np.float32)
+    else:
+        row_bytes = raw.size // max(1, int(np.prod(shape[:-1])))
+        array = dequantize(raw.reshape(-1, row_bytes), qtype)
+    return array.reshape(shape)
 
 
 def _hf_name(gguf_name: str, arch: str) -> str | None:

@@ -170,7 +170,7 @@ def test_compact_scales_give_the_same_bits(qtype, m):
     else:
         qw = from_gguf(qtype, _random_blocks(qtype, n, k), n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(BF)
-    one, two = pack_quantized(qw, two_levels=False), pack_quantized(qw)
+    one, two = pack_quantized(qw, compact=False), pack_quantized(qw)
     layout = {T.Q4_0: 2, T.Q4_1: 2, T.Q5_1: 2, T.Q8_0: 2, T.IQ4_NL: 2, "int4": 0}.get(qtype, 1)
     assert one[2] == 0 and two[2] == layout
     if layout:
@@ -257,7 +257,7 @@ def test_ternary_weights_in_two_bits_give_their_int8_bits(m, n, k, amx):
     qw = QuantizedWeight(9, q, torch.full((n, 1), 0.03), None, k)
     x = (torch.randn(m, k, generator=g) * 2).to(BF)
     x[:, 5] *= 8
-    two, eight = pack_quantized(qw), pack_quantized(qw, two_levels=False)
+    two, eight = pack_quantized(qw), pack_quantized(qw, compact=False)
     assert two[2] == 1 and eight[2] == 0 and two[0].numel() * 2 < eight[0].numel()
     try:
         for outlier in (0.0, 6.0):

@@ -956,34 +956,30 @@ INLINE const uint8_t *q_group_q(int kind, const uint8_t *item, int has_min, int 
 
 INLINE __m512 i8_to_ps(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
 
-/* Block b's scales and mins of group g (gq: its q); kinds 4 and 5 take min - 128 scale (see above). */
+/* Block b's scales and mins of group g (gq: its q); kinds 4-6 take min - 128 scale (see above: the fp32
+ * layout stores it so, the others store the file's min). */
 INLINE void q_group_scales(int kind, const uint8_t *item, const uint8_t *gq, int has_min, int sub, int64_t GS,
                            int64_t g, int b, __m512 *s, __m512 *mn) {
-    *mn = _mm512_setzero_ps();
+    __m512 m = _mm512_setzero_ps();
     if (!sub) {
         const float *scale = (const float *)(gq + q_bytes(kind, GS));
         *s = _mm512_loadu_ps(scale + b * 16);
-        if (has_min) *mn = _mm512_loadu_ps(scale + QGROUP * 16 + b * 16);
+        *mn = has_min ? _mm512_loadu_ps(scale + QGROUP * 16 + b * 16) : m;
         return;
     }
     if (sub == 2) {
         const uint16_t *half = (const uint16_t *)(gq + q_bytes(kind, GS));
         *s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(half + b * 16)));
-        if (has_min) {
-            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(half + QGROUP * 16 + b * 16)));
-            *mn = kind == 4 || kind == 5 || kind == 6 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
-        }
-        return;
+        if (has_min) m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(half + QGROUP * 16 + b * 16)));
+    } else {
+        const int64_t gps = QSPAN / GS, j = g % gps;
+        const uint8_t *span = item + g / gps * q_span_bytes(kind, GS, has_min);
+        const float *d = (const float *)span;
+        const int8_t *code = (const int8_t *)(span + (has_min ? 2 : 1) * QGROUP * 64) + j * 32 + b * 16;
+        *s = _mm512_mul_ps(_mm512_loadu_ps(d + b * 16), i8_to_ps(code));
+        if (has_min) m = _mm512_mul_ps(_mm512_loadu_ps(d + 32 + b * 16), i8_to_ps(code + gps * 32));
     }
-    const int64_t gps = QSPAN / GS, j = g % gps;
-    const uint8_t *span = item + g / gps * q_span_bytes(kind, GS, has_min);
-    const float *d = (const float *)span;
-    const int8_t *code = (const int8_t *)(span + (has_min ? 2 : 1) * QGROUP * 64) + j * 32 + b * 16;
-    *s = _mm512_mul_ps(_mm512_loadu_ps(d + b * 16), i8_to_ps(code));
-    if (has_min) {
-        const __m512 m = _mm512_mul_ps(_mm512_loadu_ps(d + 32 + b * 16), i8_to_ps(code + gps * 32));
-        *mn = kind == 4 || kind == 5 || kind == 6 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
-    }
+    *mn = has_min && kind != 8 ? _mm512_fnmadd_ps(_mm512_set1_ps(128.0f), *s, m) : m;
 }
 
 /* Four k pairs of one 16-output block: 64 bytes, nibble i of each 16-bit lane = pair 4c + i, each
@@ -1390,7 +1386,6 @@ static float *w8_colmax;  /* [threads][K] each thread's column maxima */
 static int64_t *w8_cols;  /* the outlier columns, ascending */
 static int64_t w8_ncols;
 
-/* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
 /* Ternary weights (BitNet b1.58: q in {-1, 0, 1}) in 2 bits (kv_lin.sub = 1, K % 16 == 0): an item's q as
  * [K / 16 chunks][2 blocks][64 bytes], byte j of (chunk h, block b) holding in bits 2i, 2i + 1 the q + 1 of
  * byte j of quad 4h + i of the int8 layout; then the same scales and row sums. Each item is widened back to
@@ -1398,16 +1393,20 @@ static int64_t w8_ncols;
  * from a quarter of the bytes. */
 INLINE int64_t w8a8_ternary_item_bytes(int64_t K) { return K * 8 + 2 * QGROUP * 64; }
 
+/* Quad 4h + j of a block as int8 q, from the 64 bytes v of its chunk (bits 2j, 2j + 1 of each byte: q + 1;
+ * the 16-bit shift moves bits across bytes, the mask keeps each byte's own). */
+INLINE __m512i ternary_quad(__m512i v, int j) {
+    return _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 2 * j), _mm512_set1_epi8(3)), _mm512_set1_epi8(1));
+}
+
 /* w8a8_tile on the 2-bit layout, each quad widened in registers as it streams in (VNNI: no widened copy). */
 INLINE void w8a8_tile_ternary(int MM, const uint8_t *u, int64_t K, const uint8_t *t, __m512i acc[W8_ROWS][QGROUP]) {
-    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
     for (int i = 0; i < MM; i++)
         for (int b = 0; b < QGROUP; b++) acc[i][b] = _mm512_setzero_si512();
     for (int64_t h = 0; h < K / 16; h++) {
         const __m512i v0 = _mm512_loadu_si512(t + h * 128), v1 = _mm512_loadu_si512(t + h * 128 + 64);
         for (int j = 0; j < 4; j++) {
-            const __m512i w0 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v0, 2 * j), three), one);
-            const __m512i w1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v1, 2 * j), three), one);
+            const __m512i w0 = ternary_quad(v0, j), w1 = ternary_quad(v1, j);
             for (int i = 0; i < MM; i++) {
                 const __m512i xb = _mm512_set1_epi32(*(const int32_t *)(u + i * K + 4 * (4 * h + j)));
                 acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xb, w0);
@@ -1418,17 +1417,14 @@ INLINE void w8a8_tile_ternary(int MM, const uint8_t *u, int64_t K, const uint8_t
 }
 
 static void w8a8_ternary_widen(const uint8_t *t, int64_t K, int8_t *q) {
-    const __m512i three = _mm512_set1_epi8(3), one = _mm512_set1_epi8(1);
     for (int64_t h = 0; h < K / 16; h++)
         for (int b = 0; b < QGROUP; b++) {
             const __m512i v = _mm512_loadu_si512(t + (h * QGROUP + b) * 64);
-            for (int i = 0; i < 4; i++) {
-                const __m512i f = _mm512_and_si512(_mm512_srli_epi16(v, 2 * i), three); /* bytes' own bits */
-                _mm512_storeu_si512(q + ((4 * h + i) * QGROUP + b) * 64, _mm512_sub_epi8(f, one));
-            }
+            for (int j = 0; j < 4; j++) _mm512_storeu_si512(q + ((4 * h + j) * QGROUP + b) * 64, ternary_quad(v, j));
         }
 }
 
+/* Every thread of the team: quantize the rows, then items of 32 outputs split between the threads. */
 static void w8a8_body(const bf16 *x, int64_t ldx, const uint8_t *w, const bf16 *bias, bf16 *y, int64_t ldy,
                       int64_t M, int64_t N, int64_t K, float *scratch, float outlier, int ternary) {
     const int amx = kv_amx && K % 64 == 0 && M > 4; /* a few rows: VNNI streams the weights faster */
@@ -1651,7 +1647,7 @@ typedef struct {
     int64_t group;
     const bf16 *bias;
     float outlier; /* W8A8: LLM.int8's threshold (0: none): w8a8_body */
-    int64_t sub;   /* kinds 4 / 5 / 8: two-level scales (QSPAN) */
+    int64_t sub;   /* kinds 4-8: the scales' layout (q_item_bytes); kind 9: 1 = ternary in 2 bits */
 } kv_lin;
 
 static void lin_body(const kv_lin *L, const bf16 *x, int64_t ldx, bf16 *y, int64_t ldy, int64_t M, int64_t N,

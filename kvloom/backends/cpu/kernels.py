@@ -37,8 +37,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class KvLin(ctypes.Structure):
-    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 8 = quantized, 9 =
-    W8A8)."""
+    """kv_lin in cpu_kernels.c: one linear layer's packed weights (kind 0 = bf16, 4 / 5 / 6 / 8 / 10 =
+    quantized, 9 = W8A8), LLM.int8's threshold and the packing's layout (pack_quantized)."""
 
     _fields_ = [
         ("kind", _I),
@@ -159,9 +159,8 @@ class CpuKernels:
     def linear_desc(
         packed: torch.Tensor | tuple, bias: torch.Tensor | None, kind: int = 0, group: int = 0
     ) -> KvLin:
-        """The C descriptor of a packed layer: a packed bf16 weight, or (bytes, has_min, two-level scales)
-        of a quantized one (pack_quantized). NOTE: it holds raw addresses; the caller keeps the tensors
-        alive."""
+        """The C descriptor of a packed layer: a packed bf16 weight, or (bytes, has_min, layout) of a
+        quantized one (pack_quantized). NOTE: it holds raw addresses; the caller keeps the tensors alive."""
         if kind == 0:
             return KvLin(0, _ptr(packed), 0, 0, _ptr(bias))
         buf, has_min, sub = packed
@@ -647,16 +646,16 @@ def pack_ternary(w: QuantizedWeight) -> torch.Tensor:
     return torch.cat([t.to(torch.uint8).reshape(items, k * 8), int8[:, k * 32 :]], dim=1).contiguous()
 
 
-def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.Tensor, bool, int]:
+def pack_quantized(w: QuantizedWeight, compact: bool = True) -> tuple[torch.Tensor, bool, int]:
     """The kernels' layout (cpu_kernels.c, qlinear_bf16_body): for each item of 32 outputs and each
     group of inputs, its q, scales and mins together, so a thread reads one sequential stream (kind 9:
     pack_w8a8). Where the scales and mins factor exactly into a d per span of 256 inputs times int8 codes
     (K-quant files: two_level), they are stored so (1 byte a group instead of 4); where they are fp16 values
-    (the other GGUF files), as fp16; unless ``two_levels`` is False. The kernel computes the same fp32 values
+    (the other GGUF files), as fp16; unless ``compact`` is False. The kernel computes the same fp32 values
     from every layout. Kind 9 whose q are all ternary (BitNet) takes 2 bits a weight (pack_ternary). Returns
     (bytes, has_min, the layout: 0 fp32 scales / int8 kind 9, 1 two-level / ternary, 2 fp16)."""
     if w.kind == 9:
-        if two_levels and w.shape[1] % 16 == 0 and bool((w.q.abs() <= 1).all()):
+        if compact and w.shape[1] % 16 == 0 and bool((w.q.abs() <= 1).all()):
             return pack_ternary(w), False, 1
         return pack_w8a8(w), False, 0
     n, k = w.q.shape
@@ -666,6 +665,9 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
 
     def rows(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # [N, g] scales or mins -> [items, g, 32 outputs] bytes
+        return rows(t).view(items, 32, g).transpose(1, 2).contiguous().view(torch.uint8)
 
     # [items, blocks, outputs j, k pairs, e] -> [items, groups, pairs in group, blocks, 32 lanes (2j + e)]
     q = rows(w.q).view(items, 2, 16, k // 2, 2).permute(0, 3, 1, 2, 4)
@@ -677,7 +679,7 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
         nib = q & 15
         nib = nib[..., 0, :] | (nib[..., 1, :] << 4) | (nib[..., 2, :] << 8) | (nib[..., 3, :] << 12)
         parts.append(torch.from_numpy(nib.numpy().astype(np.uint16)))  # [items, g, chunks, blocks, 32]
-        for bit in range(4, {4: 4, 5: 5, 6: 6}[w.kind]):
+        for bit in range(4, w.kind):
             # the fifth (sixth) bits: pair 4c + i of a block as one 32-bit mask, bit l = lane l
             high = ((q >> bit) & 1).numpy().astype(np.uint8)
             parts.append(torch.from_numpy(np.packbits(high, axis=-1, bitorder="little")))  # 4 bytes each
@@ -688,13 +690,11 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
     raw_min = w.min if w.min is not None or not has_min else torch.zeros_like(w.scale)
     gps = SPAN // w.group if w.group <= SPAN and SPAN % w.group == 0 else 0
     factors = None
-    if two_levels and w.kind in (4, 5, 6, 8) and gps and k % SPAN == 0:
+    if compact and w.kind in (4, 5, 6, 8) and gps and k % SPAN == 0:
         factors = [two_level(t, gps) for t in ((w.scale, raw_min) if has_min else (w.scale,))]
         factors = None if None in factors else factors
-    if factors is None and two_levels and all(_is_half(t) for t in (w.scale, raw_min) if t is not None):
-        for t in (w.scale, raw_min):  # fp16 per group (cpu_kernels.c, q_half_group_bytes)
-            if t is not None:
-                parts.append(rows(t.half()).view(items, 32, g).transpose(1, 2).contiguous().view(torch.uint8))
+    if factors is None and compact and all(_is_half(t) for t in (w.scale, raw_min) if t is not None):
+        parts += [per_group(t.half()) for t in (w.scale, raw_min) if t is not None]  # q_half_group_bytes
         return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), has_min, 2
     if factors is not None:  # per span: d, dm [items, spans, 32] fp32; codes [items, spans, gps x 32] int8
         spans = k // SPAN
@@ -711,10 +711,7 @@ def pack_quantized(w: QuantizedWeight, two_levels: bool = True) -> tuple[torch.T
     if w.kind in (4, 5, 6):
         # The kernel sums x (128 + q): the stored min takes the 128 back out (see cpu_kernels.c).
         mins = (0.0 if mins is None else mins) - 128.0 * w.scale
-    for t in (w.scale, mins):
-        if t is not None:  # [N, g] -> [items, g, blocks x 16]
-            t = rows(t.float()).view(items, 32, g).transpose(1, 2).contiguous()
-            parts.append(t.view(torch.uint8))
+    parts += [per_group(t.float()) for t in (w.scale, mins) if t is not None]
     return torch.cat([p.reshape(items, g, -1) for p in parts], dim=2).contiguous(), has_min, 0
 
 
